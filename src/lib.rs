@@ -1,0 +1,22 @@
+//! The `agentmesh.v1` protocol.
+//!
+//! Everything that crosses the mesh is defined in `proto/agentmesh/v1/` and
+//! compiled here: the message types and gRPC stubs ([`v1`]), the encoded
+//! descriptor set used by server reflection ([`FILE_DESCRIPTOR_SET`]), and the
+//! proto3 canonical JSON mapping of every message ([`json`]), which the HTTP
+//! gateway and the CLI speak.
+
+pub mod json;
+mod payload;
+
+/// Generated messages and gRPC clients/servers of the `agentmesh.v1` package.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("agentmesh.v1");
+}
+
+/// The encoded `FileDescriptorSet` of every `agentmesh.v1` file and its imports.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/agentmesh_descriptor.bin"));
+
+pub use payload::{json_to_value, value_to_json};
