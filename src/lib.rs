@@ -6,7 +6,9 @@
 //! proto3 canonical JSON mapping of every message ([`json`]), which the HTTP
 //! gateway and the CLI speak.
 
+pub mod codec;
 pub mod json;
+pub mod metadata;
 mod payload;
 
 /// Generated messages and gRPC clients/servers of the `agentmesh.v1` package.

@@ -16,7 +16,10 @@ pub fn json_to_value(json: serde_json::Value) -> Value {
             values: items.into_iter().map(json_to_value).collect(),
         }),
         serde_json::Value::Object(map) => Kind::StructValue(Struct {
-            fields: map.into_iter().map(|(k, v)| (k, json_to_value(v))).collect(),
+            fields: map
+                .into_iter()
+                .map(|(k, v)| (k, json_to_value(v)))
+                .collect(),
         }),
     };
     Value { kind: Some(kind) }

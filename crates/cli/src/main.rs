@@ -1,1 +1,237 @@
-fn main() {}
+//! `agentmesh`: run a node, list agents, call them.
+
+mod demo;
+
+use std::{net::SocketAddr, time::Duration};
+
+use agentmesh_node::{Node, NodeConfig};
+use agentmesh_proto::v1::{AgentFilter, Envelope};
+use agentmesh_sdk::{CallOptions, MeshClient};
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// agentmesh: the communication layer for AI agents.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Output format of client commands.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    /// Human-readable.
+    Text,
+    /// proto3 JSON, one document per line, for scripts.
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+struct NodeArgs {
+    /// The node to talk to.
+    #[arg(long, env = "AGENTMESH_NODE", default_value = "127.0.0.1:7700")]
+    node: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node: gRPC and HTTP on one port.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "AGENTMESH_LISTEN", default_value = "127.0.0.1:7700")]
+        listen: SocketAddr,
+        /// Also start the built-in demo agents (echo, counter).
+        #[arg(long)]
+        demo_agents: bool,
+        /// Edge default timeout in milliseconds, for calls that set none.
+        #[arg(long, env = "AGENTMESH_DEFAULT_TIMEOUT_MS", default_value_t = 30_000)]
+        default_timeout_ms: u64,
+    },
+    /// List registered agents.
+    Agents {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Only agents offering this skill.
+        #[arg(long)]
+        skill: Option<String>,
+    },
+    /// Invoke an agent (by name or skill:<id>) and print its reply.
+    Call {
+        /// Agent name or skill:<id>.
+        target: String,
+        /// JSON payload.
+        #[arg(long, default_value = "{}")]
+        json: String,
+        /// Payload type, e.g. translate.request.
+        #[arg(long = "type", default_value = "")]
+        payload_type: String,
+        /// Payload type version.
+        #[arg(long, default_value = "")]
+        type_version: String,
+        /// Timeout in milliseconds.
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
+        /// Idempotency key.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AGENTMESH_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve {
+            listen,
+            demo_agents,
+            default_timeout_ms,
+        } => serve(listen, demo_agents, default_timeout_ms).await,
+        Command::Agents { node, skill } => agents(node, skill).await,
+        Command::Call {
+            target,
+            json,
+            payload_type,
+            type_version,
+            timeout_ms,
+            idempotency_key,
+            node,
+        } => {
+            let payload: serde_json::Value =
+                serde_json::from_str(&json).context("--json is not valid JSON")?;
+            let mut envelope = Envelope::json(payload_type, payload);
+            envelope.type_version = type_version;
+            let client = MeshClient::connect_lazy(&node.node)?;
+            let options = CallOptions {
+                timeout: Some(Duration::from_millis(timeout_ms)),
+                idempotency_key,
+            };
+            let reply = client
+                .invoke_with(&target, envelope, options)
+                .await
+                .map_err(status_error)?;
+            print_envelope(&reply, node.output)
+        }
+    }
+}
+
+async fn serve(
+    listen: SocketAddr,
+    demo_agents: bool,
+    default_timeout_ms: u64,
+) -> anyhow::Result<()> {
+    let mut config = NodeConfig::default();
+    config.router.default_timeout = Duration::from_millis(default_timeout_ms);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let address = listener.local_addr()?;
+    let node = Node::new(config);
+    let server = tokio::spawn(node.serve(listener, shutdown_signal()));
+    let demos = if demo_agents {
+        let demos = demo::start(&address.to_string()).await?;
+        for agent in &demos {
+            agent.registered(1).await;
+        }
+        tracing::info!(count = demos.len(), "demo agents registered");
+        demos
+    } else {
+        Vec::new()
+    };
+    let result = server.await.context("node task failed")?;
+    for agent in demos {
+        agent.shutdown().await;
+    }
+    result.context("node failed")
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn agents(node: NodeArgs, skill: Option<String>) -> anyhow::Result<()> {
+    let client = MeshClient::connect_lazy(&node.node)?;
+    let instances = client
+        .lookup(AgentFilter {
+            skill: skill.unwrap_or_default(),
+            ..Default::default()
+        })
+        .await
+        .map_err(status_error)?;
+    if node.output == Output::Json {
+        for instance in &instances {
+            println!("{}", agentmesh_proto::json::to_json(instance)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<38} {:<24} {:<24} {:>9}",
+        "NAME", "INSTANCE", "ENDPOINT", "SKILLS", "IN-FLIGHT"
+    );
+    for instance in &instances {
+        let card = instance.card.clone().unwrap_or_default();
+        let skills: Vec<&str> = card.skills.iter().map(|s| s.id.as_str()).collect();
+        println!(
+            "{:<16} {:<38} {:<24} {:<24} {:>9}",
+            card.name,
+            card.instance_id,
+            card.endpoint,
+            skills.join(","),
+            instance.in_flight
+        );
+    }
+    if instances.is_empty() {
+        eprintln!("no agents registered");
+    }
+    Ok(())
+}
+
+fn print_envelope(envelope: &Envelope, output: Output) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", agentmesh_proto::json::to_json(envelope)?),
+        Output::Text => match envelope.json_payload() {
+            Some(payload) => println!("{}", serde_json::to_string_pretty(&payload)?),
+            None => println!(
+                "{}",
+                serde_json::to_string_pretty(&agentmesh_proto::json::to_json(envelope)?)?
+            ),
+        },
+    }
+    Ok(())
+}
+
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}

@@ -1,1 +1,26 @@
-//! placeholder
+//! The agentmesh node.
+//!
+//! A request reads through the crate in one direction:
+//! - [`server`] puts every service on one port behind two tower layers,
+//!   [`correlation`] (the `x-correlation-id` of the call) and [`deadline`]
+//!   (the call's absolute deadline, 30 s by default);
+//! - [`discovery`] is the gRPC face of the [`registry`] of agent instances,
+//!   their cards and leases;
+//! - [`router`] is the node's own `AgentService`: it resolves an envelope's
+//!   target to the least-loaded live instance and forwards the call with a
+//!   strictly shorter deadline;
+//! - [`error`] maps every failure to a gRPC status once;
+//! - [`config`] holds the settings and their defaults.
+
+pub mod config;
+pub mod correlation;
+pub mod deadline;
+pub mod discovery;
+pub mod error;
+pub mod registry;
+pub mod router;
+pub mod server;
+
+pub use config::NodeConfig;
+pub use error::NodeError;
+pub use server::Node;

@@ -1,1 +1,24 @@
-//! placeholder
+//! The agentmesh SDK: write agents and call them.
+//!
+//! - [`Agent`] is what an agent does: `invoke` (required), `stream` and
+//!   `converse`; [`AgentRuntime`] serves it, registers it with the node,
+//!   heartbeats, re-registers after a node restart, and deregisters on
+//!   shutdown.
+//! - [`MeshClient`] calls agents through the node by name or `skill:<id>`.
+//! - [`Context`] is the call being handled: calls made while handling it
+//!   inherit its correlation id and a strictly shorter deadline.
+
+mod agent;
+mod client;
+mod context;
+mod conversation;
+mod error;
+mod runtime;
+
+pub use agent::{Agent, AgentHost, StreamSink, error_status};
+pub use agentmesh_proto as proto;
+pub use client::{CallOptions, MeshClient};
+pub use context::Context;
+pub use conversation::{Conversation, DEFAULT_HEARTBEAT, MISSED_HEARTBEATS};
+pub use error::SdkError;
+pub use runtime::{AgentRuntime, Registration, RunningAgent};

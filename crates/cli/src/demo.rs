@@ -1,0 +1,138 @@
+//! Built-in demo agents that `agentmesh serve --demo-agents` registers, so a
+//! newcomer can try every interaction style at once.
+
+use std::time::Duration;
+
+use agentmesh_proto::v1::{AgentCard, InteractionStyle, Skill};
+use agentmesh_sdk::{Agent, AgentRuntime, Context, Conversation, RunningAgent, StreamSink};
+use serde_json::json;
+use tonic::Status;
+
+use agentmesh_proto::v1::Envelope;
+
+/// `echo`: replies with the request's payload.
+#[derive(Debug)]
+pub(crate) struct Echo;
+
+#[tonic::async_trait]
+impl Agent for Echo {
+    async fn invoke(&self, _ctx: Context, request: Envelope) -> Result<Envelope, Status> {
+        Ok(Envelope {
+            r#type: "echo.reply".into(),
+            content_type: request.content_type,
+            payload: request.payload,
+            ..Default::default()
+        })
+    }
+
+    async fn converse(&self, _ctx: Context, mut conversation: Conversation) -> Result<(), Status> {
+        while let Some(message) = conversation.recv().await {
+            conversation
+                .send(Envelope {
+                    r#type: "echo.reply".into(),
+                    content_type: message.content_type,
+                    payload: message.payload,
+                    ..Default::default()
+                })
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// `counter`: streams `{"count": i}` for i in 1..=n with progress, one every
+/// `interval_ms` (default 200), then `{"total": n}` as the result.
+#[derive(Debug)]
+pub(crate) struct Counter;
+
+#[tonic::async_trait]
+impl Agent for Counter {
+    async fn invoke(&self, _ctx: Context, request: Envelope) -> Result<Envelope, Status> {
+        let n = count_of(&request)?;
+        Ok(Envelope::json("counter.result", json!({ "total": n })))
+    }
+
+    async fn stream(
+        &self,
+        _ctx: Context,
+        request: Envelope,
+        events: StreamSink,
+    ) -> Result<Envelope, Status> {
+        let n = count_of(&request)?;
+        let interval = request
+            .json_payload()
+            .and_then(|p| p.get("interval_ms").and_then(|v| v.as_u64()))
+            .unwrap_or(200);
+        for i in 1..=n {
+            tokio::time::sleep(Duration::from_millis(interval)).await;
+            events
+                .partial(Envelope::json("counter.tick", json!({ "count": i })))
+                .await?;
+            events
+                .progress(i as f32 / n as f32, format!("{i} of {n}"))
+                .await?;
+        }
+        Ok(Envelope::json("counter.result", json!({ "total": n })))
+    }
+}
+
+fn count_of(request: &Envelope) -> Result<u64, Status> {
+    let n = request
+        .json_payload()
+        .and_then(|p| p.get("n").and_then(|v| v.as_u64()))
+        .unwrap_or(5);
+    if n > 100_000 {
+        return Err(Status::invalid_argument("n must be at most 100000"));
+    }
+    Ok(n)
+}
+
+fn card(name: &str, description: &str, skill: &str, styles: &[InteractionStyle]) -> AgentCard {
+    AgentCard {
+        name: name.into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        description: description.into(),
+        skills: vec![Skill {
+            id: skill.into(),
+            description: description.into(),
+            tags: vec!["demo".into()],
+            accepts: Vec::new(),
+            produces: Vec::new(),
+            idempotent: true,
+        }],
+        styles: styles.iter().map(|s| *s as i32).collect(),
+        ..Default::default()
+    }
+}
+
+/// Starts every demo agent against the node at `node`.
+pub(crate) async fn start(node: &str) -> anyhow::Result<Vec<RunningAgent>> {
+    use InteractionStyle::{Converse, Stream, Unary};
+    let agents = vec![
+        AgentRuntime::new(
+            card(
+                "echo",
+                "Replies with what it is sent",
+                "echo",
+                &[Unary, Converse],
+            ),
+            Echo,
+        )
+        .node(node)
+        .start()
+        .await?,
+        AgentRuntime::new(
+            card(
+                "counter",
+                "Counts to n, streaming each number with progress",
+                "count",
+                &[Unary, Stream],
+            ),
+            Counter,
+        )
+        .node(node)
+        .start()
+        .await?,
+    ];
+    Ok(agents)
+}

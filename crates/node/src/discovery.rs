@@ -1,0 +1,150 @@
+//! `agentmesh.v1.DiscoveryService` over the [`Registry`].
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use agentmesh_proto::v1::{
+    AgentFilter, DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse,
+    LookupRequest, LookupResponse, RegisterRequest, RegisterResponse, WatchEventKind, WatchRequest,
+    WatchResponse, discovery_service_server::DiscoveryService,
+};
+use futures::Stream;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::{error::NodeError, registry::Registry};
+
+/// The gRPC face of the registry.
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+}
+
+impl Discovery {
+    /// Serves `registry`; `Watch` streams end when `shutdown` is cancelled.
+    pub fn new(registry: Arc<Registry>, shutdown: CancellationToken) -> Self {
+        Self { registry, shutdown }
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl DiscoveryService for Discovery {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let request = request.into_inner();
+        let card = request
+            .card
+            .ok_or_else(|| NodeError::InvalidArgument("card is required".into()))?;
+        let ttl = match request.ttl {
+            Some(ttl) => Some(Duration::try_from(ttl).map_err(|_| {
+                NodeError::InvalidArgument("ttl must be a positive duration".into())
+            })?),
+            None => None,
+        };
+        let (lease, card) = self.registry.register(card, ttl)?;
+        Ok(Response::new(RegisterResponse {
+            lease: Some(lease),
+            card: Some(card),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let lease = self.registry.heartbeat(&request.into_inner().lease_id)?;
+        Ok(Response::new(HeartbeatResponse { lease: Some(lease) }))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<DeregisterRequest>,
+    ) -> Result<Response<DeregisterResponse>, Status> {
+        self.registry.deregister(&request.into_inner().lease_id)?;
+        Ok(Response::new(DeregisterResponse {}))
+    }
+
+    async fn lookup(
+        &self,
+        request: Request<LookupRequest>,
+    ) -> Result<Response<LookupResponse>, Status> {
+        let filter = request.into_inner().filter.unwrap_or_default();
+        Ok(Response::new(LookupResponse {
+            instances: self.registry.lookup(&filter),
+        }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let request = request.into_inner();
+        let filter: AgentFilter = request.filter.unwrap_or_default();
+        // Subscribe before the snapshot so no change falls between the two.
+        let events = self.registry.subscribe();
+        let existing = if request.include_existing {
+            self.registry.lookup(&filter)
+        } else {
+            Vec::new()
+        };
+        let shutdown = self.shutdown.clone();
+        Ok(Response::new(watch_stream(
+            existing, filter, shutdown, events,
+        )))
+    }
+}
+
+fn watch_stream(
+    existing: Vec<agentmesh_proto::v1::AgentInstance>,
+    filter: AgentFilter,
+    shutdown: CancellationToken,
+    mut events: tokio::sync::broadcast::Receiver<WatchResponse>,
+) -> WatchStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        for instance in existing {
+            let event = WatchResponse {
+                kind: WatchEventKind::Added as i32,
+                instance: Some(instance),
+            };
+            if tx.send(Ok(event)).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tx.closed() => return,
+                event = events.recv() => event,
+            };
+            match event {
+                Ok(event) => {
+                    let wanted = event
+                        .instance
+                        .as_ref()
+                        .is_some_and(|i| Registry::matches(&filter, i));
+                    if wanted && tx.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    let _ = tx
+                        .send(Err(Status::data_loss(format!(
+                            "watcher fell {missed} events behind; watch again with include_existing"
+                        ))))
+                        .await;
+                    return;
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

@@ -1,0 +1,102 @@
+//! The node's error type, mapped once to `tonic::Status` (with google.rpc
+//! details) so every service reports failures the same way.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// Error domain reported in `google.rpc.ErrorInfo`.
+pub const ERROR_DOMAIN: &str = "agentmesh.dev";
+
+/// Everything that can go wrong in the node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The request is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A lease id is unknown (expired, deregistered, or the node restarted).
+    #[error("lease {0} not found: it expired or the node restarted; register again")]
+    LeaseNotFound(String),
+    /// No live instance matches the target.
+    #[error("no agent registered for target '{target}'")]
+    AgentNotFound {
+        /// The requested target.
+        target: String,
+    },
+    /// Instances match the target but none accepts the payload's version.
+    #[error(
+        "no instance of '{target}' accepts {payload_type} version '{version}'; versions on offer: [{}]",
+        offered.join(", ")
+    )]
+    NoCompatibleVersion {
+        /// The requested target.
+        target: String,
+        /// The envelope's payload type.
+        payload_type: String,
+        /// The envelope's type version.
+        version: String,
+        /// Versions that matching instances accept.
+        offered: Vec<String>,
+    },
+    /// The call's deadline ran out (at this hop or further down).
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// The agent could not be reached.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The node is shutting down or overloaded.
+    #[error("{0}")]
+    ResourceExhausted(String),
+}
+
+impl NodeError {
+    fn code(&self) -> Code {
+        match self {
+            NodeError::InvalidArgument(_) => Code::InvalidArgument,
+            NodeError::LeaseNotFound(_) | NodeError::AgentNotFound { .. } => Code::NotFound,
+            NodeError::NoCompatibleVersion { .. } => Code::FailedPrecondition,
+            NodeError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            NodeError::Unavailable(_) => Code::Unavailable,
+            NodeError::ResourceExhausted(_) => Code::ResourceExhausted,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            NodeError::InvalidArgument(_) => "INVALID_ARGUMENT",
+            NodeError::LeaseNotFound(_) => "LEASE_NOT_FOUND",
+            NodeError::AgentNotFound { .. } => "AGENT_NOT_FOUND",
+            NodeError::NoCompatibleVersion { .. } => "NO_COMPATIBLE_VERSION",
+            NodeError::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
+            NodeError::Unavailable(_) => "AGENT_UNAVAILABLE",
+            NodeError::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
+        }
+    }
+}
+
+impl From<NodeError> for Status {
+    fn from(error: NodeError) -> Status {
+        let mut metadata = std::collections::HashMap::new();
+        match &error {
+            NodeError::AgentNotFound { target } => {
+                metadata.insert("target".to_owned(), target.clone());
+            }
+            NodeError::NoCompatibleVersion {
+                target,
+                payload_type,
+                version,
+                offered,
+            } => {
+                metadata.insert("target".to_owned(), target.clone());
+                metadata.insert("type".to_owned(), payload_type.clone());
+                metadata.insert("version".to_owned(), version.clone());
+                metadata.insert("offered_versions".to_owned(), offered.join(","));
+            }
+            _ => {}
+        }
+        Status::with_error_details(
+            error.code(),
+            error.to_string(),
+            ErrorDetails::with_error_info(error.reason(), ERROR_DOMAIN, metadata),
+        )
+    }
+}

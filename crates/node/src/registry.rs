@@ -1,0 +1,374 @@
+//! The registry of agent instances: cards, leases, expiry and change events.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use agentmesh_proto::v1::{
+    AgentCard, AgentFilter, AgentInstance, BreakerState, Lease, WatchEventKind, WatchResponse,
+};
+use parking_lot::RwLock;
+use tokio::sync::broadcast;
+
+use crate::error::NodeError;
+
+/// Lease limits of the registry.
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    /// TTL granted when the instance asks for none.
+    pub default_ttl: Duration,
+    /// Shortest TTL granted.
+    pub min_ttl: Duration,
+    /// Longest TTL granted.
+    pub max_ttl: Duration,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            default_ttl: Duration::from_secs(10),
+            min_ttl: Duration::from_millis(100),
+            max_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+/// One registered instance, shared with the router while calls are in flight.
+#[derive(Debug)]
+pub struct Instance {
+    /// The card the instance registered with (instance id filled in).
+    pub card: AgentCard,
+    /// Calls currently routed to this instance.
+    pub in_flight: AtomicU32,
+    lease_id: String,
+    registered_at: SystemTime,
+}
+
+impl Instance {
+    /// Counts a call as in flight until the returned guard is dropped.
+    pub fn start_call(self: &Arc<Self>) -> InFlightGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard(Arc::clone(self))
+    }
+
+    /// Whether the instance accepts a payload of `type` at `version`.
+    pub fn accepts(&self, r#type: &str, version: &str) -> bool {
+        card_accepts(&self.card, r#type, version)
+    }
+
+    /// The versions of `type` this instance declares (for error messages).
+    pub fn versions_of(&self, r#type: &str) -> Vec<String> {
+        self.card
+            .skills
+            .iter()
+            .flat_map(|skill| skill.accepts.iter())
+            .filter(|accepted| accepted.r#type == r#type)
+            .flat_map(|accepted| accepted.versions.iter().cloned())
+            .collect()
+    }
+}
+
+/// Decrements an instance's in-flight count when dropped.
+#[derive(Debug)]
+pub struct InFlightGuard(Arc<Instance>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    instance: Arc<Instance>,
+    ttl: Duration,
+    expires_at: Instant,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// By instance id.
+    instances: HashMap<String, Entry>,
+    /// Lease id → instance id.
+    leases: HashMap<String, String>,
+}
+
+/// The registry: every live instance, its lease, and a stream of changes.
+#[derive(Debug)]
+pub struct Registry {
+    state: RwLock<State>,
+    events: broadcast::Sender<WatchResponse>,
+    config: LeaseConfig,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(config: LeaseConfig) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        Self {
+            state: RwLock::new(State::default()),
+            events,
+            config,
+        }
+    }
+
+    /// Registers (or re-registers) an instance and grants it a lease.
+    pub fn register(
+        &self,
+        mut card: AgentCard,
+        requested_ttl: Option<Duration>,
+    ) -> Result<(Lease, AgentCard), NodeError> {
+        validate_card(&card)?;
+        if card.instance_id.is_empty() {
+            card.instance_id = uuid::Uuid::now_v7().to_string();
+        }
+        let ttl = requested_ttl
+            .unwrap_or(self.config.default_ttl)
+            .clamp(self.config.min_ttl, self.config.max_ttl);
+        let lease_id = uuid::Uuid::now_v7().to_string();
+        let instance = Arc::new(Instance {
+            card: card.clone(),
+            in_flight: AtomicU32::new(0),
+            lease_id: lease_id.clone(),
+            registered_at: SystemTime::now(),
+        });
+        let entry = Entry {
+            instance,
+            ttl,
+            expires_at: Instant::now() + ttl,
+        };
+        let lease = lease_of(&entry);
+        let event = {
+            let mut state = self.state.write();
+            let previous = state.instances.insert(card.instance_id.clone(), entry);
+            if let Some(previous) = &previous {
+                state.leases.remove(&previous.instance.lease_id);
+            }
+            state
+                .leases
+                .insert(lease_id.clone(), card.instance_id.clone());
+            let kind = if previous.is_some() {
+                WatchEventKind::Updated
+            } else {
+                WatchEventKind::Added
+            };
+            event_of(kind, &state.instances[&card.instance_id])
+        };
+        tracing::info!(agent = %card.name, instance = %card.instance_id, endpoint = %card.endpoint, ttl_ms = ttl.as_millis() as u64, "agent registered");
+        let _ = self.events.send(event);
+        Ok((lease, card))
+    }
+
+    /// Renews a lease; `NotFound` if it lapsed or never existed.
+    pub fn heartbeat(&self, lease_id: &str) -> Result<Lease, NodeError> {
+        let mut state = self.state.write();
+        let instance_id = state
+            .leases
+            .get(lease_id)
+            .cloned()
+            .ok_or_else(|| NodeError::LeaseNotFound(lease_id.to_owned()))?;
+        let entry = state
+            .instances
+            .get_mut(&instance_id)
+            .ok_or_else(|| NodeError::LeaseNotFound(lease_id.to_owned()))?;
+        entry.expires_at = Instant::now() + entry.ttl;
+        Ok(lease_of(entry))
+    }
+
+    /// Removes an instance at once.
+    pub fn deregister(&self, lease_id: &str) -> Result<(), NodeError> {
+        let event = {
+            let mut state = self.state.write();
+            let instance_id = state
+                .leases
+                .remove(lease_id)
+                .ok_or_else(|| NodeError::LeaseNotFound(lease_id.to_owned()))?;
+            let entry = state.instances.remove(&instance_id);
+            entry.map(|entry| event_of(WatchEventKind::Removed, &entry))
+        };
+        if let Some(event) = event {
+            tracing::info!(instance = %event.instance.as_ref().and_then(|i| i.card.as_ref()).map(|c| c.instance_id.as_str()).unwrap_or_default(), "agent deregistered");
+            let _ = self.events.send(event);
+        }
+        Ok(())
+    }
+
+    /// Removes every instance whose lease has lapsed; returns how many.
+    pub fn expire(&self, now: Instant) -> usize {
+        let expired: Vec<WatchResponse> = {
+            let mut state = self.state.write();
+            let ids: Vec<String> = state
+                .instances
+                .iter()
+                .filter(|(_, entry)| entry.expires_at <= now)
+                .map(|(id, _)| id.clone())
+                .collect();
+            let state = &mut *state;
+            ids.iter()
+                .filter_map(|id| state.instances.remove(id))
+                .map(|entry| {
+                    state.leases.remove(&entry.instance.lease_id);
+                    event_of(WatchEventKind::Expired, &entry)
+                })
+                .collect()
+        };
+        for event in &expired {
+            if let Some(card) = event.instance.as_ref().and_then(|i| i.card.as_ref()) {
+                tracing::warn!(agent = %card.name, instance = %card.instance_id, "agent lease expired");
+            }
+            let _ = self.events.send(event.clone());
+        }
+        expired.len()
+    }
+
+    /// Runs [`Registry::expire`] periodically until the registry is dropped.
+    pub fn spawn_reaper(self: &Arc<Self>) {
+        let registry = Arc::downgrade(self);
+        let period = (self.config.min_ttl / 2).max(Duration::from_millis(20));
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(period);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let Some(registry) = registry.upgrade() else {
+                    return;
+                };
+                registry.expire(Instant::now());
+            }
+        });
+    }
+
+    /// Every live instance matching the filter, sorted by name then instance id.
+    pub fn lookup(&self, filter: &AgentFilter) -> Vec<AgentInstance> {
+        let state = self.state.read();
+        let mut found: Vec<AgentInstance> = state
+            .instances
+            .values()
+            .filter(|entry| matches(filter, &entry.instance))
+            .map(instance_of)
+            .collect();
+        found.sort_by(|a, b| {
+            let (a, b) = (a.card.as_ref().unwrap(), b.card.as_ref().unwrap());
+            (&a.name, &a.instance_id).cmp(&(&b.name, &b.instance_id))
+        });
+        found
+    }
+
+    /// Live instances that a `target` (agent name or `skill:<id>`) addresses.
+    pub fn resolve(&self, target: &str) -> Vec<Arc<Instance>> {
+        let state = self.state.read();
+        let by_skill = target.strip_prefix("skill:");
+        state
+            .instances
+            .values()
+            .filter(|entry| match by_skill {
+                Some(skill) => entry.instance.card.skills.iter().any(|s| s.id == skill),
+                None => entry.instance.card.name == target,
+            })
+            .map(|entry| Arc::clone(&entry.instance))
+            .collect()
+    }
+
+    /// Subscribes to registry changes.
+    pub fn subscribe(&self) -> broadcast::Receiver<WatchResponse> {
+        self.events.subscribe()
+    }
+
+    /// Whether an instance matches a filter (used by `Watch`).
+    pub fn matches(filter: &AgentFilter, instance: &AgentInstance) -> bool {
+        instance
+            .card
+            .as_ref()
+            .is_some_and(|card| card_matches(filter, card))
+    }
+}
+
+/// Whether a card accepts a payload of `type` at `version` (empty = any).
+/// A card that declares no accepted types accepts everything.
+pub fn card_accepts(card: &AgentCard, r#type: &str, version: &str) -> bool {
+    if r#type.is_empty() {
+        return true;
+    }
+    let mut declared = card
+        .skills
+        .iter()
+        .flat_map(|skill| skill.accepts.iter())
+        .peekable();
+    if declared.peek().is_none() {
+        return true;
+    }
+    declared.any(|accepted| {
+        accepted.r#type == r#type
+            && (version.is_empty()
+                || accepted.versions.is_empty()
+                || accepted.versions.iter().any(|v| v == version))
+    })
+}
+
+fn validate_card(card: &AgentCard) -> Result<(), NodeError> {
+    if card.name.is_empty() {
+        return Err(NodeError::InvalidArgument("card.name is required".into()));
+    }
+    if card.name.starts_with("skill:") || card.name.chars().any(char::is_whitespace) {
+        return Err(NodeError::InvalidArgument(format!(
+            "card.name {:?} must not contain whitespace or start with \"skill:\"",
+            card.name
+        )));
+    }
+    if card.endpoint.is_empty() {
+        return Err(NodeError::InvalidArgument(
+            "card.endpoint is required (where the agent serves agentmesh.v1.AgentService)".into(),
+        ));
+    }
+    match card.endpoint.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme().is_some() && uri.host().is_some() => Ok(()),
+        _ => Err(NodeError::InvalidArgument(format!(
+            "card.endpoint {:?} is not an absolute URI such as http://127.0.0.1:9000",
+            card.endpoint
+        ))),
+    }
+}
+
+fn matches(filter: &AgentFilter, instance: &Instance) -> bool {
+    card_matches(filter, &instance.card)
+}
+
+fn card_matches(filter: &AgentFilter, card: &AgentCard) -> bool {
+    (filter.name.is_empty() || card.name == filter.name)
+        && (filter.skill.is_empty() || card.skills.iter().any(|s| s.id == filter.skill))
+        && (filter.tag.is_empty() || card.skills.iter().any(|s| s.tags.contains(&filter.tag)))
+        && (filter.accepts_type.is_empty()
+            || card_accepts(card, &filter.accepts_type, &filter.accepts_version))
+}
+
+fn lease_of(entry: &Entry) -> Lease {
+    let remaining = entry.expires_at.saturating_duration_since(Instant::now());
+    Lease {
+        lease_id: entry.instance.lease_id.clone(),
+        instance_id: entry.instance.card.instance_id.clone(),
+        ttl: prost_types::Duration::try_from(entry.ttl).ok(),
+        expires_at: Some((SystemTime::now() + remaining).into()),
+    }
+}
+
+fn instance_of(entry: &Entry) -> AgentInstance {
+    AgentInstance {
+        card: Some(entry.instance.card.clone()),
+        lease: Some(lease_of(entry)),
+        registered_at: Some(entry.instance.registered_at.into()),
+        in_flight: entry.instance.in_flight.load(Ordering::Relaxed),
+        breaker: BreakerState::Closed as i32,
+    }
+}
+
+fn event_of(kind: WatchEventKind, entry: &Entry) -> WatchResponse {
+    WatchResponse {
+        kind: kind as i32,
+        instance: Some(instance_of(entry)),
+    }
+}

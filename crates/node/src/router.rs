@@ -1,0 +1,412 @@
+//! The router: the node's own `agentmesh.v1.AgentService`. It resolves an
+//! envelope's `target` to a live instance (least loaded first), stamps the
+//! envelope (id, correlation, deadline), and forwards the call with a strictly
+//! shorter deadline than the caller's.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use agentmesh_proto::{
+    metadata::{CORRELATION_ID, IDEMPOTENCY_KEY, TRACEPARENT, VIA},
+    v1::{
+        ConverseRequest, ConverseResponse, Envelope, InvokeRequest, InvokeResponse, StreamRequest,
+        StreamResponse, agent_service_client::AgentServiceClient,
+        agent_service_server::AgentService,
+    },
+};
+use futures::stream::BoxStream;
+use parking_lot::Mutex;
+use rand::seq::IndexedRandom;
+use tonic::{
+    Code, Request, Response, Status, Streaming,
+    metadata::{MetadataMap, MetadataValue},
+    transport::{Channel, Endpoint},
+};
+
+use crate::{
+    correlation::CorrelationId,
+    deadline::Deadline,
+    error::NodeError,
+    registry::{Instance, Registry},
+};
+
+/// Router settings.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Deadline when a request arrives without the layers that set one.
+    pub default_timeout: Duration,
+    /// How much shorter each outgoing call's deadline is than what remains.
+    pub hop_margin: Duration,
+    /// Timeout for opening a connection to an agent.
+    pub connect_timeout: Duration,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            default_timeout: Duration::from_secs(30),
+            hop_margin: Duration::from_millis(50),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What the router knows about the call being served.
+#[derive(Debug, Clone)]
+pub struct CallInfo {
+    /// Correlation id of the call chain.
+    pub correlation_id: String,
+    /// The call's absolute deadline.
+    pub deadline: Deadline,
+    /// W3C traceparent, if the caller sent one.
+    pub traceparent: Option<String>,
+    /// Idempotency key, if the caller sent one as metadata.
+    pub idempotency_key: Option<String>,
+}
+
+impl CallInfo {
+    /// Reads the call's context from a request's extensions and metadata.
+    pub fn of<T>(request: &Request<T>, default_timeout: Duration) -> Self {
+        let metadata = request.metadata();
+        let text = |key: &str| {
+            metadata
+                .get(key)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+        };
+        Self {
+            correlation_id: request
+                .extensions()
+                .get::<CorrelationId>()
+                .map(|c| c.0.clone())
+                .or_else(|| text(CORRELATION_ID))
+                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+            deadline: request
+                .extensions()
+                .get::<Deadline>()
+                .copied()
+                .unwrap_or_else(|| Deadline(Instant::now() + default_timeout)),
+            traceparent: text(TRACEPARENT),
+            idempotency_key: text(IDEMPOTENCY_KEY),
+        }
+    }
+}
+
+/// Connections to agents, one lazily connected channel per endpoint.
+#[derive(Debug, Default)]
+struct ChannelPool {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl ChannelPool {
+    fn get(&self, endpoint: &str, connect_timeout: Duration) -> Result<Channel, NodeError> {
+        let mut channels = self.channels.lock();
+        if let Some(channel) = channels.get(endpoint) {
+            return Ok(channel.clone());
+        }
+        let channel = Endpoint::from_shared(endpoint.to_owned())
+            .map_err(|e| NodeError::Unavailable(format!("bad agent endpoint {endpoint}: {e}")))?
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        channels.insert(endpoint.to_owned(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// Routes calls to registered agents.
+#[derive(Debug, Clone)]
+pub struct Router {
+    registry: Arc<Registry>,
+    channels: Arc<ChannelPool>,
+    config: RouterConfig,
+}
+
+/// A resolved destination: the instance and a client for it.
+#[derive(Debug)]
+pub struct Route {
+    /// The chosen instance.
+    pub instance: Arc<Instance>,
+    /// A client connected (lazily) to its endpoint.
+    pub client: AgentServiceClient<Channel>,
+}
+
+impl Router {
+    /// A router over `registry`.
+    pub fn new(registry: Arc<Registry>, config: RouterConfig) -> Self {
+        Self {
+            registry,
+            channels: Arc::default(),
+            config,
+        }
+    }
+
+    /// The router's settings.
+    pub fn config(&self) -> &RouterConfig {
+        &self.config
+    }
+
+    /// Picks the least-loaded live instance for an envelope's target that
+    /// accepts its payload type and version.
+    pub fn route(&self, envelope: &Envelope) -> Result<Route, NodeError> {
+        let target = envelope.target.as_str();
+        let candidates = self.registry.resolve(target);
+        if candidates.is_empty() {
+            return Err(NodeError::AgentNotFound {
+                target: target.to_owned(),
+            });
+        }
+        let compatible: Vec<&Arc<Instance>> = candidates
+            .iter()
+            .filter(|i| i.accepts(&envelope.r#type, &envelope.type_version))
+            .collect();
+        if compatible.is_empty() {
+            let mut offered: Vec<String> = candidates
+                .iter()
+                .flat_map(|i| i.versions_of(&envelope.r#type))
+                .collect();
+            offered.sort();
+            offered.dedup();
+            return Err(NodeError::NoCompatibleVersion {
+                target: target.to_owned(),
+                payload_type: envelope.r#type.clone(),
+                version: envelope.type_version.clone(),
+                offered,
+            });
+        }
+        let load = |i: &&Arc<Instance>| i.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+        let least = compatible.iter().map(load).min().unwrap_or_default();
+        let least_loaded: Vec<&Arc<Instance>> = compatible
+            .iter()
+            .filter(|i| load(i) == least)
+            .copied()
+            .collect();
+        let instance = Arc::clone(
+            least_loaded
+                .choose(&mut rand::rng())
+                .expect("at least one compatible instance"),
+        );
+        let channel = self
+            .channels
+            .get(&instance.card.endpoint, self.config.connect_timeout)?;
+        Ok(Route {
+            instance,
+            client: AgentServiceClient::new(channel)
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+        })
+    }
+
+    /// Fills in what the sender left empty: id, correlation, creation time,
+    /// deadline, trace context, idempotency key and attempt.
+    pub fn stamp(envelope: &mut Envelope, call: &CallInfo) {
+        if envelope.id.is_empty() {
+            envelope.id = uuid::Uuid::now_v7().to_string();
+        }
+        if envelope.correlation_id.is_empty() {
+            envelope.correlation_id = call.correlation_id.clone();
+        }
+        if envelope.created_at.is_none() {
+            envelope.created_at = Some(SystemTime::now().into());
+        }
+        let deadline = SystemTime::now() + call.deadline.remaining();
+        let earlier = envelope
+            .deadline
+            .and_then(|d| SystemTime::try_from(d).ok())
+            .is_some_and(|d| d <= deadline);
+        if !earlier {
+            envelope.deadline = Some(deadline.into());
+        }
+        if envelope.traceparent.is_empty() {
+            envelope.traceparent = call.traceparent.clone().unwrap_or_default();
+        }
+        if envelope.idempotency_key.is_empty() {
+            envelope.idempotency_key = call.idempotency_key.clone().unwrap_or_default();
+        }
+        if envelope.attempt == 0 {
+            envelope.attempt = 1;
+        }
+    }
+
+    /// Builds the outgoing request for a hop: the shrunk deadline and the
+    /// tracing metadata of the envelope.
+    pub fn outgoing<T>(
+        &self,
+        message: T,
+        metadata: MetadataMap,
+        call: &CallInfo,
+        hop: &str,
+    ) -> Result<(Request<T>, Duration), NodeError> {
+        let budget = call.deadline.for_next_hop(self.config.hop_margin, hop)?;
+        let mut request = Request::from_parts(metadata, Default::default(), message);
+        request.set_timeout(budget);
+        Ok((request, budget))
+    }
+
+    /// Unary invoke through the mesh.
+    pub async fn call_unary(
+        &self,
+        call: CallInfo,
+        mut envelope: Envelope,
+    ) -> Result<Envelope, Status> {
+        if envelope.target.is_empty() {
+            return Err(NodeError::InvalidArgument(
+                "envelope.target is required: an agent name or skill:<id>".into(),
+            )
+            .into());
+        }
+        Self::stamp(&mut envelope, &call);
+        let Route {
+            instance,
+            mut client,
+        } = self.route(&envelope)?;
+        let hop = format!(
+            "agent '{}' (instance {})",
+            instance.card.name, instance.card.instance_id
+        );
+        let request_id = envelope.id.clone();
+        let correlation_id = envelope.correlation_id.clone();
+        let metadata = tracing_metadata(&envelope);
+        let (request, budget) = self.outgoing(
+            InvokeRequest {
+                envelope: Some(envelope),
+            },
+            metadata,
+            &call,
+            &hop,
+        )?;
+        let _in_flight = instance.start_call();
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(budget, client.invoke(request)).await;
+        let elapsed = started.elapsed();
+        let mut reply = match outcome {
+            Err(_) => return Err(deadline_at(&hop, budget).into()),
+            Ok(Err(status)) => return Err(agent_failure(status, &hop, &instance, budget, elapsed)),
+            Ok(Ok(response)) => response.into_inner().envelope.unwrap_or_default(),
+        };
+        if reply.correlation_id.is_empty() {
+            reply.correlation_id = correlation_id;
+        }
+        if reply.causation_id.is_empty() {
+            reply.causation_id = request_id;
+        }
+        if reply.source.is_empty() {
+            reply.source = instance.card.name.clone();
+        }
+        if reply.id.is_empty() {
+            reply.id = uuid::Uuid::now_v7().to_string();
+        }
+        tracing::debug!(agent = %instance.card.name, elapsed_us = elapsed.as_micros() as u64, "invoke routed");
+        Ok(reply)
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for Router {
+    async fn invoke(
+        &self,
+        request: Request<InvokeRequest>,
+    ) -> Result<Response<InvokeResponse>, Status> {
+        let call = CallInfo::of(&request, self.config.default_timeout);
+        let envelope = request
+            .into_inner()
+            .envelope
+            .ok_or_else(|| NodeError::InvalidArgument("envelope is required".into()))?;
+        let reply = self.call_unary(call, envelope).await?;
+        Ok(Response::new(InvokeResponse {
+            envelope: Some(reply),
+        }))
+    }
+
+    type StreamStream = BoxStream<'static, Result<StreamResponse, Status>>;
+
+    async fn stream(
+        &self,
+        _request: Request<StreamRequest>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        Err(Status::unimplemented(
+            "AgentService.Stream is not routed yet",
+        ))
+    }
+
+    type ConverseStream = BoxStream<'static, Result<ConverseResponse, Status>>;
+
+    async fn converse(
+        &self,
+        _request: Request<Streaming<ConverseRequest>>,
+    ) -> Result<Response<Self::ConverseStream>, Status> {
+        Err(Status::unimplemented(
+            "AgentService.Converse is not routed yet",
+        ))
+    }
+}
+
+fn deadline_at(hop: &str, budget: Duration) -> NodeError {
+    NodeError::DeadlineExceeded(format!(
+        "deadline exceeded waiting for {hop}: no answer within its {} ms budget",
+        budget.as_millis()
+    ))
+}
+
+/// Maps an agent's failure to what the caller should see: our deadline if it
+/// ran out, a clear UNAVAILABLE if the agent could not be reached, and the
+/// agent's own status otherwise.
+pub fn agent_failure(
+    status: Status,
+    hop: &str,
+    instance: &Instance,
+    budget: Duration,
+    elapsed: Duration,
+) -> Status {
+    let timed_out =
+        elapsed >= budget && matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded);
+    if timed_out {
+        return deadline_at(hop, budget).into();
+    }
+    if status.code() == Code::Unavailable && is_transport_error(&status) {
+        return NodeError::Unavailable(format!(
+            "{hop} at {} is unreachable: {}",
+            instance.card.endpoint,
+            status.message()
+        ))
+        .into();
+    }
+    status
+}
+
+fn is_transport_error(status: &Status) -> bool {
+    use std::error::Error;
+    let mut source = status.source();
+    while let Some(error) = source {
+        if error.downcast_ref::<tonic::transport::Error>().is_some()
+            || error.downcast_ref::<std::io::Error>().is_some()
+        {
+            return true;
+        }
+        source = error.source();
+    }
+    status.message().contains("transport error") || status.message().contains("connect")
+}
+
+/// Outgoing metadata that carries an envelope's tracing fields.
+pub fn tracing_metadata(envelope: &Envelope) -> MetadataMap {
+    let mut metadata = MetadataMap::new();
+    let mut put = |key: &'static str, value: &str| {
+        if let Ok(value) = MetadataValue::try_from(value) {
+            if !value.is_empty() {
+                metadata.insert(key, value);
+            }
+        }
+    };
+    put(CORRELATION_ID, &envelope.correlation_id);
+    put(TRACEPARENT, &envelope.traceparent);
+    put(IDEMPOTENCY_KEY, &envelope.idempotency_key);
+    put(VIA, "agentmesh-node");
+    metadata
+}

@@ -1,0 +1,134 @@
+//! Puts the node together: every gRPC service, health and reflection, and the
+//! HTTP gateway, behind the correlation and deadline layers, on one port.
+
+use std::{future::Future, sync::Arc};
+
+use agentmesh_proto::v1::{
+    agent_service_server::AgentServiceServer, discovery_service_server::DiscoveryServiceServer,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tower::ServiceBuilder;
+
+use crate::{
+    config::NodeConfig, correlation::CorrelationLayer, deadline::DeadlineLayer,
+    discovery::Discovery, registry::Registry, router::Router,
+};
+
+/// gRPC services the node reports in `grpc.health.v1.Health`.
+const SERVICES: &[&str] = &["agentmesh.v1.AgentService", "agentmesh.v1.DiscoveryService"];
+
+/// A mesh node: registry, router and their gRPC/HTTP faces.
+#[derive(Debug)]
+pub struct Node {
+    config: NodeConfig,
+    registry: Arc<Registry>,
+    router: Router,
+    shutdown: CancellationToken,
+}
+
+impl Node {
+    /// A node with the given configuration.
+    pub fn new(config: NodeConfig) -> Self {
+        let registry = Arc::new(Registry::new(config.leases.clone()));
+        let router = Router::new(Arc::clone(&registry), config.router.clone());
+        Self {
+            config,
+            registry,
+            router,
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// The node's registry.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Serves on `listener` until `signal` completes, then drains: health
+    /// turns NOT_SERVING, streams are ended, and in-flight calls get
+    /// `shutdown_grace` to finish.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        set_health(&health, ServingStatus::NotServing).await;
+        self.registry.spawn_reaper();
+
+        let max = self.config.max_message_bytes;
+        let reflection = reflection_builder()
+            .build_v1()
+            .map_err(std::io::Error::other)?;
+        let reflection_alpha = reflection_builder()
+            .build_v1alpha()
+            .map_err(std::io::Error::other)?;
+        let mut routes = Routes::builder();
+        routes
+            .add_service(
+                AgentServiceServer::new(self.router.clone())
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
+            .add_service(
+                DiscoveryServiceServer::new(Discovery::new(
+                    Arc::clone(&self.registry),
+                    self.shutdown.clone(),
+                ))
+                .max_decoding_message_size(max),
+            )
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(reflection_alpha);
+        let app = routes.routes().into_axum_router().layer(
+            ServiceBuilder::new()
+                .layer(CorrelationLayer)
+                .layer(DeadlineLayer::new(
+                    self.config.router.default_timeout,
+                    self.config.max_timeout,
+                )),
+        );
+
+        let address = listener.local_addr()?;
+        set_health(&health, ServingStatus::Serving).await;
+        tracing::info!(%address, "agentmesh node serving gRPC and HTTP");
+
+        let shutdown = self.shutdown.clone();
+        let grace = self.config.shutdown_grace;
+        let draining = {
+            let shutdown = shutdown.clone();
+            let health = health.clone();
+            async move {
+                signal.await;
+                tracing::info!("shutting down: draining in-flight calls");
+                set_health(&health, ServingStatus::NotServing).await;
+                shutdown.cancel();
+            }
+        };
+        let server =
+            axum::serve(listener, app.into_make_service()).with_graceful_shutdown(draining);
+        tokio::select! {
+            result = server => result,
+            _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(grace_ms = grace.as_millis() as u64, "calls still open after the grace period; closing them");
+                Ok(())
+            }
+        }
+    }
+}
+
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(agentmesh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    for service in SERVICES {
+        health.set_service_status(*service, status).await;
+    }
+}

@@ -1,0 +1,193 @@
+//! Calling agents through the node.
+
+use std::time::Duration;
+
+use agentmesh_proto::{
+    metadata::{CORRELATION_ID, IDEMPOTENCY_KEY, TRACEPARENT},
+    v1::{
+        AgentFilter, AgentInstance, Envelope, InvokeRequest, LookupRequest,
+        agent_service_client::AgentServiceClient, discovery_service_client::DiscoveryServiceClient,
+    },
+};
+use tonic::{
+    Request, Status,
+    metadata::{MetadataMap, MetadataValue},
+    transport::{Channel, Endpoint},
+};
+
+use crate::{context::Context, error::SdkError};
+
+/// Per-call options.
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    /// Timeout of the call; capped by the inherited deadline when called
+    /// from inside a handler. Default 30 s.
+    pub timeout: Option<Duration>,
+    /// Idempotency key (also settable on the envelope).
+    pub idempotency_key: Option<String>,
+}
+
+/// A client of the node: invoke agents by name or `skill:<id>`, look them up.
+///
+/// Inside a handler, calls inherit the handled call's correlation id and a
+/// deadline strictly shorter than what it has left.
+#[derive(Debug, Clone)]
+pub struct MeshClient {
+    channel: Channel,
+    hop_margin: Duration,
+    default_timeout: Duration,
+}
+
+/// Turns `host:port` or a URI into an endpoint.
+pub(crate) fn endpoint(address: &str) -> Result<Endpoint, SdkError> {
+    let uri = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    };
+    Endpoint::from_shared(uri)
+        .map(|e| {
+            e.tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(2))
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_while_idle(true)
+        })
+        .map_err(|e| SdkError::InvalidAddress {
+            address: address.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+impl MeshClient {
+    /// A client of the node at `address` (`host:port` or `http://host:port`).
+    /// Connects on first use and reconnects by itself.
+    pub fn connect_lazy(address: &str) -> Result<Self, SdkError> {
+        Ok(Self::from_channel(endpoint(address)?.connect_lazy()))
+    }
+
+    /// A client over an existing channel.
+    pub fn from_channel(channel: Channel) -> Self {
+        Self {
+            channel,
+            hop_margin: Duration::from_millis(50),
+            default_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// How much shorter than the inherited deadline outgoing calls are.
+    pub fn with_hop_margin(mut self, margin: Duration) -> Self {
+        self.hop_margin = margin;
+        self
+    }
+
+    /// The underlying channel, for the generated clients.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// The generated `AgentService` client, talking to the node's router.
+    pub fn agents(&self) -> AgentServiceClient<Channel> {
+        AgentServiceClient::new(self.channel.clone())
+    }
+
+    /// The generated `DiscoveryService` client.
+    pub fn discovery(&self) -> DiscoveryServiceClient<Channel> {
+        DiscoveryServiceClient::new(self.channel.clone())
+    }
+
+    /// Invokes `target` (an agent name or `skill:<id>`) with `envelope`.
+    pub async fn invoke(&self, target: &str, envelope: Envelope) -> Result<Envelope, Status> {
+        self.invoke_with(target, envelope, CallOptions::default())
+            .await
+    }
+
+    /// Invokes `target` with per-call options.
+    pub async fn invoke_with(
+        &self,
+        target: &str,
+        envelope: Envelope,
+        options: CallOptions,
+    ) -> Result<Envelope, Status> {
+        let (request, timeout) =
+            self.prepare(target, envelope, &options, |envelope| InvokeRequest {
+                envelope: Some(envelope),
+            })?;
+        match tokio::time::timeout(timeout, self.agents().invoke(request)).await {
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "no answer from '{target}' within {} ms",
+                timeout.as_millis()
+            ))),
+            Ok(result) => Ok(result?.into_inner().envelope.unwrap_or_default()),
+        }
+    }
+
+    /// Finds registered instances.
+    pub async fn lookup(&self, filter: AgentFilter) -> Result<Vec<AgentInstance>, Status> {
+        Ok(self
+            .discovery()
+            .lookup(LookupRequest {
+                filter: Some(filter),
+            })
+            .await?
+            .into_inner()
+            .instances)
+    }
+
+    /// Fills the envelope from the current context and builds the request
+    /// with its deadline.
+    pub(crate) fn prepare<T>(
+        &self,
+        target: &str,
+        mut envelope: Envelope,
+        options: &CallOptions,
+        wrap: impl FnOnce(Envelope) -> T,
+    ) -> Result<(Request<T>, Duration), Status> {
+        envelope.target = target.to_owned();
+        if let Some(key) = &options.idempotency_key {
+            envelope.idempotency_key = key.clone();
+        }
+        let current = Context::current();
+        let mut timeout = options.timeout.unwrap_or(self.default_timeout);
+        if let Some(ctx) = &current {
+            if envelope.correlation_id.is_empty() {
+                envelope.correlation_id = ctx.correlation_id().to_owned();
+            }
+            if envelope.causation_id.is_empty() {
+                envelope.causation_id = ctx.message_id().to_owned();
+            }
+            if envelope.traceparent.is_empty() {
+                envelope.traceparent = ctx.traceparent().to_owned();
+            }
+            if let Some(remaining) = ctx.remaining() {
+                let budget = remaining
+                    .checked_sub(self.hop_margin)
+                    .filter(|b| !b.is_zero());
+                let Some(budget) = budget else {
+                    return Err(Status::deadline_exceeded(format!(
+                        "deadline exceeded before calling '{target}': {} ms left",
+                        remaining.as_millis()
+                    )));
+                };
+                timeout = timeout.min(budget);
+            }
+        }
+        if envelope.correlation_id.is_empty() {
+            envelope.correlation_id = uuid::Uuid::now_v7().to_string();
+        }
+        let mut metadata = MetadataMap::new();
+        for (key, value) in [
+            (CORRELATION_ID, &envelope.correlation_id),
+            (TRACEPARENT, &envelope.traceparent),
+            (IDEMPOTENCY_KEY, &envelope.idempotency_key),
+        ] {
+            if let Ok(value) = MetadataValue::try_from(value.as_str()) {
+                if !value.is_empty() {
+                    metadata.insert(key, value);
+                }
+            }
+        }
+        let mut request = Request::from_parts(metadata, Default::default(), wrap(envelope));
+        request.set_timeout(timeout);
+        Ok((request, timeout))
+    }
+}
