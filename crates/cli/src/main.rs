@@ -81,6 +81,28 @@ enum Command {
         #[command(flatten)]
         node: NodeArgs,
     },
+    /// Stream from an agent and print events as they arrive.
+    Stream {
+        /// Agent name or skill:<id>.
+        target: String,
+        /// JSON payload.
+        #[arg(long, default_value = "{}")]
+        json: String,
+        /// Payload type.
+        #[arg(long = "type", default_value = "")]
+        payload_type: String,
+        /// Timeout of the whole stream in milliseconds.
+        #[arg(long, default_value_t = 300_000)]
+        timeout_ms: u64,
+        /// Resume this stream id instead of starting a new stream.
+        #[arg(long)]
+        resume: Option<String>,
+        /// With --resume: the last sequence already seen.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
 }
 
 #[tokio::main]
@@ -109,6 +131,33 @@ async fn run() -> anyhow::Result<()> {
             default_timeout_ms,
         } => serve(listen, demo_agents, default_timeout_ms).await,
         Command::Agents { node, skill } => agents(node, skill).await,
+        Command::Stream {
+            target,
+            json,
+            payload_type,
+            timeout_ms,
+            resume,
+            after,
+            node,
+        } => {
+            let client = MeshClient::connect_lazy(&node.node)?;
+            let events = match resume {
+                Some(stream_id) => client.resume(&stream_id, after).await,
+                None => {
+                    let payload: serde_json::Value =
+                        serde_json::from_str(&json).context("--json is not valid JSON")?;
+                    let options = CallOptions {
+                        timeout: Some(Duration::from_millis(timeout_ms)),
+                        idempotency_key: None,
+                    };
+                    client
+                        .stream_with(&target, Envelope::json(payload_type, payload), options)
+                        .await
+                }
+            }
+            .map_err(status_error)?;
+            print_stream(events, node.output).await
+        }
         Command::Call {
             target,
             json,
@@ -214,6 +263,43 @@ async fn agents(node: NodeArgs, skill: Option<String>) -> anyhow::Result<()> {
     }
     if instances.is_empty() {
         eprintln!("no agents registered");
+    }
+    Ok(())
+}
+
+async fn print_stream(
+    mut events: tonic::Streaming<agentmesh_proto::v1::StreamResponse>,
+    output: Output,
+) -> anyhow::Result<()> {
+    use agentmesh_proto::v1::StreamEventKind;
+    while let Some(event) = events.message().await.map_err(status_error)? {
+        if output == Output::Json {
+            println!("{}", agentmesh_proto::json::to_json(&event)?);
+            continue;
+        }
+        let payload = event
+            .envelope
+            .as_ref()
+            .map(|e| {
+                e.json_payload()
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| format!("<{} payload>", e.content_type))
+            })
+            .unwrap_or_default();
+        let line = match StreamEventKind::try_from(event.kind).unwrap_or_default() {
+            StreamEventKind::Progress => format!(
+                "progress {:>3.0}% {}",
+                event.progress * 100.0,
+                event.message
+            ),
+            StreamEventKind::Result => format!("result   {payload}"),
+            StreamEventKind::Error => format!(
+                "error    {}",
+                event.error.map(|e| e.message).unwrap_or_default()
+            ),
+            _ => format!("partial  {payload}"),
+        };
+        println!("[{}:{}] {line}", event.stream_id, event.sequence);
     }
     Ok(())
 }

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use crate::{registry::LeaseConfig, router::RouterConfig};
+use agentmesh_gateway::GatewayConfig;
+
+use crate::{registry::LeaseConfig, replay::ReplayConfig, router::RouterConfig};
 
 /// Everything a node can be configured with.
 #[derive(Debug, Clone)]
@@ -11,6 +13,10 @@ pub struct NodeConfig {
     pub router: RouterConfig,
     /// Registry leases: default, minimum and maximum TTL.
     pub leases: LeaseConfig,
+    /// Resumable streams: replay window, resume grace, retention.
+    pub replay: ReplayConfig,
+    /// HTTP gateway: body limit, CORS, SSE keep-alive.
+    pub gateway: GatewayConfig,
     /// Upper bound on any deadline a caller asks for.
     pub max_timeout: Duration,
     /// Largest gRPC message accepted, in bytes.
@@ -24,6 +30,8 @@ impl Default for NodeConfig {
         Self {
             router: RouterConfig::default(),
             leases: LeaseConfig::default(),
+            replay: ReplayConfig::default(),
+            gateway: GatewayConfig::default(),
             max_timeout: Duration::from_secs(3600),
             max_message_bytes: 4 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),

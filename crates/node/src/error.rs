@@ -43,6 +43,12 @@ pub enum NodeError {
     /// The agent could not be reached.
     #[error("{0}")]
     Unavailable(String),
+    /// A stream id is unknown or its retention has passed.
+    #[error("stream {0} is unknown or has expired; start a new stream")]
+    StreamNotFound(String),
+    /// A resume position is outside the replay window.
+    #[error("{0}")]
+    OutOfRange(String),
     /// The node is shutting down or overloaded.
     #[error("{0}")]
     ResourceExhausted(String),
@@ -52,7 +58,10 @@ impl NodeError {
     fn code(&self) -> Code {
         match self {
             NodeError::InvalidArgument(_) => Code::InvalidArgument,
-            NodeError::LeaseNotFound(_) | NodeError::AgentNotFound { .. } => Code::NotFound,
+            NodeError::LeaseNotFound(_)
+            | NodeError::AgentNotFound { .. }
+            | NodeError::StreamNotFound(_) => Code::NotFound,
+            NodeError::OutOfRange(_) => Code::OutOfRange,
             NodeError::NoCompatibleVersion { .. } => Code::FailedPrecondition,
             NodeError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             NodeError::Unavailable(_) => Code::Unavailable,
@@ -65,6 +74,8 @@ impl NodeError {
             NodeError::InvalidArgument(_) => "INVALID_ARGUMENT",
             NodeError::LeaseNotFound(_) => "LEASE_NOT_FOUND",
             NodeError::AgentNotFound { .. } => "AGENT_NOT_FOUND",
+            NodeError::StreamNotFound(_) => "STREAM_NOT_FOUND",
+            NodeError::OutOfRange(_) => "OUT_OF_REPLAY_WINDOW",
             NodeError::NoCompatibleVersion { .. } => "NO_COMPATIBLE_VERSION",
             NodeError::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
             NodeError::Unavailable(_) => "AGENT_UNAVAILABLE",

@@ -8,7 +8,9 @@
 //!   their cards and leases;
 //! - [`router`] is the node's own `AgentService`: it resolves an envelope's
 //!   target to the least-loaded live instance and forwards the call with a
-//!   strictly shorter deadline;
+//!   strictly shorter deadline; streams go through [`replay`], which
+//!   numbers their events and lets callers resume;
+//! - [`mesh`] gives the HTTP gateway in-process access to the same services;
 //! - [`error`] maps every failure to a gRPC status once;
 //! - [`config`] holds the settings and their defaults.
 
@@ -17,7 +19,9 @@ pub mod correlation;
 pub mod deadline;
 pub mod discovery;
 pub mod error;
+pub mod mesh;
 pub mod registry;
+pub mod replay;
 pub mod router;
 pub mod server;
 

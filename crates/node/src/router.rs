@@ -9,6 +9,8 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use agentmesh_gateway::EventStream;
+use agentmesh_proto::v1::converse_request;
 use agentmesh_proto::{
     metadata::{CORRELATION_ID, IDEMPOTENCY_KEY, TRACEPARENT, VIA},
     v1::{
@@ -17,7 +19,7 @@ use agentmesh_proto::{
         agent_service_server::AgentService,
     },
 };
-use futures::stream::BoxStream;
+use futures::StreamExt;
 use parking_lot::Mutex;
 use rand::seq::IndexedRandom;
 use tonic::{
@@ -31,6 +33,7 @@ use crate::{
     deadline::Deadline,
     error::NodeError,
     registry::{Instance, Registry},
+    replay::{ReplayConfig, StreamHub},
 };
 
 /// Router settings.
@@ -125,6 +128,7 @@ impl ChannelPool {
 pub struct Router {
     registry: Arc<Registry>,
     channels: Arc<ChannelPool>,
+    streams: Arc<StreamHub>,
     config: RouterConfig,
 }
 
@@ -139,10 +143,11 @@ pub struct Route {
 
 impl Router {
     /// A router over `registry`.
-    pub fn new(registry: Arc<Registry>, config: RouterConfig) -> Self {
+    pub fn new(registry: Arc<Registry>, config: RouterConfig, replay: ReplayConfig) -> Self {
         Self {
             registry,
             channels: Arc::default(),
+            streams: Arc::new(StreamHub::new(replay)),
             config,
         }
     }
@@ -249,27 +254,183 @@ impl Router {
         Ok((request, budget))
     }
 
+    /// Server streaming through the mesh: a new resumable stream, or the
+    /// rest of an earlier one.
+    pub async fn open_stream(
+        &self,
+        call: CallInfo,
+        request: StreamRequest,
+    ) -> Result<EventStream<StreamResponse>, Status> {
+        if !request.resume_stream_id.is_empty() {
+            return Ok(self
+                .streams
+                .resume(&request.resume_stream_id, request.resume_after_sequence)?);
+        }
+        let mut envelope = request
+            .envelope
+            .ok_or_else(|| NodeError::InvalidArgument("envelope is required".into()))?;
+        require_target(&envelope)?;
+        Self::stamp(&mut envelope, &call);
+        let Route {
+            instance,
+            mut client,
+        } = self.route(&envelope)?;
+        let hop = hop_name(&instance);
+        let metadata = tracing_metadata(&envelope);
+        let (request, budget) = self.outgoing(
+            StreamRequest {
+                envelope: Some(envelope),
+                ..Default::default()
+            },
+            metadata,
+            &call,
+            &hop,
+        )?;
+        let in_flight = instance.start_call();
+        let started = Instant::now();
+        let response = match tokio::time::timeout(budget, client.stream(request)).await {
+            Err(_) => return Err(deadline_at(&hop, budget).into()),
+            Ok(Err(status)) => {
+                return Err(agent_failure(
+                    status,
+                    &hop,
+                    &instance,
+                    budget,
+                    started.elapsed(),
+                ));
+            }
+            Ok(Ok(response)) => response.into_inner(),
+        };
+        let upstream = response
+            .map(move |event| {
+                // The instance counts as busy for as long as its stream runs.
+                let _ = &in_flight;
+                event
+            })
+            .boxed();
+        Ok(self.streams.start(upstream, started + budget, hop)?)
+    }
+
+    /// A conversation through the mesh. The target comes from the first
+    /// frame (`open`, or an envelope's `target`); frames are relayed both
+    /// ways, heartbeats included, with flow control per direction.
+    pub async fn open_conversation(
+        &self,
+        call: CallInfo,
+        caller_set_deadline: bool,
+        mut inbound: EventStream<ConverseRequest>,
+    ) -> Result<EventStream<ConverseResponse>, Status> {
+        let first = match tokio::time::timeout(call.deadline.remaining(), inbound.next()).await {
+            Err(_) => {
+                return Err(NodeError::DeadlineExceeded(
+                    "no first frame before the deadline".into(),
+                )
+                .into());
+            }
+            Ok(None) => {
+                return Err(NodeError::InvalidArgument(
+                    "the conversation ended before its first frame".into(),
+                )
+                .into());
+            }
+            Ok(Some(first)) => first?,
+        };
+        let mut probe = match &first.frame {
+            Some(converse_request::Frame::Open(open)) => Envelope {
+                target: open.target.clone(),
+                ..Default::default()
+            },
+            Some(converse_request::Frame::Envelope(envelope)) => envelope.clone(),
+            _ => Envelope::default(),
+        };
+        if probe.target.is_empty() {
+            return Err(NodeError::InvalidArgument(
+                "the first frame must be `open` with a target, or an envelope with a target".into(),
+            )
+            .into());
+        }
+        Self::stamp(&mut probe, &call);
+        let Route {
+            instance,
+            mut client,
+        } = self.route(&probe)?;
+        let hop = hop_name(&instance);
+        let stamp_frame = {
+            let call = call.clone();
+            move |mut request: ConverseRequest| {
+                if let Some(converse_request::Frame::Envelope(envelope)) = &mut request.frame {
+                    Self::stamp(envelope, &call);
+                }
+                request
+            }
+        };
+        let first = stamp_frame(first);
+        // A caller error (e.g. a reset) ends the relay; dropping it resets the agent's side.
+        // Frames are relayed through a small channel, so a slow agent slows
+        // the caller (per-direction backpressure); a caller error (e.g. a
+        // reset) ends the relay, and dropping it resets the agent's side.
+        let (frames, outgoing) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            if frames.send(first).await.is_err() {
+                return;
+            }
+            while let Some(Ok(frame)) = inbound.next().await {
+                if frames.send(stamp_frame(frame)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let outgoing = tokio_stream::wrappers::ReceiverStream::new(outgoing);
+        let mut request =
+            Request::from_parts(tracing_metadata(&probe), Default::default(), outgoing);
+        if caller_set_deadline {
+            request.set_timeout(call.deadline.for_next_hop(self.config.hop_margin, &hop)?);
+        }
+        let in_flight = instance.start_call();
+        let started = Instant::now();
+        let budget = call.deadline.remaining();
+        let response =
+            match tokio::time::timeout(self.config.connect_timeout * 2, client.converse(request))
+                .await
+            {
+                Err(_) => {
+                    return Err(NodeError::Unavailable(format!(
+                        "{hop} did not open the conversation"
+                    ))
+                    .into());
+                }
+                Ok(Err(status)) => {
+                    return Err(agent_failure(
+                        status,
+                        &hop,
+                        &instance,
+                        budget,
+                        started.elapsed(),
+                    ));
+                }
+                Ok(Ok(response)) => response.into_inner(),
+            };
+        Ok(response
+            .map(move |frame| {
+                let _ = &in_flight;
+                frame
+            })
+            .boxed())
+    }
+
     /// Unary invoke through the mesh.
     pub async fn call_unary(
         &self,
         call: CallInfo,
         mut envelope: Envelope,
     ) -> Result<Envelope, Status> {
-        if envelope.target.is_empty() {
-            return Err(NodeError::InvalidArgument(
-                "envelope.target is required: an agent name or skill:<id>".into(),
-            )
-            .into());
-        }
+        require_target(&envelope)?;
         Self::stamp(&mut envelope, &call);
         let Route {
             instance,
             mut client,
         } = self.route(&envelope)?;
-        let hop = format!(
-            "agent '{}' (instance {})",
-            instance.card.name, instance.card.instance_id
-        );
+        let hop = hop_name(&instance);
         let request_id = envelope.id.clone();
         let correlation_id = envelope.correlation_id.clone();
         let metadata = tracing_metadata(&envelope);
@@ -324,27 +485,45 @@ impl AgentService for Router {
         }))
     }
 
-    type StreamStream = BoxStream<'static, Result<StreamResponse, Status>>;
+    type StreamStream = EventStream<StreamResponse>;
 
     async fn stream(
         &self,
-        _request: Request<StreamRequest>,
+        request: Request<StreamRequest>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        Err(Status::unimplemented(
-            "AgentService.Stream is not routed yet",
-        ))
+        let call = CallInfo::of(&request, self.config.default_timeout);
+        let events = self.open_stream(call, request.into_inner()).await?;
+        Ok(Response::new(events))
     }
 
-    type ConverseStream = BoxStream<'static, Result<ConverseResponse, Status>>;
+    type ConverseStream = EventStream<ConverseResponse>;
 
     async fn converse(
         &self,
-        _request: Request<Streaming<ConverseRequest>>,
+        request: Request<Streaming<ConverseRequest>>,
     ) -> Result<Response<Self::ConverseStream>, Status> {
-        Err(Status::unimplemented(
-            "AgentService.Converse is not routed yet",
-        ))
+        let call = CallInfo::of(&request, self.config.default_timeout);
+        let explicit = caller_set_deadline(request.metadata());
+        let inbound = request.into_inner().boxed();
+        let frames = self.open_conversation(call, explicit, inbound).await?;
+        Ok(Response::new(frames))
     }
+}
+
+fn require_target(envelope: &Envelope) -> Result<(), NodeError> {
+    if envelope.target.is_empty() {
+        return Err(NodeError::InvalidArgument(
+            "envelope.target is required: an agent name or skill:<id>".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn hop_name(instance: &Instance) -> String {
+    format!(
+        "agent '{}' (instance {})",
+        instance.card.name, instance.card.instance_id
+    )
 }
 
 fn deadline_at(hop: &str, budget: Duration) -> NodeError {
@@ -392,6 +571,12 @@ fn is_transport_error(status: &Status) -> bool {
         source = error.source();
     }
     status.message().contains("transport error") || status.message().contains("connect")
+}
+
+/// Whether the caller asked for a deadline (conversations have none by default).
+pub fn caller_set_deadline(metadata: &MetadataMap) -> bool {
+    metadata.contains_key(agentmesh_proto::metadata::GRPC_TIMEOUT)
+        || metadata.contains_key(agentmesh_proto::metadata::TIMEOUT_MS)
 }
 
 /// Outgoing metadata that carries an envelope's tracing fields.

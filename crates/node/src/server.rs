@@ -14,7 +14,7 @@ use tower::ServiceBuilder;
 
 use crate::{
     config::NodeConfig, correlation::CorrelationLayer, deadline::DeadlineLayer,
-    discovery::Discovery, registry::Registry, router::Router,
+    discovery::Discovery, mesh::NodeMesh, registry::Registry, router::Router,
 };
 
 /// gRPC services the node reports in `grpc.health.v1.Health`.
@@ -33,7 +33,11 @@ impl Node {
     /// A node with the given configuration.
     pub fn new(config: NodeConfig) -> Self {
         let registry = Arc::new(Registry::new(config.leases.clone()));
-        let router = Router::new(Arc::clone(&registry), config.router.clone());
+        let router = Router::new(
+            Arc::clone(&registry),
+            config.router.clone(),
+            config.replay.clone(),
+        );
         Self {
             config,
             registry,
@@ -83,7 +87,14 @@ impl Node {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha);
-        let app = routes.routes().into_axum_router().layer(
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mesh = NodeMesh::new(
+            self.router.clone(),
+            Arc::clone(&self.registry),
+            ready.clone(),
+        );
+        let gateway = agentmesh_gateway::router(Arc::new(mesh), self.config.gateway.clone());
+        let app = routes.routes().into_axum_router().merge(gateway).layer(
             ServiceBuilder::new()
                 .layer(CorrelationLayer)
                 .layer(DeadlineLayer::new(
@@ -94,6 +105,7 @@ impl Node {
 
         let address = listener.local_addr()?;
         set_health(&health, ServingStatus::Serving).await;
+        ready.store(true, std::sync::atomic::Ordering::Release);
         tracing::info!(%address, "agentmesh node serving gRPC and HTTP");
 
         let shutdown = self.shutdown.clone();
@@ -103,6 +115,7 @@ impl Node {
             let health = health.clone();
             async move {
                 signal.await;
+                ready.store(false, std::sync::atomic::Ordering::Release);
                 tracing::info!("shutting down: draining in-flight calls");
                 set_health(&health, ServingStatus::NotServing).await;
                 shutdown.cancel();

@@ -5,17 +5,22 @@ use std::time::Duration;
 use agentmesh_proto::{
     metadata::{CORRELATION_ID, IDEMPOTENCY_KEY, TRACEPARENT},
     v1::{
-        AgentFilter, AgentInstance, Envelope, InvokeRequest, LookupRequest,
-        agent_service_client::AgentServiceClient, discovery_service_client::DiscoveryServiceClient,
+        AgentFilter, AgentInstance, Envelope, InvokeRequest, LookupRequest, StreamRequest,
+        StreamResponse, agent_service_client::AgentServiceClient,
+        discovery_service_client::DiscoveryServiceClient,
     },
 };
 use tonic::{
-    Request, Status,
+    Request, Status, Streaming,
     metadata::{MetadataMap, MetadataValue},
     transport::{Channel, Endpoint},
 };
 
-use crate::{context::Context, error::SdkError};
+use crate::{
+    context::Context,
+    conversation::{ConversationSender, ConversationStream},
+    error::SdkError,
+};
 
 /// Per-call options.
 #[derive(Debug, Clone, Default)]
@@ -119,6 +124,59 @@ impl MeshClient {
             ))),
             Ok(result) => Ok(result?.into_inner().envelope.unwrap_or_default()),
         }
+    }
+
+    /// Starts a stream from `target`: progress, partial results and the
+    /// final result, as a `futures::Stream`. Events carry a `stream_id` and
+    /// `sequence`; after a cut, [`MeshClient::resume`] gets the rest.
+    pub async fn stream(
+        &self,
+        target: &str,
+        envelope: Envelope,
+    ) -> Result<Streaming<StreamResponse>, Status> {
+        self.stream_with(target, envelope, CallOptions::default())
+            .await
+    }
+
+    /// Starts a stream with per-call options (the timeout covers the whole stream).
+    pub async fn stream_with(
+        &self,
+        target: &str,
+        envelope: Envelope,
+        options: CallOptions,
+    ) -> Result<Streaming<StreamResponse>, Status> {
+        let (request, _) = self.prepare(target, envelope, &options, |envelope| StreamRequest {
+            envelope: Some(envelope),
+            ..Default::default()
+        })?;
+        Ok(self.agents().stream(request).await?.into_inner())
+    }
+
+    /// Resumes a stream after the last sequence the caller saw: the node
+    /// sends every later event, with no gap and no duplicate.
+    pub async fn resume(
+        &self,
+        stream_id: &str,
+        after_sequence: u64,
+    ) -> Result<Streaming<StreamResponse>, Status> {
+        let request = StreamRequest {
+            resume_stream_id: stream_id.to_owned(),
+            resume_after_sequence: after_sequence,
+            ..Default::default()
+        };
+        Ok(self.agents().stream(request).await?.into_inner())
+    }
+
+    /// Opens a conversation with `target`: a sender for our messages and a
+    /// stream of the peer's. Heartbeats go both ways by themselves; a peer
+    /// silent for three intervals ends the stream with UNAVAILABLE. Dropping
+    /// every sender half-closes our side.
+    pub async fn converse(
+        &self,
+        target: &str,
+        heartbeat: Duration,
+    ) -> Result<(ConversationSender, ConversationStream), Status> {
+        crate::conversation::open(self, target, heartbeat).await
     }
 
     /// Finds registered instances.

@@ -171,3 +171,110 @@ pub(crate) async fn host<A: Agent>(
     });
     Ok(Response::new(Box::pin(ReceiverStream::new(frames_rx))))
 }
+
+/// Our side's sender in a conversation opened with [`MeshClient::converse`].
+pub type ConversationSender = mpsc::Sender<Envelope>;
+
+/// The peer's messages in a conversation opened with [`MeshClient::converse`].
+pub type ConversationStream = ReceiverStream<Result<Envelope, Status>>;
+
+/// Opens a conversation through the node (the client side).
+pub(crate) async fn open(
+    client: &MeshClient,
+    target: &str,
+    interval: Duration,
+) -> Result<(ConversationSender, ConversationStream), Status> {
+    let interval = interval.max(Duration::from_millis(10));
+    let (outbound, mut outbound_rx) = mpsc::channel::<Envelope>(16);
+    let (frames, frames_rx) = mpsc::channel::<ConverseRequest>(16);
+    let open = ConverseRequest {
+        frame: Some(converse_request::Frame::Open(
+            agentmesh_proto::v1::ConverseOpen {
+                target: target.to_owned(),
+                heartbeat_interval: prost_types::Duration::try_from(interval).ok(),
+            },
+        )),
+    };
+    // Stamp correlation and the deadline-free metadata like any other call.
+    let (request, _) = client.prepare(
+        target,
+        Envelope::default(),
+        &crate::CallOptions::default(),
+        |_| (),
+    )?;
+    let (mut metadata, _, ()) = request.into_parts();
+    metadata.remove(agentmesh_proto::metadata::GRPC_TIMEOUT);
+    let correlation_id = metadata
+        .get(agentmesh_proto::metadata::CORRELATION_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    frames
+        .send(open)
+        .await
+        .map_err(|_| Status::internal("conversation writer closed"))?;
+    // Writer: our envelopes, or a heartbeat when we have been quiet.
+    tokio::spawn(async move {
+        loop {
+            let frame = tokio::select! {
+                envelope = outbound_rx.recv() => match envelope {
+                    Some(mut envelope) => {
+                        if envelope.correlation_id.is_empty() {
+                            envelope.correlation_id = correlation_id.clone();
+                        }
+                        converse_request::Frame::Envelope(envelope)
+                    }
+                    None => return, // half-close
+                },
+                _ = tokio::time::sleep(interval) => converse_request::Frame::Heartbeat(ConverseHeartbeat {
+                    sent_at: Some(SystemTime::now().into()),
+                }),
+            };
+            if frames
+                .send(ConverseRequest { frame: Some(frame) })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let request = Request::from_parts(metadata, Default::default(), ReceiverStream::new(frames_rx));
+    let mut incoming = client.agents().converse(request).await?.into_inner();
+    let (inbound, inbound_rx) = mpsc::channel(16);
+    // Reader: the peer's envelopes; heartbeats only prove it is alive.
+    tokio::spawn(async move {
+        let mut last_heard = Instant::now();
+        loop {
+            let limit = last_heard + interval * MISSED_HEARTBEATS;
+            let frame = tokio::select! {
+                frame = incoming.message() => frame,
+                _ = tokio::time::sleep_until(limit.into()) => {
+                    let _ = inbound.send(Err(Status::unavailable(format!(
+                        "peer silent for {} ms ({MISSED_HEARTBEATS} heartbeat intervals)",
+                        (interval * MISSED_HEARTBEATS).as_millis()
+                    )))).await;
+                    return;
+                }
+                _ = inbound.closed() => return,
+            };
+            match frame {
+                Ok(Some(ConverseResponse {
+                    frame: Some(converse_response::Frame::Envelope(envelope)),
+                })) => {
+                    last_heard = Instant::now();
+                    if inbound.send(Ok(envelope)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(_)) => last_heard = Instant::now(),
+                Ok(None) => return,
+                Err(status) => {
+                    let _ = inbound.send(Err(status)).await;
+                    return;
+                }
+            }
+        }
+    });
+    Ok((outbound, ReceiverStream::new(inbound_rx)))
+}

@@ -19,6 +19,8 @@ pub use agent::{Agent, AgentHost, StreamSink, error_status};
 pub use agentmesh_proto as proto;
 pub use client::{CallOptions, MeshClient};
 pub use context::Context;
-pub use conversation::{Conversation, DEFAULT_HEARTBEAT, MISSED_HEARTBEATS};
+pub use conversation::{
+    Conversation, ConversationSender, ConversationStream, DEFAULT_HEARTBEAT, MISSED_HEARTBEATS,
+};
 pub use error::SdkError;
 pub use runtime::{AgentRuntime, Registration, RunningAgent};

@@ -1,0 +1,499 @@
+//! Streams and conversations through the node, over real sockets:
+//! ordering, cancellation both ways, errors, resumption, backpressure,
+//! concurrent bidi traffic and heartbeat-based dead-peer detection.
+
+mod common;
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use agentmesh_node::{NodeConfig, replay::ReplayConfig};
+use agentmesh_proto::v1::{
+    ConverseOpen, ConverseRequest, ConverseResponse, Envelope, InvokeRequest, InvokeResponse,
+    StreamEventKind, StreamRequest, StreamResponse,
+    agent_service_client::AgentServiceClient,
+    agent_service_server::{AgentService, AgentServiceServer},
+    converse_request,
+};
+use agentmesh_sdk::{Agent, Context, Conversation, StreamSink};
+use common::*;
+use futures::{Stream, StreamExt};
+use serde_json::json;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+/// Streams `{"i": i}` for i in 1..=n, `delay_ms` apart; fails at `fail_at`.
+struct Numbers {
+    cancelled: Arc<AtomicBool>,
+    emitted: Arc<AtomicU64>,
+}
+
+impl Numbers {
+    fn new() -> Self {
+        Self {
+            cancelled: Arc::default(),
+            emitted: Arc::default(),
+        }
+    }
+}
+
+/// Sets a flag when dropped before being disarmed: the handler was cancelled.
+struct CancelProbe(Arc<AtomicBool>, bool);
+
+impl Drop for CancelProbe {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for Numbers {
+    async fn invoke(&self, _ctx: Context, _request: Envelope) -> Result<Envelope, Status> {
+        Err(Status::unimplemented("stream only"))
+    }
+
+    async fn stream(
+        &self,
+        _ctx: Context,
+        request: Envelope,
+        events: StreamSink,
+    ) -> Result<Envelope, Status> {
+        let mut probe = CancelProbe(self.cancelled.clone(), false);
+        let payload = request.json_payload().unwrap_or_default();
+        let n = payload["n"].as_u64().unwrap_or(10);
+        let delay = payload["delay_ms"].as_u64().unwrap_or(0);
+        let fail_at = payload["fail_at"].as_u64();
+        for i in 1..=n {
+            if Some(i) == fail_at {
+                probe.1 = true;
+                return Err(Status::failed_precondition(format!(
+                    "failed on purpose at {i}"
+                )));
+            }
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
+            events
+                .partial(Envelope::json("number", json!({ "i": i })))
+                .await?;
+            self.emitted.fetch_add(1, Ordering::SeqCst);
+        }
+        probe.1 = true;
+        Ok(Envelope::json("numbers.done", json!({ "n": n })))
+    }
+}
+
+fn config_with_grace(grace: Duration) -> NodeConfig {
+    NodeConfig {
+        replay: ReplayConfig {
+            resume_grace: grace,
+            window: 64,
+            ..Default::default()
+        },
+        ..test_config()
+    }
+}
+
+async fn node_with_numbers(
+    config: NodeConfig,
+) -> (
+    TestNode,
+    agentmesh_sdk::RunningAgent,
+    Arc<AtomicBool>,
+    Arc<AtomicU64>,
+) {
+    let node = TestNode::start_with(config, "127.0.0.1:0".parse().unwrap()).await;
+    let numbers = Numbers::new();
+    let (cancelled, emitted) = (numbers.cancelled.clone(), numbers.emitted.clone());
+    let agent = start_agent(&node, card("numbers"), numbers).await;
+    (node, agent, cancelled, emitted)
+}
+
+fn number_of(event: &StreamResponse) -> Option<u64> {
+    event.envelope.as_ref()?.json_payload()?["i"].as_u64()
+}
+
+#[tokio::test]
+async fn stream_of_n_events_arrives_in_order() {
+    let (node, agent, _, _) = node_with_numbers(test_config()).await;
+    let mut events = node
+        .client()
+        .stream("numbers", Envelope::json("go", json!({"n": 200})))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while let Some(event) = events.message().await.unwrap() {
+        seen.push(event);
+    }
+    assert_eq!(seen.len(), 201, "200 partials and the result");
+    let stream_id = &seen[0].stream_id;
+    assert!(!stream_id.is_empty());
+    for (index, event) in seen.iter().enumerate() {
+        assert_eq!(&event.stream_id, stream_id);
+        assert_eq!(event.sequence, index as u64 + 1, "sequences have no gap");
+    }
+    let numbers: Vec<u64> = seen.iter().filter_map(number_of).collect();
+    assert_eq!(numbers, (1..=200).collect::<Vec<_>>());
+    let last = seen.last().unwrap();
+    assert_eq!(last.kind, StreamEventKind::Result as i32);
+    assert_eq!(
+        last.envelope.as_ref().unwrap().json_payload(),
+        Some(json!({"n": 200}))
+    );
+    agent.shutdown().await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn caller_going_away_cancels_the_agents_stream() {
+    let (node, agent, cancelled, _) =
+        node_with_numbers(config_with_grace(Duration::from_millis(100))).await;
+    let mut events = node
+        .client()
+        .stream(
+            "numbers",
+            Envelope::json("go", json!({"n": 1000, "delay_ms": 10})),
+        )
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        events.message().await.unwrap().unwrap();
+    }
+    drop(events);
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let cancelled = cancelled.clone();
+            async move { cancelled.load(Ordering::SeqCst) }
+        })
+        .await,
+        "the agent's handler is cancelled once no reader resumes"
+    );
+    agent.shutdown().await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn agent_error_mid_stream_reaches_the_caller() {
+    let (node, agent, _, _) = node_with_numbers(test_config()).await;
+    let mut events = node
+        .client()
+        .stream(
+            "numbers",
+            Envelope::json("go", json!({"n": 10, "fail_at": 4})),
+        )
+        .await
+        .unwrap();
+    let mut received = 0;
+    let status = loop {
+        match events.message().await {
+            Ok(Some(_)) => received += 1,
+            Ok(None) => panic!("the stream ended without the agent's error"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(received, 3);
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("failed on purpose at 4"),
+        "{}",
+        status.message()
+    );
+    agent.shutdown().await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn resume_after_a_cut_yields_exactly_the_missing_events() {
+    let (node, agent, _, _) = node_with_numbers(config_with_grace(Duration::from_secs(5))).await;
+    let client = node.client();
+    let mut events = client
+        .stream(
+            "numbers",
+            Envelope::json("go", json!({"n": 100, "delay_ms": 2})),
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..7 {
+        seen.push(events.message().await.unwrap().unwrap());
+    }
+    drop(events); // the connection is cut mid-stream
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let last = seen.last().unwrap().clone();
+    let mut rest = client.resume(&last.stream_id, last.sequence).await.unwrap();
+    while let Some(event) = rest.message().await.unwrap() {
+        seen.push(event);
+    }
+    let sequences: Vec<u64> = seen.iter().map(|e| e.sequence).collect();
+    assert_eq!(
+        sequences,
+        (1..=101).collect::<Vec<_>>(),
+        "no gap, no duplicate"
+    );
+    let numbers: Vec<u64> = seen.iter().filter_map(number_of).collect();
+    assert_eq!(numbers, (1..=100).collect::<Vec<_>>());
+
+    // Resuming a finished stream from the middle replays what is in the window.
+    let mut again = client.resume(&last.stream_id, 98).await.unwrap();
+    let mut tail = Vec::new();
+    while let Some(event) = again.message().await.unwrap() {
+        tail.push(event.sequence);
+    }
+    assert_eq!(tail, vec![99, 100, 101]);
+
+    // Out of the 64-event window, or unknown: clear errors.
+    let error = client.resume(&last.stream_id, 1).await.unwrap_err();
+    assert_eq!(error.code(), Code::OutOfRange, "{error:?}");
+    let error = client.resume("no-such-stream", 0).await.unwrap_err();
+    assert_eq!(error.code(), Code::NotFound, "{error:?}");
+    agent.shutdown().await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_reader_slows_the_agent() {
+    let (node, agent, _, emitted) =
+        node_with_numbers(config_with_grace(Duration::from_secs(5))).await;
+    let mut events = node
+        .client()
+        .stream("numbers", Envelope::json("go", json!({"n": 10_000_000})))
+        .await
+        .unwrap();
+    events.message().await.unwrap().unwrap();
+    // Nobody reads: the agent must stall once the bounded buffers along the
+    // way (replay window, channels, HTTP/2 flow-control windows) are full.
+    let mut previous = u64::MAX;
+    let mut later = 0;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        later = emitted.load(Ordering::SeqCst);
+        if later == previous {
+            break;
+        }
+        previous = later;
+    }
+    assert_eq!(
+        previous, later,
+        "the agent stopped producing while nobody read"
+    );
+    assert!(
+        later < 200_000,
+        "bounded buffering: {later} events produced"
+    );
+    // Reading again lets it go on.
+    for _ in 0..1000 {
+        events.message().await.unwrap().unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            let emitted = emitted.clone();
+            async move { emitted.load(Ordering::SeqCst) > later }
+        })
+        .await
+    );
+    drop(events);
+    agent.shutdown().await;
+    node.stop().await;
+}
+
+/// Replies to every message with `{"echo": payload}`.
+struct Talker;
+
+#[tonic::async_trait]
+impl Agent for Talker {
+    async fn invoke(&self, _ctx: Context, request: Envelope) -> Result<Envelope, Status> {
+        Ok(request)
+    }
+
+    async fn converse(&self, _ctx: Context, mut conversation: Conversation) -> Result<(), Status> {
+        while let Some(message) = conversation.recv().await {
+            let payload = message.json_payload().unwrap_or_default();
+            conversation
+                .send(Envelope::json("talk.reply", json!({ "echo": payload })))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn converse_round_trips_many_messages_both_ways_concurrently() {
+    let node = TestNode::start().await;
+    let agent = start_agent(&node, card("talker"), Talker).await;
+    let (sender, mut replies) = node
+        .client()
+        .converse("talker", Duration::from_millis(200))
+        .await
+        .unwrap();
+    const N: u64 = 500;
+    let writer = tokio::spawn(async move {
+        for i in 0..N {
+            sender
+                .send(Envelope::json("talk", json!({ "i": i })))
+                .await
+                .unwrap();
+        }
+        // Dropping the sender half-closes our side; the agent then finishes.
+    });
+    let mut got = Vec::new();
+    while let Some(reply) = replies.next().await {
+        got.push(
+            reply.unwrap().json_payload().unwrap()["echo"]["i"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    writer.await.unwrap();
+    assert_eq!(
+        got,
+        (0..N).collect::<Vec<_>>(),
+        "every message answered, in order"
+    );
+    agent.shutdown().await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_caller_is_detected_by_the_agent() {
+    let node = TestNode::start().await;
+    let agent = start_agent(&node, card("talker"), Talker).await;
+    // A raw client that opens with a 100 ms heartbeat and then never speaks.
+    let (frames, frames_rx) = tokio::sync::mpsc::channel(4);
+    frames
+        .send(ConverseRequest {
+            frame: Some(converse_request::Frame::Open(ConverseOpen {
+                target: "talker".into(),
+                heartbeat_interval: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 100_000_000,
+                }),
+            })),
+        })
+        .await
+        .unwrap();
+    let mut responses = AgentServiceClient::new(node.channel().await)
+        .converse(tokio_stream::wrappers::ReceiverStream::new(frames_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let started = std::time::Instant::now();
+    let status = loop {
+        match responses.message().await {
+            Ok(Some(_heartbeat)) => continue,
+            Ok(None) => panic!("ended without an error"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("silent"), "{}", status.message());
+    assert!(started.elapsed() < Duration::from_secs(2));
+    drop(frames);
+    agent.shutdown().await;
+    node.stop().await;
+}
+
+/// An AgentService that accepts conversations and then says nothing at all.
+#[derive(Clone)]
+struct Mute;
+
+#[tonic::async_trait]
+impl AgentService for Mute {
+    async fn invoke(&self, _: Request<InvokeRequest>) -> Result<Response<InvokeResponse>, Status> {
+        Err(Status::unimplemented(""))
+    }
+
+    type StreamStream = Pin<Box<dyn Stream<Item = Result<StreamResponse, Status>> + Send>>;
+
+    async fn stream(
+        &self,
+        _: Request<StreamRequest>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        Err(Status::unimplemented(""))
+    }
+
+    type ConverseStream = Pin<Box<dyn Stream<Item = Result<ConverseResponse, Status>> + Send>>;
+
+    async fn converse(
+        &self,
+        request: Request<Streaming<ConverseRequest>>,
+    ) -> Result<Response<Self::ConverseStream>, Status> {
+        let mut inbound = request.into_inner();
+        // Keep reading (so the caller is not blocked) but never answer.
+        tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
+        Ok(Response::new(futures::stream::pending().boxed()))
+    }
+}
+
+#[tokio::test]
+async fn a_silent_agent_is_detected_by_the_caller() {
+    let node = TestNode::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentServiceServer::new(Mute))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut mute_card = card("mute");
+    mute_card.endpoint = format!("http://{address}");
+    node.client()
+        .discovery()
+        .register(agentmesh_proto::v1::RegisterRequest {
+            card: Some(mute_card),
+            ttl: None,
+        })
+        .await
+        .unwrap();
+    let (sender, mut replies) = node
+        .client()
+        .converse("mute", Duration::from_millis(100))
+        .await
+        .unwrap();
+    sender
+        .send(Envelope::json("hello", json!({})))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(3), replies.next())
+        .await
+        .expect("silence is detected in time")
+        .expect("an error, not the end of the stream");
+    let status = outcome.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("silent"), "{}", status.message());
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn heartbeats_keep_a_quiet_conversation_alive() {
+    let node = TestNode::start().await;
+    let agent = start_agent(&node, card("talker"), Talker).await;
+    let (sender, mut replies) = node
+        .client()
+        .converse("talker", Duration::from_millis(50))
+        .await
+        .unwrap();
+    // Quiet for many heartbeat intervals, then talk: still alive on both sides.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    sender
+        .send(Envelope::json("talk", json!({"i": 1})))
+        .await
+        .unwrap();
+    let reply = replies.next().await.unwrap().unwrap();
+    assert_eq!(reply.json_payload().unwrap()["echo"]["i"], 1);
+    drop(sender);
+    assert!(
+        replies.next().await.is_none(),
+        "half-close ends the conversation cleanly"
+    );
+    agent.shutdown().await;
+    node.stop().await;
+}

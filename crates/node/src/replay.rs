@@ -1,0 +1,350 @@
+//! Resumable streams. The node numbers every event of a routed stream and
+//! keeps the last `window` of them, so a caller that reconnects with the last
+//! sequence it saw gets the rest: no gap, no duplicate.
+//!
+//! The window is also the flow-control bound: the node stops reading from the
+//! agent while `window` events are waiting for a slow (or absent) reader, so
+//! a slow reader slows the agent and memory stays bounded. A stream left
+//! without a reader for `resume_grace` is cancelled upstream.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use agentmesh_proto::v1::StreamResponse;
+use futures::{Stream, StreamExt, stream::BoxStream};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::error::NodeError;
+
+/// Limits of resumable streams.
+#[derive(Debug, Clone)]
+pub struct ReplayConfig {
+    /// Events kept per stream for resumption (and buffered at most).
+    pub window: usize,
+    /// How long a stream without a reader is kept alive for a resume.
+    pub resume_grace: Duration,
+    /// How long a finished stream stays resumable.
+    pub retention: Duration,
+    /// Most streams open at once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_streams: usize,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        Self {
+            window: 256,
+            resume_grace: Duration::from_secs(30),
+            retention: Duration::from_secs(60),
+            max_streams: 10_000,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    /// Buffered events; the front has sequence `first_seq`.
+    events: VecDeque<StreamResponse>,
+    first_seq: u64,
+    /// Highest sequence handed to a reader.
+    delivered: u64,
+    /// How the upstream ended, once it has.
+    end: Option<Result<(), Status>>,
+    readers: usize,
+    ended_at: Option<Instant>,
+    detached_at: Option<Instant>,
+}
+
+impl State {
+    fn last_seq(&self) -> u64 {
+        self.first_seq + self.events.len() as u64 - 1
+    }
+}
+
+/// One resumable stream.
+#[derive(Debug)]
+struct Replay {
+    id: String,
+    state: Mutex<State>,
+    /// Bumped on every change, so waiters wake.
+    version: watch::Sender<u64>,
+    cancel: CancellationToken,
+}
+
+impl Replay {
+    fn changed(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+}
+
+/// Every resumable stream of the node.
+#[derive(Debug)]
+pub struct StreamHub {
+    streams: Mutex<HashMap<String, Arc<Replay>>>,
+    config: ReplayConfig,
+}
+
+impl StreamHub {
+    /// An empty hub.
+    pub fn new(config: ReplayConfig) -> Self {
+        Self {
+            streams: Mutex::default(),
+            config,
+        }
+    }
+
+    /// Removes finished streams past their retention; run periodically.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        self.streams.lock().retain(|_, replay| {
+            let state = replay.state.lock();
+            !(state.readers == 0
+                && state
+                    .ended_at
+                    .is_some_and(|t| now.duration_since(t) > self.config.retention))
+        });
+    }
+
+    /// Starts pumping `upstream` into a new resumable stream and returns a
+    /// reader from its beginning. `deadline` ends the stream with
+    /// DEADLINE_EXCEEDED (naming `hop`) if it runs that long.
+    pub fn start(
+        self: &Arc<Self>,
+        upstream: BoxStream<'static, Result<StreamResponse, Status>>,
+        deadline: Instant,
+        hop: String,
+    ) -> Result<BoxStream<'static, Result<StreamResponse, Status>>, NodeError> {
+        self.sweep();
+        let id = uuid::Uuid::now_v7().to_string();
+        let replay = Arc::new(Replay {
+            id: id.clone(),
+            state: Mutex::new(State {
+                events: VecDeque::new(),
+                first_seq: 1,
+                delivered: 0,
+                end: None,
+                readers: 0,
+                ended_at: None,
+                detached_at: None,
+            }),
+            version: watch::channel(0).0,
+            cancel: CancellationToken::new(),
+        });
+        {
+            let mut streams = self.streams.lock();
+            if streams.len() >= self.config.max_streams {
+                return Err(NodeError::ResourceExhausted(format!(
+                    "too many open streams ({}); retry later",
+                    self.config.max_streams
+                )));
+            }
+            streams.insert(id, Arc::clone(&replay));
+        }
+        tokio::spawn(pump(
+            Arc::clone(&replay),
+            upstream,
+            self.config.window,
+            deadline,
+            hop,
+        ));
+        Ok(self.reader(replay, 0))
+    }
+
+    /// A reader of an existing stream from after `after` (its last seen sequence).
+    pub fn resume(
+        self: &Arc<Self>,
+        stream_id: &str,
+        after: u64,
+    ) -> Result<BoxStream<'static, Result<StreamResponse, Status>>, NodeError> {
+        let replay = self
+            .streams
+            .lock()
+            .get(stream_id)
+            .cloned()
+            .ok_or_else(|| NodeError::StreamNotFound(stream_id.to_owned()))?;
+        {
+            let state = replay.state.lock();
+            if after + 1 < state.first_seq {
+                return Err(NodeError::OutOfRange(format!(
+                    "stream {stream_id}: events after {after} are no longer in the replay window (it starts at {})",
+                    state.first_seq
+                )));
+            }
+            let last = state.last_seq();
+            if after > last {
+                return Err(NodeError::OutOfRange(format!(
+                    "stream {stream_id}: sequence {after} was never sent (last is {last})"
+                )));
+            }
+        }
+        Ok(self.reader(replay, after))
+    }
+
+    fn reader(
+        self: &Arc<Self>,
+        replay: Arc<Replay>,
+        after: u64,
+    ) -> BoxStream<'static, Result<StreamResponse, Status>> {
+        {
+            let mut state = replay.state.lock();
+            state.readers += 1;
+            state.detached_at = None;
+        }
+        let guard = ReaderGuard {
+            replay: Arc::clone(&replay),
+            grace: self.config.resume_grace,
+        };
+        reader_stream(replay, after, guard).boxed()
+    }
+}
+
+/// Tracks a reader; when the last one leaves an unfinished stream, the
+/// upstream is cancelled unless someone resumes within the grace period.
+struct ReaderGuard {
+    replay: Arc<Replay>,
+    grace: Duration,
+}
+
+impl Drop for ReaderGuard {
+    fn drop(&mut self) {
+        let mut state = self.replay.state.lock();
+        state.readers -= 1;
+        if state.readers > 0 || state.end.is_some() {
+            return;
+        }
+        let detached = Instant::now();
+        state.detached_at = Some(detached);
+        drop(state);
+        let replay = Arc::clone(&self.replay);
+        let grace = self.grace;
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let abandoned = {
+                let state = replay.state.lock();
+                state.readers == 0 && state.end.is_none() && state.detached_at == Some(detached)
+            };
+            if abandoned {
+                tracing::info!(stream = %replay.id, "no reader came back; cancelling the stream upstream");
+                replay.cancel.cancel();
+            }
+        });
+    }
+}
+
+fn reader_stream(
+    replay: Arc<Replay>,
+    mut after: u64,
+    guard: ReaderGuard,
+) -> impl Stream<Item = Result<StreamResponse, Status>> {
+    let mut version = replay.version.subscribe();
+    async_stream::stream! {
+        let _guard = guard;
+        loop {
+            version.borrow_and_update();
+            let next = {
+                let mut state = replay.state.lock();
+                let wanted = after + 1;
+                if wanted < state.first_seq {
+                    Some(Err(Status::out_of_range(format!(
+                        "the reader fell behind the replay window of stream {}", replay.id
+                    ))))
+                } else if let Some(event) = state.events.get((wanted - state.first_seq) as usize) {
+                    let event = event.clone();
+                    after = wanted;
+                    state.delivered = state.delivered.max(wanted);
+                    Some(Ok(event))
+                } else {
+                    match &state.end {
+                        Some(Ok(())) => return,
+                        Some(Err(status)) => Some(Err(status.clone())),
+                        None => None,
+                    }
+                }
+            };
+            match next {
+                Some(Ok(event)) => {
+                    replay.changed();
+                    yield Ok(event);
+                }
+                Some(Err(status)) => {
+                    yield Err(status);
+                    return;
+                }
+                None => {
+                    if version.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn pump(
+    replay: Arc<Replay>,
+    mut upstream: BoxStream<'static, Result<StreamResponse, Status>>,
+    window: usize,
+    deadline: Instant,
+    hop: String,
+) {
+    let mut version = replay.version.subscribe();
+    let end = loop {
+        // Wait while the window is full of events nobody has read yet.
+        loop {
+            version.borrow_and_update();
+            let full = {
+                let state = replay.state.lock();
+                let undelivered = (state.first_seq + state.events.len() as u64 - 1)
+                    .saturating_sub(state.delivered);
+                undelivered >= window as u64
+            };
+            if !full {
+                break;
+            }
+            tokio::select! {
+                _ = replay.cancel.cancelled() => break,
+                _ = tokio::time::sleep_until(deadline.into()) => break,
+                _ = version.changed() => {}
+            }
+        }
+        let item = tokio::select! {
+            _ = replay.cancel.cancelled() => {
+                break Err(Status::cancelled("stream abandoned: no reader resumed it in time"));
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                break Err(NodeError::DeadlineExceeded(format!(
+                    "deadline exceeded while streaming from {hop}"
+                )).into());
+            }
+            item = upstream.next() => item,
+        };
+        match item {
+            Some(Ok(mut event)) => {
+                let mut state = replay.state.lock();
+                event.stream_id = replay.id.clone();
+                event.sequence = state.first_seq + state.events.len() as u64;
+                state.events.push_back(event);
+                if state.events.len() > window {
+                    state.events.pop_front();
+                    state.first_seq += 1;
+                }
+                drop(state);
+                replay.changed();
+            }
+            Some(Err(status)) => break Err(status),
+            None => break Ok(()),
+        }
+    };
+    // Dropping the upstream here cancels the agent's side if it is still going.
+    drop(upstream);
+    let mut state = replay.state.lock();
+    state.end = Some(end);
+    state.ended_at = Some(Instant::now());
+    drop(state);
+    replay.changed();
+}
