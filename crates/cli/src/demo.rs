@@ -76,6 +76,49 @@ impl Agent for Counter {
     }
 }
 
+/// `flaky`: fails with UNAVAILABLE about half the time (`fail_rate` in the
+/// payload overrides it); declared idempotent, so the node retries it.
+#[derive(Debug)]
+pub(crate) struct Flaky;
+
+#[tonic::async_trait]
+impl Agent for Flaky {
+    async fn invoke(&self, _ctx: Context, request: Envelope) -> Result<Envelope, Status> {
+        let rate = request
+            .json_payload()
+            .and_then(|p| p.get("fail_rate").and_then(|v| v.as_f64()))
+            .unwrap_or(0.5);
+        if rand::random::<f64>() < rate {
+            return Err(Status::unavailable("flaky: failed on purpose"));
+        }
+        Ok(Envelope {
+            r#type: "flaky.reply".into(),
+            payload: request.payload,
+            ..Default::default()
+        })
+    }
+}
+
+/// `slow`: answers after `delay_ms` (default 2000), unless its deadline runs
+/// out first; shows the timeout cascade.
+#[derive(Debug)]
+pub(crate) struct Slow;
+
+#[tonic::async_trait]
+impl Agent for Slow {
+    async fn invoke(&self, ctx: Context, request: Envelope) -> Result<Envelope, Status> {
+        let delay = request
+            .json_payload()
+            .and_then(|p| p.get("delay_ms").and_then(|v| v.as_u64()))
+            .unwrap_or(2000);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        Ok(Envelope::json(
+            "slow.reply",
+            json!({ "slept_ms": delay, "deadline_left_ms": ctx.remaining().map(|d| d.as_millis() as u64) }),
+        ))
+    }
+}
+
 fn count_of(request: &Envelope) -> Result<u64, Status> {
     let n = request
         .json_payload()
@@ -129,6 +172,30 @@ pub(crate) async fn start(node: &str) -> anyhow::Result<Vec<RunningAgent>> {
                 &[Unary, Stream],
             ),
             Counter,
+        )
+        .node(node)
+        .start()
+        .await?,
+        AgentRuntime::new(
+            card(
+                "flaky",
+                "Fails half the time with UNAVAILABLE; retried by the node",
+                "flaky",
+                &[Unary],
+            ),
+            Flaky,
+        )
+        .node(node)
+        .start()
+        .await?,
+        AgentRuntime::new(
+            card(
+                "slow",
+                "Answers after delay_ms (default 2 s)",
+                "slow",
+                &[Unary],
+            ),
+            Slow,
         )
         .node(node)
         .start()

@@ -27,6 +27,19 @@ enum Output {
     Json,
 }
 
+/// Fan-out completion policy.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Policy {
+    /// Every target must succeed.
+    All,
+    /// `count` successes are enough.
+    Quorum,
+    /// The first `count` successes; the rest are cancelled.
+    First,
+    /// Whatever completes before the deadline.
+    BestEffort,
+}
+
 #[derive(Debug, clap::Args)]
 struct NodeArgs {
     /// The node to talk to.
@@ -81,6 +94,30 @@ enum Command {
         #[command(flatten)]
         node: NodeArgs,
     },
+    /// Send one request to many agents and print every target's outcome.
+    #[command(name = "fanout")]
+    FanOut {
+        /// Targets (agent names or skill:<id>), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        targets: Vec<String>,
+        /// Or: every instance offering this skill.
+        #[arg(long)]
+        skill: Option<String>,
+        /// Completion policy.
+        #[arg(long, value_enum, default_value_t = Policy::All)]
+        policy: Policy,
+        /// n for quorum, k for first.
+        #[arg(long, default_value_t = 0)]
+        count: u32,
+        /// JSON payload.
+        #[arg(long, default_value = "{}")]
+        json: String,
+        /// Timeout in milliseconds.
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
     /// Stream from an agent and print events as they arrive.
     Stream {
         /// Agent name or skill:<id>.
@@ -131,6 +168,78 @@ async fn run() -> anyhow::Result<()> {
             default_timeout_ms,
         } => serve(listen, demo_agents, default_timeout_ms).await,
         Command::Agents { node, skill } => agents(node, skill).await,
+        Command::FanOut {
+            targets,
+            skill,
+            policy,
+            count,
+            json,
+            timeout_ms,
+            node,
+        } => {
+            use agentmesh_proto::v1::{FanOutPolicy, FanOutRequest, fan_out_result::Outcome};
+            let payload: serde_json::Value =
+                serde_json::from_str(&json).context("--json is not valid JSON")?;
+            let policy = match policy {
+                Policy::All => FanOutPolicy::All,
+                Policy::Quorum => FanOutPolicy::Quorum,
+                Policy::First => FanOutPolicy::First,
+                Policy::BestEffort => FanOutPolicy::BestEffort,
+            };
+            let request = FanOutRequest {
+                envelope: Some(Envelope::json("", payload)),
+                targets,
+                skill: skill.unwrap_or_default(),
+                policy: policy as i32,
+                count,
+            };
+            let client = MeshClient::connect_lazy(&node.node)?;
+            let options = CallOptions {
+                timeout: Some(Duration::from_millis(timeout_ms)),
+                idempotency_key: None,
+            };
+            let response = client
+                .fan_out_with(request, options)
+                .await
+                .map_err(status_error)?;
+            if node.output == Output::Json {
+                println!("{}", agentmesh_proto::json::to_json(&response)?);
+                return Ok(());
+            }
+            for result in &response.results {
+                let latency = result
+                    .latency
+                    .and_then(|d| Duration::try_from(d).ok())
+                    .unwrap_or_default();
+                let outcome = match &result.outcome {
+                    Some(Outcome::Envelope(reply)) => format!(
+                        "ok     {}",
+                        reply
+                            .json_payload()
+                            .map(|p| p.to_string())
+                            .unwrap_or_default()
+                    ),
+                    Some(Outcome::Error(error)) => {
+                        format!("{:?}: {}", tonic::Code::from(error.code), error.message)
+                    }
+                    None => "-".into(),
+                };
+                println!(
+                    "{:<16} {:>6} ms  {outcome}",
+                    result.target,
+                    latency.as_millis()
+                );
+            }
+            println!(
+                "policy {}",
+                if response.satisfied {
+                    "satisfied"
+                } else {
+                    "NOT satisfied"
+                }
+            );
+            Ok(())
+        }
         Command::Stream {
             target,
             json,
@@ -246,14 +355,19 @@ async fn agents(node: NodeArgs, skill: Option<String>) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:<38} {:<24} {:<24} {:>9}",
+        "{:<16} {:<38} {:<24} {:<24} {:>9}  BREAKER",
         "NAME", "INSTANCE", "ENDPOINT", "SKILLS", "IN-FLIGHT"
     );
     for instance in &instances {
         let card = instance.card.clone().unwrap_or_default();
         let skills: Vec<&str> = card.skills.iter().map(|s| s.id.as_str()).collect();
+        let breaker = match agentmesh_proto::v1::BreakerState::try_from(instance.breaker) {
+            Ok(agentmesh_proto::v1::BreakerState::Open) => "open",
+            Ok(agentmesh_proto::v1::BreakerState::HalfOpen) => "half-open",
+            _ => "closed",
+        };
         println!(
-            "{:<16} {:<38} {:<24} {:<24} {:>9}",
+            "{:<16} {:<38} {:<24} {:<24} {:>9}  {breaker}",
             card.name,
             card.instance_id,
             card.endpoint,

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use agentmesh_gateway::GatewayConfig;
+use agentmesh_resilience::BreakerConfig;
 
 use crate::{registry::LeaseConfig, replay::ReplayConfig, router::RouterConfig};
 
@@ -13,6 +14,8 @@ pub struct NodeConfig {
     pub router: RouterConfig,
     /// Registry leases: default, minimum and maximum TTL.
     pub leases: LeaseConfig,
+    /// Circuit breaker of every agent instance.
+    pub breaker: BreakerConfig,
     /// Resumable streams: replay window, resume grace, retention.
     pub replay: ReplayConfig,
     /// HTTP gateway: body limit, CORS, SSE keep-alive.
@@ -30,6 +33,7 @@ impl Default for NodeConfig {
         Self {
             router: RouterConfig::default(),
             leases: LeaseConfig::default(),
+            breaker: BreakerConfig::default(),
             replay: ReplayConfig::default(),
             gateway: GatewayConfig::default(),
             max_timeout: Duration::from_secs(3600),

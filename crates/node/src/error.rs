@@ -40,6 +40,17 @@ pub enum NodeError {
     /// The call's deadline ran out (at this hop or further down).
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// Every usable instance's circuit breaker is open.
+    #[error(
+        "circuit breaker open for {target}: failing fast; next probe in {} ms",
+        retry_after.as_millis()
+    )]
+    BreakerOpen {
+        /// The target or hop whose breaker is open.
+        target: String,
+        /// When the breaker will let a probe through.
+        retry_after: std::time::Duration,
+    },
     /// The agent could not be reached.
     #[error("{0}")]
     Unavailable(String),
@@ -64,7 +75,7 @@ impl NodeError {
             NodeError::OutOfRange(_) => Code::OutOfRange,
             NodeError::NoCompatibleVersion { .. } => Code::FailedPrecondition,
             NodeError::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            NodeError::Unavailable(_) => Code::Unavailable,
+            NodeError::Unavailable(_) | NodeError::BreakerOpen { .. } => Code::Unavailable,
             NodeError::ResourceExhausted(_) => Code::ResourceExhausted,
         }
     }
@@ -79,6 +90,7 @@ impl NodeError {
             NodeError::NoCompatibleVersion { .. } => "NO_COMPATIBLE_VERSION",
             NodeError::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
             NodeError::Unavailable(_) => "AGENT_UNAVAILABLE",
+            NodeError::BreakerOpen { .. } => "CIRCUIT_OPEN",
             NodeError::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
         }
     }
@@ -102,12 +114,22 @@ impl From<NodeError> for Status {
                 metadata.insert("version".to_owned(), version.clone());
                 metadata.insert("offered_versions".to_owned(), offered.join(","));
             }
+            NodeError::BreakerOpen {
+                target,
+                retry_after,
+            } => {
+                metadata.insert("target".to_owned(), target.clone());
+                metadata.insert(
+                    "probe_in_ms".to_owned(),
+                    retry_after.as_millis().to_string(),
+                );
+            }
             _ => {}
         }
-        Status::with_error_details(
-            error.code(),
-            error.to_string(),
-            ErrorDetails::with_error_info(error.reason(), ERROR_DOMAIN, metadata),
-        )
+        let mut details = ErrorDetails::with_error_info(error.reason(), ERROR_DOMAIN, metadata);
+        if let NodeError::BreakerOpen { retry_after, .. } = &error {
+            details.set_retry_info(Some(*retry_after));
+        }
+        Status::with_error_details(error.code(), error.to_string(), details)
     }
 }

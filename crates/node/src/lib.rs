@@ -19,6 +19,8 @@ pub mod correlation;
 pub mod deadline;
 pub mod discovery;
 pub mod error;
+pub mod fanout;
+pub mod idempotency;
 pub mod mesh;
 pub mod registry;
 pub mod replay;

@@ -12,6 +12,7 @@ use std::{
 use agentmesh_proto::v1::{
     AgentCard, AgentFilter, AgentInstance, BreakerState, Lease, WatchEventKind, WatchResponse,
 };
+use agentmesh_resilience::{BreakerConfig, BreakerState as Breaker, CircuitBreaker};
 use parking_lot::RwLock;
 use tokio::sync::broadcast;
 
@@ -45,6 +46,8 @@ pub struct Instance {
     pub card: AgentCard,
     /// Calls currently routed to this instance.
     pub in_flight: AtomicU32,
+    /// The node's circuit breaker for this instance.
+    pub breaker: CircuitBreaker,
     lease_id: String,
     registered_at: SystemTime,
 }
@@ -59,6 +62,17 @@ impl Instance {
     /// Whether the instance accepts a payload of `type` at `version`.
     pub fn accepts(&self, r#type: &str, version: &str) -> bool {
         card_accepts(&self.card, r#type, version)
+    }
+
+    /// Whether calls with this envelope may be retried without an
+    /// idempotency key: the addressed skill (or, by name, every skill) is
+    /// declared idempotent.
+    pub fn idempotent_for(&self, target: &str) -> bool {
+        let skills = &self.card.skills;
+        match target.strip_prefix("skill:") {
+            Some(id) => skills.iter().any(|s| s.id == id && s.idempotent),
+            None => !skills.is_empty() && skills.iter().all(|s| s.idempotent),
+        }
     }
 
     /// The versions of `type` this instance declares (for error messages).
@@ -104,16 +118,18 @@ pub struct Registry {
     state: RwLock<State>,
     events: broadcast::Sender<WatchResponse>,
     config: LeaseConfig,
+    breaker: BreakerConfig,
 }
 
 impl Registry {
     /// An empty registry.
-    pub fn new(config: LeaseConfig) -> Self {
+    pub fn new(config: LeaseConfig, breaker: BreakerConfig) -> Self {
         let (events, _) = broadcast::channel(1024);
         Self {
             state: RwLock::new(State::default()),
             events,
             config,
+            breaker,
         }
     }
 
@@ -134,6 +150,7 @@ impl Registry {
         let instance = Arc::new(Instance {
             card: card.clone(),
             in_flight: AtomicU32::new(0),
+            breaker: CircuitBreaker::new(self.breaker.clone()),
             lease_id: lease_id.clone(),
             registered_at: SystemTime::now(),
         });
@@ -362,7 +379,11 @@ fn instance_of(entry: &Entry) -> AgentInstance {
         lease: Some(lease_of(entry)),
         registered_at: Some(entry.instance.registered_at.into()),
         in_flight: entry.instance.in_flight.load(Ordering::Relaxed),
-        breaker: BreakerState::Closed as i32,
+        breaker: match entry.instance.breaker.state() {
+            Breaker::Closed => BreakerState::Closed,
+            Breaker::Open => BreakerState::Open,
+            Breaker::HalfOpen => BreakerState::HalfOpen,
+        } as i32,
     }
 }
 

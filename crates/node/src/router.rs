@@ -19,19 +19,23 @@ use agentmesh_proto::{
         agent_service_server::AgentService,
     },
 };
+use agentmesh_resilience::{Backoff, RetryBudget, is_destination_failure};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use rand::seq::IndexedRandom;
+use tokio::sync::Semaphore;
 use tonic::{
     Code, Request, Response, Status, Streaming,
     metadata::{MetadataMap, MetadataValue},
     transport::{Channel, Endpoint},
 };
+use tonic_types::StatusExt;
 
 use crate::{
     correlation::CorrelationId,
     deadline::Deadline,
     error::NodeError,
+    idempotency::{Claim, IdempotencyCache},
     registry::{Instance, Registry},
     replay::{ReplayConfig, StreamHub},
 };
@@ -45,6 +49,16 @@ pub struct RouterConfig {
     pub hop_margin: Duration,
     /// Timeout for opening a connection to an agent.
     pub connect_timeout: Duration,
+    /// Retries of failed calls.
+    pub retry: RetryConfig,
+    /// Most calls in flight to one instance; busier instances are skipped.
+    pub max_in_flight_per_instance: u32,
+    /// Most calls in flight through the node; beyond it calls are shed.
+    pub max_in_flight: usize,
+    /// How long a response is remembered by idempotency key.
+    pub idempotency_window: Duration,
+    /// Most responses remembered by idempotency key.
+    pub idempotency_capacity: usize,
 }
 
 impl Default for RouterConfig {
@@ -53,6 +67,38 @@ impl Default for RouterConfig {
             default_timeout: Duration::from_secs(30),
             hop_margin: Duration::from_millis(50),
             connect_timeout: Duration::from_secs(2),
+            retry: RetryConfig::default(),
+            max_in_flight_per_instance: 256,
+            max_in_flight: 10_000,
+            idempotency_window: Duration::from_secs(600),
+            idempotency_capacity: 100_000,
+        }
+    }
+}
+
+/// When and how failed calls are retried (gRPC A6 style).
+#[derive(Debug, Clone)]
+pub struct RetryConfig {
+    /// Attempts in all, the first included (1 disables retries).
+    pub max_attempts: u32,
+    /// Backoff ceiling of the first retry; doubles per retry, full jitter.
+    pub initial_backoff: Duration,
+    /// Largest backoff.
+    pub max_backoff: Duration,
+    /// Extra load retries may add, as a fraction of first attempts.
+    pub budget_ratio: f64,
+    /// Retries always allowed per second, however quiet the node.
+    pub budget_min_per_second: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(25),
+            max_backoff: Duration::from_secs(1),
+            budget_ratio: 0.2,
+            budget_min_per_second: 10,
         }
     }
 }
@@ -129,6 +175,9 @@ pub struct Router {
     registry: Arc<Registry>,
     channels: Arc<ChannelPool>,
     streams: Arc<StreamHub>,
+    budget: Arc<RetryBudget>,
+    slots: Arc<Semaphore>,
+    idempotency: Arc<IdempotencyCache>,
     config: RouterConfig,
 }
 
@@ -148,6 +197,15 @@ impl Router {
             registry,
             channels: Arc::default(),
             streams: Arc::new(StreamHub::new(replay)),
+            budget: Arc::new(RetryBudget::new(
+                config.retry.budget_ratio,
+                config.retry.budget_min_per_second,
+            )),
+            slots: Arc::new(Semaphore::new(config.max_in_flight)),
+            idempotency: Arc::new(IdempotencyCache::new(
+                config.idempotency_window,
+                config.idempotency_capacity,
+            )),
             config,
         }
     }
@@ -157,9 +215,10 @@ impl Router {
         &self.config
     }
 
-    /// Picks the least-loaded live instance for an envelope's target that
-    /// accepts its payload type and version.
-    pub fn route(&self, envelope: &Envelope) -> Result<Route, NodeError> {
+    /// Live instances for an envelope's target that accept its payload type
+    /// and version (FAILED_PRECONDITION naming the versions on offer if
+    /// none does).
+    pub fn compatible(&self, envelope: &Envelope) -> Result<Vec<Arc<Instance>>, NodeError> {
         let target = envelope.target.as_str();
         let candidates = self.registry.resolve(target);
         if candidates.is_empty() {
@@ -167,12 +226,11 @@ impl Router {
                 target: target.to_owned(),
             });
         }
-        let compatible: Vec<&Arc<Instance>> = candidates
-            .iter()
-            .filter(|i| i.accepts(&envelope.r#type, &envelope.type_version))
-            .collect();
+        let (compatible, incompatible): (Vec<_>, Vec<_>) = candidates
+            .into_iter()
+            .partition(|i| i.accepts(&envelope.r#type, &envelope.type_version));
         if compatible.is_empty() {
-            let mut offered: Vec<String> = candidates
+            let mut offered: Vec<String> = incompatible
                 .iter()
                 .flat_map(|i| i.versions_of(&envelope.r#type))
                 .collect();
@@ -185,18 +243,58 @@ impl Router {
                 offered,
             });
         }
-        let load = |i: &&Arc<Instance>| i.in_flight.load(std::sync::atomic::Ordering::Relaxed);
-        let least = compatible.iter().map(load).min().unwrap_or_default();
-        let least_loaded: Vec<&Arc<Instance>> = compatible
+        Ok(compatible)
+    }
+
+    /// Picks the least-loaded compatible instance whose breaker is closed (or
+    /// due for a probe) and that has room for another call, preferring
+    /// instances not in `tried`.
+    pub fn route(&self, envelope: &Envelope, tried: &[String]) -> Result<Route, NodeError> {
+        let compatible = self.compatible(envelope)?;
+        let limit = self.config.max_in_flight_per_instance;
+        let load = |i: &Arc<Instance>| i.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+        let usable: Vec<&Arc<Instance>> = compatible
             .iter()
-            .filter(|i| load(i) == least)
+            .filter(|i| i.breaker.would_allow() && load(i) < limit)
+            .collect();
+        if usable.is_empty() {
+            let all_open = compatible.iter().all(|i| !i.breaker.would_allow());
+            if all_open {
+                let probe_in = compatible
+                    .iter()
+                    .filter_map(|i| i.breaker.try_acquire().err())
+                    .map(|open| open.retry_after())
+                    .min()
+                    .unwrap_or_default();
+                return Err(NodeError::BreakerOpen {
+                    target: envelope.target.clone(),
+                    retry_after: probe_in,
+                });
+            }
+            return Err(NodeError::ResourceExhausted(format!(
+                "every instance of '{}' has {limit} calls in flight; retry later",
+                envelope.target
+            )));
+        }
+        let fresh: Vec<&Arc<Instance>> = usable
+            .iter()
+            .filter(|i| !tried.contains(&i.card.instance_id))
             .copied()
             .collect();
+        let pool = if fresh.is_empty() { usable } else { fresh };
+        let least = pool.iter().map(|i| load(i)).min().unwrap_or_default();
+        let least_loaded: Vec<&Arc<Instance>> =
+            pool.into_iter().filter(|i| load(i) == least).collect();
         let instance = Arc::clone(
             least_loaded
                 .choose(&mut rand::rng())
-                .expect("at least one compatible instance"),
+                .expect("at least one usable instance"),
         );
+        self.route_to(instance)
+    }
+
+    /// A route to a specific instance.
+    pub fn route_to(&self, instance: Arc<Instance>) -> Result<Route, NodeError> {
         let channel = self
             .channels
             .get(&instance.card.endpoint, self.config.connect_timeout)?;
@@ -271,35 +369,76 @@ impl Router {
             .ok_or_else(|| NodeError::InvalidArgument("envelope is required".into()))?;
         require_target(&envelope)?;
         Self::stamp(&mut envelope, &call);
-        let Route {
-            instance,
-            mut client,
-        } = self.route(&envelope)?;
-        let hop = hop_name(&instance);
-        let metadata = tracing_metadata(&envelope);
-        let (request, budget) = self.outgoing(
-            StreamRequest {
-                envelope: Some(envelope),
-                ..Default::default()
-            },
-            metadata,
-            &call,
-            &hop,
-        )?;
-        let in_flight = instance.start_call();
-        let started = Instant::now();
-        let response = match tokio::time::timeout(budget, client.stream(request)).await {
-            Err(_) => return Err(deadline_at(&hop, budget).into()),
-            Ok(Err(status)) => {
-                return Err(agent_failure(
-                    status,
-                    &hop,
-                    &instance,
-                    budget,
-                    started.elapsed(),
-                ));
+        let _slot = self.slots.try_acquire().map_err(|_| {
+            NodeError::ResourceExhausted(format!(
+                "the node has {} calls in flight; retry later",
+                self.config.max_in_flight
+            ))
+        })?;
+        self.budget.deposit();
+        // A stream is retried only until it has opened: before its first event.
+        let retry = &self.config.retry;
+        let mut backoff = Backoff::new(retry.initial_backoff, retry.max_backoff);
+        let mut tried = Vec::new();
+        let mut attempt = 1;
+        let (response, in_flight, started, budget, hop) = loop {
+            let Route {
+                instance,
+                mut client,
+            } = self.route(&envelope, &tried)?;
+            tried.push(instance.card.instance_id.clone());
+            let hop = hop_name(&instance);
+            if let Err(open) = instance.breaker.try_acquire() {
+                return Err(NodeError::BreakerOpen {
+                    target: hop,
+                    retry_after: open.retry_after(),
+                }
+                .into());
             }
-            Ok(Ok(response)) => response.into_inner(),
+            let safe =
+                !envelope.idempotency_key.is_empty() || instance.idempotent_for(&envelope.target);
+            let mut sent = envelope.clone();
+            sent.attempt = attempt;
+            let metadata = tracing_metadata(&sent);
+            let (request, budget) = self.outgoing(
+                StreamRequest {
+                    envelope: Some(sent),
+                    ..Default::default()
+                },
+                metadata,
+                &call,
+                &hop,
+            )?;
+            let in_flight = instance.start_call();
+            let started = Instant::now();
+            let status = match tokio::time::timeout(budget, client.stream(request)).await {
+                Err(_) => deadline_at(&hop, budget).into(),
+                Ok(Err(status)) => {
+                    agent_failure(status, &hop, &instance, budget, started.elapsed())
+                }
+                Ok(Ok(response)) => {
+                    instance.breaker.record(true);
+                    break (response.into_inner(), in_flight, started, budget, hop);
+                }
+            };
+            instance
+                .breaker
+                .record(!is_destination_failure(status.code()));
+            let retriable = safe
+                && status.code() == Code::Unavailable
+                && attempt < retry.max_attempts
+                && pushback(&status) != Some(None);
+            if !retriable || !self.budget.withdraw() {
+                return Err(status);
+            }
+            let delay = pushback(&status)
+                .flatten()
+                .unwrap_or_else(|| backoff.next_delay());
+            if delay + self.config.hop_margin >= call.deadline.remaining() {
+                return Err(status);
+            }
+            tokio::time::sleep(delay).await;
+            attempt += 1;
         };
         let upstream = response
             .map(move |event| {
@@ -353,7 +492,7 @@ impl Router {
         let Route {
             instance,
             mut client,
-        } = self.route(&probe)?;
+        } = self.route(&probe, &[])?;
         let hop = hop_name(&instance);
         let stamp_frame = {
             let call = call.clone();
@@ -418,7 +557,8 @@ impl Router {
             .boxed())
     }
 
-    /// Unary invoke through the mesh.
+    /// Unary invoke through the mesh: deduplicated by idempotency key,
+    /// shed under overload, retried where safe.
     pub async fn call_unary(
         &self,
         call: CallInfo,
@@ -426,31 +566,118 @@ impl Router {
     ) -> Result<Envelope, Status> {
         require_target(&envelope)?;
         Self::stamp(&mut envelope, &call);
+        let lead = if envelope.idempotency_key.is_empty() {
+            None
+        } else {
+            let key = format!("{}\u{0}{}", envelope.target, envelope.idempotency_key);
+            match self.idempotency.claim(key).await? {
+                Claim::Replay(reply) => return Ok(*reply),
+                Claim::Lead(guard) => Some(guard),
+            }
+        };
+        let outcome = self.call_with_retries(&call, envelope).await;
+        if let Some(lead) = lead {
+            lead.complete(&outcome);
+        }
+        outcome
+    }
+
+    async fn call_with_retries(
+        &self,
+        call: &CallInfo,
+        envelope: Envelope,
+    ) -> Result<Envelope, Status> {
+        let _slot = self.slots.try_acquire().map_err(|_| {
+            NodeError::ResourceExhausted(format!(
+                "the node has {} calls in flight; retry later",
+                self.config.max_in_flight
+            ))
+        })?;
+        self.budget.deposit();
+        let retry = &self.config.retry;
+        let mut backoff = Backoff::new(retry.initial_backoff, retry.max_backoff);
+        let mut tried = Vec::new();
+        let mut attempt = envelope.attempt.max(1);
+        loop {
+            let route = self.route(&envelope, &tried)?;
+            let safe = !envelope.idempotency_key.is_empty()
+                || route.instance.idempotent_for(&envelope.target);
+            tried.push(route.instance.card.instance_id.clone());
+            let mut sent = envelope.clone();
+            sent.attempt = attempt;
+            let outcome = self.call_instance(call, sent, route).await;
+            let status = match outcome {
+                Ok(reply) => return Ok(reply),
+                Err(status) => status,
+            };
+            let pushback = pushback(&status);
+            let retriable = safe
+                && status.code() == Code::Unavailable
+                && attempt < retry.max_attempts
+                && pushback != Some(None);
+            if !retriable || !self.budget.withdraw() {
+                return Err(status);
+            }
+            let delay = pushback.flatten().unwrap_or_else(|| backoff.next_delay());
+            if delay + self.config.hop_margin >= call.deadline.remaining() {
+                return Err(status);
+            }
+            tracing::debug!(target = %envelope.target, attempt, delay_ms = delay.as_millis() as u64, %status, "retrying");
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
+    }
+
+    /// One attempt at one instance, with the hop's deadline and the breaker.
+    pub async fn call_instance(
+        &self,
+        call: &CallInfo,
+        envelope: Envelope,
+        route: Route,
+    ) -> Result<Envelope, Status> {
         let Route {
             instance,
             mut client,
-        } = self.route(&envelope)?;
+        } = route;
         let hop = hop_name(&instance);
+        if let Err(open) = instance.breaker.try_acquire() {
+            return Err(NodeError::BreakerOpen {
+                target: hop,
+                retry_after: open.retry_after(),
+            }
+            .into());
+        }
         let request_id = envelope.id.clone();
         let correlation_id = envelope.correlation_id.clone();
         let metadata = tracing_metadata(&envelope);
-        let (request, budget) = self.outgoing(
+        let (request, budget) = match self.outgoing(
             InvokeRequest {
                 envelope: Some(envelope),
             },
             metadata,
-            &call,
+            call,
             &hop,
-        )?;
+        ) {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                instance.breaker.record(true);
+                return Err(error.into());
+            }
+        };
         let _in_flight = instance.start_call();
         let started = Instant::now();
         let outcome = tokio::time::timeout(budget, client.invoke(request)).await;
         let elapsed = started.elapsed();
-        let mut reply = match outcome {
-            Err(_) => return Err(deadline_at(&hop, budget).into()),
-            Ok(Err(status)) => return Err(agent_failure(status, &hop, &instance, budget, elapsed)),
-            Ok(Ok(response)) => response.into_inner().envelope.unwrap_or_default(),
+        let result = match outcome {
+            Err(_) => Err(deadline_at(&hop, budget).into()),
+            Ok(Err(status)) => Err(agent_failure(status, &hop, &instance, budget, elapsed)),
+            Ok(Ok(response)) => Ok(response.into_inner().envelope.unwrap_or_default()),
         };
+        instance.breaker.record(match &result {
+            Ok(_) => true,
+            Err(status) => !is_destination_failure(status.code()),
+        });
+        let mut reply = result?;
         if reply.correlation_id.is_empty() {
             reply.correlation_id = correlation_id;
         }
@@ -466,6 +693,25 @@ impl Router {
         tracing::debug!(agent = %instance.card.name, elapsed_us = elapsed.as_micros() as u64, "invoke routed");
         Ok(reply)
     }
+}
+
+/// Server pushback (gRPC A6): `Some(Some(d))` retry after `d`, `Some(None)`
+/// do not retry, `None` no pushback. Read from `grpc-retry-pushback-ms` or a
+/// google.rpc.RetryInfo detail.
+fn pushback(status: &Status) -> Option<Option<Duration>> {
+    if let Some(value) = status.metadata().get("grpc-retry-pushback-ms") {
+        return Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Duration::from_millis),
+        );
+    }
+    status
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay)
+        .map(Some)
 }
 
 #[tonic::async_trait]

@@ -5,6 +5,7 @@ use std::{future::Future, sync::Arc};
 
 use agentmesh_proto::v1::{
     agent_service_server::AgentServiceServer, discovery_service_server::DiscoveryServiceServer,
+    fan_out_service_server::FanOutServiceServer,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -14,11 +15,15 @@ use tower::ServiceBuilder;
 
 use crate::{
     config::NodeConfig, correlation::CorrelationLayer, deadline::DeadlineLayer,
-    discovery::Discovery, mesh::NodeMesh, registry::Registry, router::Router,
+    discovery::Discovery, fanout::FanOut, mesh::NodeMesh, registry::Registry, router::Router,
 };
 
 /// gRPC services the node reports in `grpc.health.v1.Health`.
-const SERVICES: &[&str] = &["agentmesh.v1.AgentService", "agentmesh.v1.DiscoveryService"];
+const SERVICES: &[&str] = &[
+    "agentmesh.v1.AgentService",
+    "agentmesh.v1.DiscoveryService",
+    "agentmesh.v1.FanOutService",
+];
 
 /// A mesh node: registry, router and their gRPC/HTTP faces.
 #[derive(Debug)]
@@ -32,7 +37,7 @@ pub struct Node {
 impl Node {
     /// A node with the given configuration.
     pub fn new(config: NodeConfig) -> Self {
-        let registry = Arc::new(Registry::new(config.leases.clone()));
+        let registry = Arc::new(Registry::new(config.leases.clone(), config.breaker.clone()));
         let router = Router::new(
             Arc::clone(&registry),
             config.router.clone(),
@@ -83,6 +88,11 @@ impl Node {
                     self.shutdown.clone(),
                 ))
                 .max_decoding_message_size(max),
+            )
+            .add_service(
+                FanOutServiceServer::new(FanOut::new(self.router.clone()))
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
             )
             .add_service(health_service)
             .add_service(reflection)

@@ -1,1 +1,226 @@
-//! placeholder
+//! Durable at-least-once queue storage for agentmesh.
+//!
+//! The node's `QueueService` talks to a [`QueueBackend`] (an object-safe async trait, used as
+//! `Arc<dyn QueueBackend>`). Message bodies are opaque bytes (encoded envelopes); this crate knows
+//! nothing about the protocol.
+//!
+//! # Semantics
+//!
+//! * [`QueueBackend::submit`] returns only once every accepted message is durable. Writers are
+//!   batched: a single writer thread takes every request that arrived while the previous commit
+//!   was syncing and commits them together with one fsync (group commit).
+//! * [`QueueBackend::receive`] long-polls and hands out messages under a lease. Competing
+//!   consumers never see the same message while its lease is live. A lapsed lease counts as a
+//!   failed attempt ("lease expired") and the message is ready again at once.
+//! * [`QueueBackend::ack`] deletes the message, optionally storing a result by correlation id
+//!   (with a TTL) and forwarding it to the message's `reply_to` queue, atomically with the ack.
+//!   Acks are not fsync'd one by one: they ride on the next group commit or on a periodic flush
+//!   (100 ms by default). A lost ack only causes a redelivery.
+//! * [`QueueBackend::release`] hands leases back without counting a failed attempt (a consumer
+//!   that disconnects releases what it still holds, so others get it at once).
+//! * [`QueueBackend::nack`] schedules a retry (explicit delay, or exponential backoff with full
+//!   jitter); after `max_attempts` failed attempts the message moves to the queue's dead-letter
+//!   set with its whole attempt history.
+//! * Leases live in memory: after a restart every un-acked message is ready again.
+//!
+//! # The embedded engine, and why redb
+//!
+//! [`EmbeddedBackend`] keeps everything in one [redb](https://docs.rs/redb) file (redb 4,
+//! copy-on-write B-trees, checksummed commit slots). The alternative was a hand-written segment
+//! log with CRC-checked records. Measured on the development machine (2 cores, virtual disk,
+//! fdatasync ≈ 160–210 µs), with ~300-byte records and one sync per batch:
+//!
+//! | batch per sync | raw append + fdatasync | redb `Durability::Immediate` commit |
+//! |---------------:|-----------------------:|------------------------------------:|
+//! | 1              | 4.7k rec/s             | 2.9k rec/s                          |
+//! | 64             | 185k rec/s             | 81k rec/s                           |
+//! | 256            | 478k rec/s             | 158k rec/s                          |
+//! | 1024           | 1.18M rec/s            | 265k rec/s                          |
+//!
+//! (Reproduce with `cargo bench -p agentmesh-queue --bench queue_throughput -- --engine`.)
+//!
+//! A raw log writes faster: with batches of 256, redb gets about a third of the log's rate
+//! (two runs: 158k vs 478k, 144k vs 527k rec/s).
+//! It was still chosen, because redb keeps every index on disk: the ready schedule, the
+//! dedup window, dead letters, results and their expiry. Memory then stays bounded (a fixed
+//! page cache, 32 MiB by default) whatever the queue depth: with 400k queued 1-KiB messages
+//! (a 544 MiB file), peak RSS was 38 MiB (`-- --depth`). A log would need an in-memory index
+//! of every live message, or a compactor and an on-disk index of its own. redb also makes a
+//! submit, an ack and its reply atomic, and its crash recovery is tested. At batch 256, redb
+//! still writes 140k+ durable messages/s.
+//! Acks, leases and other bookkeeping use `Durability::None` commits (≈400k ops/s). They are
+//! persisted by the next `Immediate` commit.
+//!
+//! Whole-queue numbers (`cargo bench -p agentmesh-queue --bench queue_throughput`, 256-byte
+//! bodies, same machine; the shared disk's fdatasync latency swung between 0.2 and 3 ms
+//! between runs, so ranges over several runs are given):
+//!
+//! | workload                                         | msgs/s     | msgs per fsync |
+//! |--------------------------------------------------|-----------:|---------------:|
+//! | durable submit, 64 tasks × 1 msg per call        | 19k – 32k  | 33 – 40        |
+//! | durable submit, 256 tasks × 1 msg per call       | 61k – 98k  | 134 – 157      |
+//! | durable submit, 8 tasks × 64 msgs per call       | 99k – 138k | 256 – 404      |
+//! | submit → receive → ack (16 producers, 4 consumers)| 40k – 52k | 131 – 149      |
+//!
+//! # Conformance suite
+//!
+//! With the `conformance` feature, the `conformance` module exposes one async function per
+//! required behaviour, each taking a `conformance::BackendFactory`, and the
+//! `conformance_suite!` macro turns them all into `#[tokio::test]`s, so every backend runs the
+//! same tests. From another crate (e.g. a Redis backend):
+//!
+//! ```toml
+//! [dev-dependencies]
+//! agentmesh-queue = { workspace = true, features = ["conformance"] }
+//! async-trait.workspace = true
+//! tokio = { workspace = true, features = ["macros", "rt-multi-thread"] }
+//! ```
+//!
+//! ```ignore
+//! // tests/conformance.rs
+//! struct RedisFactory { prefix: String } // fresh key prefix per instance
+//! #[async_trait::async_trait]
+//! impl agentmesh_queue::conformance::BackendFactory for RedisFactory {
+//!     async fn open(&self, config: BackendConfig) -> Result<Arc<dyn QueueBackend>, QueueError> {
+//!         /* connect; the same prefix on every call, so a reopen sees the same data */
+//!     }
+//! }
+//! agentmesh_queue::conformance_suite!(RedisFactory::new());
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod backoff;
+mod config;
+mod embedded;
+mod error;
+mod types;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use backoff::full_jitter_backoff;
+pub use config::{BackendConfig, QueueConfig};
+pub use embedded::{DATABASE_FILE, EmbeddedBackend, EmbeddedOptions, IoStats};
+pub use error::QueueError;
+pub use types::{
+    AttemptRecord, DeadLetter, Leased, NackOutcome, NewMessage, QueueStats, Selection, SubmitFate,
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::time::{Duration, SystemTime};
+
+/// Longest queue name accepted, in bytes.
+pub const MAX_QUEUE_NAME_BYTES: usize = 256;
+/// Largest message body (or ack result) accepted, in bytes; larger messages are `Rejected`.
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Most messages handed out by one `receive` call; larger `max` values are clamped to it.
+pub const MAX_RECEIVE_BATCH: usize = 4096;
+
+/// Storage for durable at-least-once queues; object-safe, shared as `Arc<dyn QueueBackend>`.
+///
+/// Queues are created implicitly by the first submit. Receipts are opaque strings that are only
+/// meaningful to the backend that issued them.
+#[async_trait]
+pub trait QueueBackend: Send + Sync + 'static {
+    /// Appends messages to `queue`; returns once every `Accepted` message is durable.
+    ///
+    /// The result has one [`SubmitFate`] per input message, in order. A message whose
+    /// idempotency key was seen within the queue's dedup window is not enqueued again
+    /// (`Duplicate` names the earlier message's id).
+    async fn submit(
+        &self,
+        queue: &str,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<SubmitFate>, QueueError>;
+
+    /// Leases up to `max` ready messages to `consumer_id`; waits up to `wait` for the first one.
+    ///
+    /// Returns as soon as at least one message is ready, or an empty vector after `wait`.
+    /// `max` must be at least 1 (values above [`MAX_RECEIVE_BATCH`] are clamped) and `lease` at
+    /// least 1 ms. If the caller goes away before the answer, the messages are put back.
+    async fn receive(
+        &self,
+        queue: &str,
+        consumer_id: &str,
+        max: usize,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Vec<Leased>, QueueError>;
+
+    /// Completes a delivery; with a result, stores it by correlation id and forwards it to
+    /// `reply_to`.
+    ///
+    /// Fails with [`QueueError::LeaseLost`] if the receipt's lease lapsed (or was already settled).
+    async fn ack(&self, receipt: &str, result: Option<Bytes>) -> Result<(), QueueError>;
+
+    /// Fails a delivery: retries after `delay` (default: backoff with full jitter) or dead-letters
+    /// the message once it has used `max_attempts`.
+    async fn nack(
+        &self,
+        receipt: &str,
+        error: &str,
+        delay: Option<Duration>,
+    ) -> Result<NackOutcome, QueueError>;
+
+    /// Extends a live lease to `lease` from now; returns the new expiry.
+    async fn extend(&self, receipt: &str, lease: Duration) -> Result<SystemTime, QueueError>;
+
+    /// Hands leased messages back at once, e.g. when their consumer disconnects: each message is
+    /// ready again immediately and the delivery does not count as a failed attempt (the next
+    /// delivery has the same attempt number). Stale or malformed receipts are ignored; returns
+    /// how many leases were released.
+    async fn release(&self, receipts: Vec<String>) -> Result<u64, QueueError>;
+
+    /// Statistics for every known queue, sorted by name.
+    async fn stats(&self) -> Result<Vec<QueueStats>, QueueError>;
+
+    /// One page of `queue`'s dead letters, oldest first, and the token for the next page.
+    ///
+    /// `page_size` is clamped to 1..=1000. Fails with [`QueueError::NotFound`] for a queue that
+    /// was never submitted to, and [`QueueError::InvalidArgument`] for a malformed token.
+    async fn list_dead_letters(
+        &self,
+        queue: &str,
+        page_size: usize,
+        after: Option<&str>,
+    ) -> Result<(Vec<DeadLetter>, Option<String>), QueueError>;
+
+    /// Moves the selected dead letters back into `queue` with a fresh attempt count; returns how
+    /// many moved (unknown ids are ignored; an unknown queue is [`QueueError::NotFound`]).
+    async fn redrive(&self, queue: &str, selection: Selection) -> Result<u64, QueueError>;
+
+    /// Deletes the selected dead letters of `queue`; returns how many were deleted (unknown ids
+    /// are ignored; an unknown queue is [`QueueError::NotFound`]).
+    async fn purge(&self, queue: &str, selection: Selection) -> Result<u64, QueueError>;
+
+    /// The stored (unexpired) result for `correlation_id`, if any.
+    async fn get_result(&self, correlation_id: &str) -> Result<Option<Bytes>, QueueError>;
+
+    /// Waits up to `timeout` for the result of `correlation_id`; returns as soon as it lands.
+    async fn wait_result(
+        &self,
+        correlation_id: &str,
+        timeout: Duration,
+    ) -> Result<Option<Bytes>, QueueError>;
+}
+
+/// Checks a queue name: non-empty, at most [`MAX_QUEUE_NAME_BYTES`], no control characters.
+pub fn validate_queue_name(queue: &str) -> Result<(), QueueError> {
+    if queue.is_empty() {
+        return Err(QueueError::InvalidArgument("queue name is empty".into()));
+    }
+    if queue.len() > MAX_QUEUE_NAME_BYTES {
+        return Err(QueueError::InvalidArgument(format!(
+            "queue name is {} bytes, the limit is {MAX_QUEUE_NAME_BYTES}",
+            queue.len()
+        )));
+    }
+    if queue.chars().any(char::is_control) {
+        return Err(QueueError::InvalidArgument(
+            "queue name contains control characters".into(),
+        ));
+    }
+    Ok(())
+}

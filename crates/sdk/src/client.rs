@@ -1,13 +1,17 @@
 //! Calling agents through the node.
 
-use std::time::Duration;
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use agentmesh_resilience::{BreakerConfig, CircuitBreaker, is_destination_failure};
+use parking_lot::Mutex;
 
 use agentmesh_proto::{
     metadata::{CORRELATION_ID, IDEMPOTENCY_KEY, TRACEPARENT},
     v1::{
-        AgentFilter, AgentInstance, Envelope, InvokeRequest, LookupRequest, StreamRequest,
-        StreamResponse, agent_service_client::AgentServiceClient,
+        AgentFilter, AgentInstance, Envelope, FanOutRequest, FanOutResponse, InvokeRequest,
+        LookupRequest, StreamRequest, StreamResponse, agent_service_client::AgentServiceClient,
         discovery_service_client::DiscoveryServiceClient,
+        fan_out_service_client::FanOutServiceClient,
     },
 };
 use tonic::{
@@ -41,6 +45,29 @@ pub struct MeshClient {
     channel: Channel,
     hop_margin: Duration,
     default_timeout: Duration,
+    breakers: Option<Arc<TargetBreakers>>,
+}
+
+/// One circuit breaker per target, so a failing target fails fast on the
+/// client too, without a round trip to the node.
+#[derive(Debug)]
+struct TargetBreakers {
+    config: BreakerConfig,
+    by_target: Mutex<HashMap<String, Arc<CircuitBreaker>>>,
+}
+
+impl TargetBreakers {
+    fn get(&self, target: &str) -> Arc<CircuitBreaker> {
+        let mut by_target = self.by_target.lock();
+        if by_target.len() > 10_000 {
+            by_target.clear();
+        }
+        Arc::clone(
+            by_target
+                .entry(target.to_owned())
+                .or_insert_with(|| Arc::new(CircuitBreaker::new(self.config.clone()))),
+        )
+    }
 }
 
 /// Turns `host:port` or a URI into an endpoint.
@@ -76,7 +103,22 @@ impl MeshClient {
             channel,
             hop_margin: Duration::from_millis(50),
             default_timeout: Duration::from_secs(30),
+            breakers: Some(Arc::new(TargetBreakers {
+                config: BreakerConfig::default(),
+                by_target: Mutex::default(),
+            })),
         }
+    }
+
+    /// Sets the per-target circuit breakers' configuration (`None` disables them).
+    pub fn with_breakers(mut self, config: Option<BreakerConfig>) -> Self {
+        self.breakers = config.map(|config| {
+            Arc::new(TargetBreakers {
+                config,
+                by_target: Mutex::default(),
+            })
+        });
+        self
     }
 
     /// How much shorter than the inherited deadline outgoing calls are.
@@ -117,13 +159,29 @@ impl MeshClient {
             self.prepare(target, envelope, &options, |envelope| InvokeRequest {
                 envelope: Some(envelope),
             })?;
-        match tokio::time::timeout(timeout, self.agents().invoke(request)).await {
+        let breaker = self.breakers.as_ref().map(|b| b.get(target));
+        if let Some(breaker) = &breaker {
+            if let Err(open) = breaker.try_acquire() {
+                return Err(Status::unavailable(format!(
+                    "client circuit breaker open for '{target}': failing fast; next probe in {} ms",
+                    open.retry_after().as_millis()
+                )));
+            }
+        }
+        let result = match tokio::time::timeout(timeout, self.agents().invoke(request)).await {
             Err(_) => Err(Status::deadline_exceeded(format!(
                 "no answer from '{target}' within {} ms",
                 timeout.as_millis()
             ))),
-            Ok(result) => Ok(result?.into_inner().envelope.unwrap_or_default()),
+            Ok(result) => result.map(|r| r.into_inner().envelope.unwrap_or_default()),
+        };
+        if let Some(breaker) = breaker {
+            breaker.record(match &result {
+                Ok(_) => true,
+                Err(status) => !is_destination_failure(status.code()),
+            });
         }
+        result
     }
 
     /// Starts a stream from `target`: progress, partial results and the
@@ -177,6 +235,35 @@ impl MeshClient {
         heartbeat: Duration,
     ) -> Result<(ConversationSender, ConversationStream), Status> {
         crate::conversation::open(self, target, heartbeat).await
+    }
+
+    /// Sends one request to many targets under a completion policy; every
+    /// target's outcome is in the response.
+    pub async fn fan_out(&self, request: FanOutRequest) -> Result<FanOutResponse, Status> {
+        self.fan_out_with(request, CallOptions::default()).await
+    }
+
+    /// [`MeshClient::fan_out`] with per-call options.
+    pub async fn fan_out_with(
+        &self,
+        mut request: FanOutRequest,
+        options: CallOptions,
+    ) -> Result<FanOutResponse, Status> {
+        let envelope = request.envelope.take().unwrap_or_default();
+        let (request, timeout) =
+            self.prepare("", envelope, &options, |envelope| FanOutRequest {
+                envelope: Some(envelope),
+                ..request
+            })?;
+        match tokio::time::timeout(
+            timeout,
+            FanOutServiceClient::new(self.channel.clone()).fan_out(request),
+        )
+        .await
+        {
+            Err(_) => Err(Status::deadline_exceeded("fan-out did not answer in time")),
+            Ok(result) => Ok(result?.into_inner()),
+        }
     }
 
     /// Finds registered instances.

@@ -17,6 +17,7 @@ mod runtime;
 
 pub use agent::{Agent, AgentHost, StreamSink, error_status};
 pub use agentmesh_proto as proto;
+pub use agentmesh_resilience::BreakerConfig;
 pub use client::{CallOptions, MeshClient};
 pub use context::Context;
 pub use conversation::{

@@ -8,7 +8,7 @@ use agentmesh_proto::v1::{
     AgentCard, DeregisterRequest, HeartbeatRequest, RegisterRequest,
     agent_service_server::AgentServiceServer, discovery_service_client::DiscoveryServiceClient,
 };
-use rand::Rng;
+use agentmesh_resilience::Backoff;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -223,7 +223,7 @@ async fn keep_registered(
                     }
                     Err(status) => {
                         tracing::debug!(agent = %card.name, %status, "registration failed; retrying");
-                        backoff.next()
+                        backoff.next_delay()
                     }
                 }
             }
@@ -247,7 +247,7 @@ async fn keep_registered(
                     }
                     Err(status) => {
                         tracing::debug!(agent = %card.name, %status, "heartbeat failed; retrying");
-                        backoff.next().min(beat)
+                        backoff.next_delay().min(beat)
                     }
                 }
             }
@@ -261,36 +261,5 @@ async fn keep_registered(
         let request = DeregisterRequest { lease_id: id };
         let _ = tokio::time::timeout(Duration::from_secs(2), discovery.deregister(request)).await;
         tracing::info!(agent = %card.name, "deregistered");
-    }
-}
-
-/// Exponential backoff with full jitter.
-#[derive(Debug)]
-struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    fn new(base: Duration, cap: Duration) -> Self {
-        Self {
-            base,
-            cap,
-            attempt: 0,
-        }
-    }
-
-    fn next(&mut self) -> Duration {
-        let ceiling = self
-            .base
-            .saturating_mul(1 << self.attempt.min(16))
-            .min(self.cap);
-        self.attempt += 1;
-        ceiling.mul_f64(rand::rng().random_range(0.0..=1.0))
-    }
-
-    fn reset(&mut self) {
-        self.attempt = 0;
     }
 }

@@ -1,0 +1,400 @@
+//! The embedded backend: one redb file in a directory, one writer thread doing group commit.
+
+mod codec;
+mod writer;
+
+use crate::{
+    BackendConfig, DeadLetter, Leased, NackOutcome, NewMessage, QueueBackend, QueueError,
+    QueueStats, Selection, SubmitFate,
+};
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+use tokio::sync::oneshot;
+use writer::{Cmd, Tx, Writer};
+
+/// File name of the database inside the queue directory.
+pub const DATABASE_FILE: &str = "queue.redb";
+
+/// Tuning of the embedded engine (queue semantics live in [`BackendConfig`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmbeddedOptions {
+    /// Size of redb's page cache, the main memory bound (default 32 MiB).
+    pub cache_bytes: usize,
+    /// Longest time acks and other non-submit changes stay un-fsync'd (default 100 ms).
+    pub ack_flush_interval: Duration,
+    /// Most requests applied in one transaction (default 4096).
+    pub max_batch_commands: usize,
+}
+
+impl Default for EmbeddedOptions {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 32 * 1024 * 1024,
+            ack_flush_interval: Duration::from_millis(100),
+            max_batch_commands: 4096,
+        }
+    }
+}
+
+/// Counters of the writer thread, for benchmarks and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IoStats {
+    /// Transactions committed (durable or not).
+    pub commits: u64,
+    /// Commits made durable with an fsync.
+    pub durable_commits: u64,
+    /// Durable commits that carried at least one accepted message.
+    pub submit_commits: u64,
+    /// Messages accepted by submit.
+    pub accepted_messages: u64,
+}
+
+impl IoStats {
+    /// Average accepted messages per fsync'd submit commit (the group-commit batch size).
+    pub fn avg_submit_batch(&self) -> f64 {
+        if self.submit_commits == 0 {
+            0.0
+        } else {
+            self.accepted_messages as f64 / self.submit_commits as f64
+        }
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) commits: AtomicU64,
+    pub(crate) durable_commits: AtomicU64,
+    pub(crate) submit_commits: AtomicU64,
+    pub(crate) accepted: AtomicU64,
+}
+
+/// State shared between the handle and the writer thread.
+#[derive(Default)]
+pub(crate) struct Shared {
+    pub(crate) counters: Counters,
+    /// `wait_result` callers, by correlation id.
+    pub(crate) result_waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Bytes>>>>,
+}
+
+/// The embedded, crash-safe backend: a redb database in a directory.
+///
+/// Dropping it (or calling [`EmbeddedBackend::close`]) flushes pending acks, stops the writer
+/// thread and releases the file, so the directory can be reopened at once.
+pub struct EmbeddedBackend {
+    tx: Mutex<Option<mpsc::Sender<Cmd>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Read handle for `get_result`; dropped on close so the file is released.
+    db: Mutex<Option<Arc<redb::Database>>>,
+    shared: Arc<Shared>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for EmbeddedBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBackend")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedBackend {
+    /// Opens (or creates) the queue store in `dir` with default engine options.
+    ///
+    /// Blocks while redb recovers the file after a crash; call it from `spawn_blocking` if that
+    /// matters.
+    pub fn open(dir: &Path, config: BackendConfig) -> Result<Self, QueueError> {
+        Self::open_with_options(dir, config, EmbeddedOptions::default())
+    }
+
+    /// Opens (or creates) the queue store in `dir` with explicit engine options.
+    pub fn open_with_options(
+        dir: &Path,
+        config: BackendConfig,
+        options: EmbeddedOptions,
+    ) -> Result<Self, QueueError> {
+        config.validate()?;
+        if options.max_batch_commands == 0 {
+            return Err(QueueError::InvalidArgument(
+                "max_batch_commands must be at least 1".into(),
+            ));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| {
+            QueueError::Storage(format!(
+                "cannot create queue directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let path = dir.join(DATABASE_FILE);
+        let db = redb::Builder::new()
+            .set_cache_size(options.cache_bytes)
+            .create(&path)
+            .map_err(|e| {
+                QueueError::Storage(format!(
+                    "cannot open queue database {}: {e}",
+                    path.display()
+                ))
+            })?;
+        let db = Arc::new(db);
+        let shared = Arc::new(Shared::default());
+        let writer = Writer::recover(db.clone(), path.clone(), config, options, shared.clone())?;
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("agentmesh-queue-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| {
+                QueueError::Storage(format!(
+                    "cannot start the writer thread for {}: {e}",
+                    path.display()
+                ))
+            })?;
+        Ok(Self {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            db: Mutex::new(Some(db)),
+            shared,
+            path,
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writer-thread counters (commits, fsyncs, accepted messages).
+    pub fn io_stats(&self) -> IoStats {
+        let c = &self.shared.counters;
+        IoStats {
+            commits: c.commits.load(Ordering::Relaxed),
+            durable_commits: c.durable_commits.load(Ordering::Relaxed),
+            submit_commits: c.submit_commits.load(Ordering::Relaxed),
+            accepted_messages: c.accepted.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Flushes pending acks, stops the writer thread and waits for it; later calls fail with
+    /// [`QueueError::Closed`]. Blocks briefly (one commit).
+    pub fn close(&self) {
+        if let Some(tx) = self.tx.lock().take() {
+            let _ = tx.send(Cmd::Shutdown);
+        }
+        if let Some(handle) = self.thread.lock().take() {
+            if handle.join().is_err() {
+                tracing::error!(path = %self.path.display(), "queue writer thread panicked");
+            }
+        }
+        self.db.lock().take();
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Tx<T>) -> Cmd) -> Result<T, QueueError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let guard = self.tx.lock();
+            let sender = guard.as_ref().ok_or(QueueError::Closed)?;
+            sender.send(make(tx)).map_err(|_| QueueError::Closed)?;
+        }
+        rx.await.map_err(|_| QueueError::Closed)?
+    }
+}
+
+impl Drop for EmbeddedBackend {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn positive_ms(what: &str, d: Duration) -> Result<u64, QueueError> {
+    let ms = codec::dur_ms(d);
+    if ms == 0 {
+        return Err(QueueError::InvalidArgument(format!(
+            "{what} must be at least 1 ms"
+        )));
+    }
+    Ok(ms)
+}
+
+#[async_trait]
+impl QueueBackend for EmbeddedBackend {
+    async fn submit(
+        &self,
+        queue: &str,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<SubmitFate>, QueueError> {
+        crate::validate_queue_name(queue)?;
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let queue = queue.to_owned();
+        self.call(|tx| Cmd::Submit {
+            queue,
+            messages,
+            tx,
+        })
+        .await
+    }
+
+    async fn receive(
+        &self,
+        queue: &str,
+        consumer_id: &str,
+        max: usize,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Vec<Leased>, QueueError> {
+        crate::validate_queue_name(queue)?;
+        if max == 0 {
+            return Err(QueueError::InvalidArgument("max must be at least 1".into()));
+        }
+        let lease_ms = positive_ms("lease", lease)?;
+        let (queue, consumer) = (queue.to_owned(), consumer_id.to_owned());
+        self.call(|tx| Cmd::Receive {
+            queue,
+            consumer,
+            max,
+            lease_ms,
+            wait_ms: codec::dur_ms(wait),
+            tx,
+        })
+        .await
+    }
+
+    async fn ack(&self, receipt: &str, result: Option<Bytes>) -> Result<(), QueueError> {
+        let receipt = receipt.to_owned();
+        self.call(|tx| Cmd::Ack {
+            receipt,
+            result,
+            tx,
+        })
+        .await
+    }
+
+    async fn nack(
+        &self,
+        receipt: &str,
+        error: &str,
+        delay: Option<Duration>,
+    ) -> Result<NackOutcome, QueueError> {
+        let (receipt, error) = (receipt.to_owned(), error.to_owned());
+        self.call(|tx| Cmd::Nack {
+            receipt,
+            error,
+            delay,
+            tx,
+        })
+        .await
+    }
+
+    async fn extend(&self, receipt: &str, lease: Duration) -> Result<SystemTime, QueueError> {
+        let lease_ms = positive_ms("lease", lease)?;
+        let receipt = receipt.to_owned();
+        self.call(|tx| Cmd::Extend {
+            receipt,
+            lease_ms,
+            tx,
+        })
+        .await
+    }
+
+    async fn release(&self, receipts: Vec<String>) -> Result<u64, QueueError> {
+        if receipts.is_empty() {
+            return Ok(0);
+        }
+        self.call(|tx| Cmd::Release { receipts, tx }).await
+    }
+
+    async fn stats(&self) -> Result<Vec<QueueStats>, QueueError> {
+        self.call(|tx| Cmd::Stats { tx }).await
+    }
+
+    async fn list_dead_letters(
+        &self,
+        queue: &str,
+        page_size: usize,
+        after: Option<&str>,
+    ) -> Result<(Vec<DeadLetter>, Option<String>), QueueError> {
+        let (queue, after) = (queue.to_owned(), after.map(str::to_owned));
+        self.call(|tx| Cmd::ListDead {
+            queue,
+            page_size,
+            after,
+            tx,
+        })
+        .await
+    }
+
+    async fn redrive(&self, queue: &str, selection: Selection) -> Result<u64, QueueError> {
+        let queue = queue.to_owned();
+        self.call(|tx| Cmd::Redrive {
+            queue,
+            selection,
+            tx,
+        })
+        .await
+    }
+
+    async fn purge(&self, queue: &str, selection: Selection) -> Result<u64, QueueError> {
+        let queue = queue.to_owned();
+        self.call(|tx| Cmd::Purge {
+            queue,
+            selection,
+            tx,
+        })
+        .await
+    }
+
+    async fn get_result(&self, correlation_id: &str) -> Result<Option<Bytes>, QueueError> {
+        let db = self.db.lock().clone().ok_or(QueueError::Closed)?;
+        let corr = correlation_id.to_owned();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            writer::read_result(&db, &corr).map_err(|e| {
+                QueueError::Storage(format!(
+                    "reading result from queue database {} failed: {e}",
+                    path.display()
+                ))
+            })
+        })
+        .await
+        .map_err(|e| QueueError::Storage(format!("result reader task failed: {e}")))?
+    }
+
+    async fn wait_result(
+        &self,
+        correlation_id: &str,
+        timeout: Duration,
+    ) -> Result<Option<Bytes>, QueueError> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .result_waiters
+            .lock()
+            .entry(correlation_id.to_owned())
+            .or_default()
+            .push(tx);
+        // Registered first, then looked up: a result landing in between is not missed.
+        let found = match self.get_result(correlation_id).await {
+            Ok(Some(body)) => Ok(Some(body)),
+            Ok(None) => match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(body)) => Ok(Some(body)),
+                Ok(Err(_)) => Err(QueueError::Closed),
+                Err(_) => Ok(None),
+            },
+            Err(e) => Err(e),
+        };
+        let mut waiters = self.shared.result_waiters.lock();
+        if let Some(list) = waiters.get_mut(correlation_id) {
+            list.retain(|s| !s.is_closed());
+            if list.is_empty() {
+                waiters.remove(correlation_id);
+            }
+        }
+        found
+    }
+}

@@ -1,0 +1,1448 @@
+//! The single writer thread: owns every mutation, batches them into one redb transaction per
+//! loop turn, and commits with `Durability::Immediate` whenever the batch holds a submit (group
+//! commit) or unflushed acks are older than the flush interval.
+
+use super::codec::{
+    Corrupt, DeadView, MessageView, QueueRow, StoredAttempt, decode_dead, decode_expiring,
+    decode_history, decode_message, decode_queue_row, dur_ms, encode_dead, encode_expiring,
+    encode_history, encode_message, encode_queue_row, ms_to_time, now_ms,
+};
+use super::{EmbeddedOptions, Shared};
+use crate::{
+    AttemptRecord, BackendConfig, DeadLetter, Leased, MAX_BODY_BYTES, MAX_RECEIVE_BATCH,
+    NackOutcome, NewMessage, QueueError, QueueStats, Selection, SubmitFate, full_jitter_backoff,
+    validate_queue_name,
+};
+use bytes::Bytes;
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction,
+};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::oneshot;
+
+/// Queue name → encoded [`QueueRow`].
+const QUEUES: TableDefinition<&str, &[u8]> = TableDefinition::new("queues");
+/// Counters such as `next_seq`.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// `(queue id, seq)` → encoded message, for every live (not acked, not dead) message.
+const MESSAGES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("messages");
+/// `(queue id, seq)` → encoded failed attempts, only for messages that failed at least once.
+const HISTORY: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("history");
+/// `(queue id, ready at ms, seq)`: the schedule of messages waiting (ready or delayed).
+const READY: TableDefinition<(u32, u64, u64), ()> = TableDefinition::new("ready");
+/// `(queue id, seq)`: messages leased out; moved back to `READY` on open.
+const INFLIGHT: TableDefinition<(u32, u64), ()> = TableDefinition::new("inflight");
+/// `(queue id, seq)` → encoded dead letter (header, history, message).
+const DEAD: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("dead");
+/// `(queue id, idempotency key)` → `(expires ms, message id)`.
+const DEDUP: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("dedup");
+/// `(expires ms, queue id, idempotency key)`: expiry index of `DEDUP`.
+const DEDUP_EXP: TableDefinition<(u64, u32, &str), ()> = TableDefinition::new("dedup_exp");
+/// Correlation id → `(expires ms, result body)`.
+pub(crate) const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results");
+/// `(expires ms, correlation id)`: expiry index of `RESULTS`.
+const RESULTS_EXP: TableDefinition<(u64, &str), ()> = TableDefinition::new("results_exp");
+
+const NEXT_SEQ: &str = "next_seq";
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+const SWEEP_CHUNK: usize = 1024;
+const MAX_IDLE_WAIT: Duration = Duration::from_secs(1);
+
+/// A reply channel.
+pub(crate) type Tx<T> = oneshot::Sender<Result<T, QueueError>>;
+
+/// A request to the writer thread.
+pub(crate) enum Cmd {
+    Submit {
+        queue: String,
+        messages: Vec<NewMessage>,
+        tx: Tx<Vec<SubmitFate>>,
+    },
+    Receive {
+        queue: String,
+        consumer: String,
+        max: usize,
+        lease_ms: u64,
+        wait_ms: u64,
+        tx: Tx<Vec<Leased>>,
+    },
+    Ack {
+        receipt: String,
+        result: Option<Bytes>,
+        tx: Tx<()>,
+    },
+    Nack {
+        receipt: String,
+        error: String,
+        delay: Option<Duration>,
+        tx: Tx<NackOutcome>,
+    },
+    Extend {
+        receipt: String,
+        lease_ms: u64,
+        tx: Tx<SystemTime>,
+    },
+    Release {
+        receipts: Vec<String>,
+        tx: Tx<u64>,
+    },
+    Stats {
+        tx: Tx<Vec<QueueStats>>,
+    },
+    ListDead {
+        queue: String,
+        page_size: usize,
+        after: Option<String>,
+        tx: Tx<(Vec<DeadLetter>, Option<String>)>,
+    },
+    Redrive {
+        queue: String,
+        selection: Selection,
+        tx: Tx<u64>,
+    },
+    Purge {
+        queue: String,
+        selection: Selection,
+        tx: Tx<u64>,
+    },
+    Shutdown,
+}
+
+/// An internal failure that aborts the whole batch.
+#[derive(Debug)]
+pub(crate) enum Fail {
+    Db(redb::Error),
+    Corrupt(&'static str),
+}
+
+macro_rules! fail_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Fail {
+            fn from(e: $t) -> Self {
+                Fail::Db(e.into())
+            }
+        }
+    )*};
+}
+fail_from!(
+    redb::Error,
+    redb::StorageError,
+    redb::TableError,
+    redb::TransactionError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+impl From<Corrupt> for Fail {
+    fn from(c: Corrupt) -> Self {
+        Fail::Corrupt(c.0)
+    }
+}
+
+impl std::fmt::Display for Fail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fail::Db(e) => write!(f, "{e}"),
+            Fail::Corrupt(what) => write!(f, "corrupt record: {what}"),
+        }
+    }
+}
+
+/// A page of dead letters and the next page token.
+type DeadPage = (Vec<DeadLetter>, Option<String>);
+
+/// `(queue id, seq, lease token)`.
+type LeaseKey = (u32, u64, u64);
+
+struct Lease {
+    token: u64,
+    consumer: String,
+    delivered_ms: u64,
+    expires_ms: u64,
+    attempt: u32,
+    correlation_id: String,
+    reply_to: Option<String>,
+}
+
+struct QState {
+    id: u32,
+    live: u64,
+    dead: u64,
+    in_flight: u64,
+    row_dirty: bool,
+}
+
+struct Waiter {
+    consumer: String,
+    max: usize,
+    lease_ms: u64,
+    deadline_ms: u64,
+    tx: Tx<Vec<Leased>>,
+}
+
+/// A reply held back until the batch's commit outcome is known.
+trait Deliver: Send {
+    /// Sends the reply (or `failure`); returns leases to release if the receiver is gone.
+    fn deliver(self: Box<Self>, failure: Option<&QueueError>) -> Option<Vec<LeaseKey>>;
+}
+
+struct Reply<T>(Tx<T>, Result<T, QueueError>);
+
+impl<T: Send> Deliver for Reply<T> {
+    fn deliver(self: Box<Self>, failure: Option<&QueueError>) -> Option<Vec<LeaseKey>> {
+        let result = match failure {
+            Some(e) => Err(e.clone()),
+            None => self.1,
+        };
+        let _ = self.0.send(result);
+        None
+    }
+}
+
+struct ReceiveReply {
+    tx: Tx<Vec<Leased>>,
+    leased: Vec<Leased>,
+    keys: Vec<LeaseKey>,
+}
+
+impl Deliver for ReceiveReply {
+    fn deliver(self: Box<Self>, failure: Option<&QueueError>) -> Option<Vec<LeaseKey>> {
+        match failure {
+            Some(e) => {
+                let _ = self.tx.send(Err(e.clone()));
+                None
+            }
+            None => match self.tx.send(Ok(self.leased)) {
+                Ok(()) => None,
+                // The caller went away (cancelled long-poll): hand the messages back.
+                Err(_) => Some(self.keys),
+            },
+        }
+    }
+}
+
+/// All tables of one write transaction.
+struct Tables<'t> {
+    queues: Table<'t, &'static str, &'static [u8]>,
+    meta: Table<'t, &'static str, u64>,
+    messages: Table<'t, (u32, u64), &'static [u8]>,
+    history: Table<'t, (u32, u64), &'static [u8]>,
+    ready: Table<'t, (u32, u64, u64), ()>,
+    inflight: Table<'t, (u32, u64), ()>,
+    dead: Table<'t, (u32, u64), &'static [u8]>,
+    dedup: Table<'t, (u32, &'static str), &'static [u8]>,
+    dedup_exp: Table<'t, (u64, u32, &'static str), ()>,
+    results: Table<'t, &'static str, &'static [u8]>,
+    results_exp: Table<'t, (u64, &'static str), ()>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, Fail> {
+        Ok(Self {
+            queues: txn.open_table(QUEUES)?,
+            meta: txn.open_table(META)?,
+            messages: txn.open_table(MESSAGES)?,
+            history: txn.open_table(HISTORY)?,
+            ready: txn.open_table(READY)?,
+            inflight: txn.open_table(INFLIGHT)?,
+            dead: txn.open_table(DEAD)?,
+            dedup: txn.open_table(DEDUP)?,
+            dedup_exp: txn.open_table(DEDUP_EXP)?,
+            results: txn.open_table(RESULTS)?,
+            results_exp: txn.open_table(RESULTS_EXP)?,
+        })
+    }
+}
+
+/// Per-batch scratch state.
+#[derive(Default)]
+struct Batch {
+    pending: Vec<Box<dyn Deliver>>,
+    /// Results to hand to `wait_result` callers once committed.
+    results: Vec<(String, Bytes)>,
+    /// Messages were accepted: the commit must be durable before anyone hears of it.
+    needs_sync: bool,
+    /// Something was written.
+    changed: bool,
+    accepted: u64,
+}
+
+impl Batch {
+    fn reply<T: Send + 'static>(&mut self, tx: Tx<T>, result: Result<T, QueueError>) {
+        self.pending.push(Box::new(Reply(tx, result)));
+    }
+}
+
+/// State owned by the writer thread.
+pub(crate) struct Writer {
+    db: Arc<Database>,
+    path: PathBuf,
+    config: BackendConfig,
+    options: EmbeddedOptions,
+    shared: Arc<Shared>,
+    queues: HashMap<String, QState>,
+    names: HashMap<u32, String>,
+    waiters: HashMap<String, VecDeque<Waiter>>,
+    leases: HashMap<(u32, u64), Lease>,
+    lease_heap: BinaryHeap<Reverse<(u64, u32, u64, u64)>>,
+    orphans: Vec<LeaseKey>,
+    next_seq: u64,
+    seq_dirty: bool,
+    next_qid: u32,
+    next_token: u64,
+    unsynced: bool,
+    last_sync: Instant,
+    last_sweep: Instant,
+    /// Earliest time a delayed message of a queue with waiters becomes ready.
+    next_ready_ms: Option<u64>,
+}
+
+fn parse_receipt(receipt: &str) -> Result<LeaseKey, QueueError> {
+    let bad = || QueueError::InvalidArgument(format!("malformed receipt {receipt:?}"));
+    let mut parts = receipt.split('.');
+    let mut next = || parts.next().ok_or_else(bad);
+    let qid = next()?.parse::<u32>().map_err(|_| bad())?;
+    let seq = next()?.parse::<u64>().map_err(|_| bad())?;
+    let token = next()?.parse::<u64>().map_err(|_| bad())?;
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok((qid, seq, token))
+}
+
+fn lease_lost(receipt: &str) -> QueueError {
+    QueueError::LeaseLost(format!(
+        "receipt {receipt} is no longer valid: its lease lapsed or it was already settled"
+    ))
+}
+
+fn history_len(buf: &[u8]) -> u32 {
+    buf.get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .unwrap_or(0)
+}
+
+impl Writer {
+    /// Opens (creating if needed) every table, loads the queue rows and makes every message
+    /// that was leased when the process stopped ready again.
+    pub(crate) fn recover(
+        db: Arc<Database>,
+        path: PathBuf,
+        config: BackendConfig,
+        options: EmbeddedOptions,
+        shared: Arc<Shared>,
+    ) -> Result<Self, QueueError> {
+        let mut w = Self {
+            db,
+            path,
+            config,
+            options,
+            shared,
+            queues: HashMap::new(),
+            names: HashMap::new(),
+            waiters: HashMap::new(),
+            leases: HashMap::new(),
+            lease_heap: BinaryHeap::new(),
+            orphans: Vec::new(),
+            next_seq: 1,
+            seq_dirty: false,
+            next_qid: 1,
+            next_token: rand::random::<u32>() as u64,
+            unsynced: false,
+            last_sync: Instant::now(),
+            last_sweep: Instant::now(),
+            next_ready_ms: None,
+        };
+        w.reload().map_err(|e| w.storage("recovering", &e))?;
+        Ok(w)
+    }
+
+    fn storage(&self, what: &str, e: &Fail) -> QueueError {
+        QueueError::Storage(format!(
+            "{what} queue database {} failed: {e}",
+            self.path.display()
+        ))
+    }
+
+    /// Rebuilds the in-memory state from disk (at open, or after a failed commit).
+    fn reload(&mut self) -> Result<(), Fail> {
+        self.queues.clear();
+        self.names.clear();
+        self.leases.clear();
+        self.lease_heap.clear();
+        self.orphans.clear();
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = Tables::open(&txn)?;
+            self.next_seq = t.meta.get(NEXT_SEQ)?.map_or(1, |v| v.value());
+            self.seq_dirty = false;
+            for item in t.queues.iter()? {
+                let (k, v) = item?;
+                let row = decode_queue_row(v.value())?;
+                self.next_qid = self.next_qid.max(row.id + 1);
+                self.names.insert(row.id, k.value().to_owned());
+                self.queues.insert(
+                    k.value().to_owned(),
+                    QState {
+                        id: row.id,
+                        live: row.live,
+                        dead: row.dead,
+                        in_flight: 0,
+                        row_dirty: false,
+                    },
+                );
+            }
+            let now = now_ms();
+            while let Some((k, _)) = t.inflight.pop_first()? {
+                let (qid, seq) = k.value();
+                drop(k);
+                t.ready.insert((qid, now, seq), ())?;
+            }
+        }
+        txn.commit()?;
+        self.unsynced = false;
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    /// The writer loop; returns when the backend shuts down or every sender is gone.
+    pub(crate) fn run(mut self, rx: Receiver<Cmd>) {
+        loop {
+            let timeout = self.time_to_next_wake();
+            let mut cmds = Vec::new();
+            let mut shutdown = false;
+            match rx.recv_timeout(timeout) {
+                Ok(cmd) => cmds.push(cmd),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => shutdown = true,
+            }
+            while cmds.len() < self.options.max_batch_commands {
+                match rx.try_recv() {
+                    Ok(cmd) => cmds.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            if cmds.iter().any(|c| matches!(c, Cmd::Shutdown)) {
+                shutdown = true;
+            }
+            self.run_batch(cmds, shutdown);
+            if shutdown {
+                // Whatever raced in after the shutdown request is refused.
+                while let Ok(cmd) = rx.try_recv() {
+                    refuse(cmd, &QueueError::Closed);
+                }
+                for (_, ws) in self.waiters.drain() {
+                    for w in ws {
+                        let _ = w.tx.send(Err(QueueError::Closed));
+                    }
+                }
+                return;
+            }
+        }
+    }
+
+    fn time_to_next_wake(&self) -> Duration {
+        let now = now_ms();
+        let mut wake = now.saturating_add(dur_ms(MAX_IDLE_WAIT));
+        if !self.orphans.is_empty() {
+            return Duration::ZERO;
+        }
+        if let Some(Reverse((exp, ..))) = self.lease_heap.peek() {
+            wake = wake.min(*exp);
+        }
+        if let Some(at) = self.next_ready_ms {
+            wake = wake.min(at);
+        }
+        for ws in self.waiters.values() {
+            for w in ws {
+                wake = wake.min(w.deadline_ms);
+            }
+        }
+        let mut timeout = Duration::from_millis(wake.saturating_sub(now));
+        if self.unsynced {
+            let flush_in = self
+                .options
+                .ack_flush_interval
+                .saturating_sub(self.last_sync.elapsed());
+            timeout = timeout.min(flush_in);
+        }
+        timeout
+    }
+
+    fn run_batch(&mut self, cmds: Vec<Cmd>, shutdown: bool) {
+        let mut batch = Batch::default();
+        let outcome = self.apply_and_commit(cmds, &mut batch, shutdown);
+        let failure = match outcome {
+            Ok(committed) => {
+                if committed {
+                    let c = &self.shared.counters;
+                    c.commits.fetch_add(1, Ordering::Relaxed);
+                    c.accepted.fetch_add(batch.accepted, Ordering::Relaxed);
+                    if batch.accepted > 0 {
+                        c.submit_commits.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                None
+            }
+            Err(e) => {
+                let err = self.storage("writing to", &e);
+                tracing::error!(error = %err, "queue batch failed; reloading state from disk");
+                Some(err)
+            }
+        };
+        let mut release = Vec::new();
+        for p in batch.pending.drain(..) {
+            if let Some(keys) = p.deliver(failure.as_ref()) {
+                release.extend(keys);
+            }
+        }
+        if failure.is_some() {
+            if let Err(e) = self.reload() {
+                tracing::error!(error = %self.storage("reloading", &e), "queue reload failed");
+            }
+            return;
+        }
+        self.orphans.extend(release);
+        if !batch.results.is_empty() {
+            let mut waiters = self.shared.result_waiters.lock();
+            for (corr, body) in batch.results {
+                if let Some(senders) = waiters.remove(&corr) {
+                    for s in senders {
+                        let _ = s.send(body.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies a batch in one transaction and commits it; returns whether anything was
+    /// committed.
+    fn apply_and_commit(
+        &mut self,
+        cmds: Vec<Cmd>,
+        batch: &mut Batch,
+        shutdown: bool,
+    ) -> Result<bool, Fail> {
+        let now = now_ms();
+        let mut txn = self.db.begin_write()?;
+        {
+            let mut t = Tables::open(&txn)?;
+            self.release_orphans(&mut t, batch, now)?;
+            self.expire_leases(&mut t, batch, now)?;
+            for cmd in cmds {
+                self.apply(&mut t, batch, cmd, now)?;
+            }
+            self.serve_waiters(&mut t, batch, now)?;
+            if self.last_sweep.elapsed() >= SWEEP_EVERY {
+                self.last_sweep = Instant::now();
+                self.sweep(&mut t, batch, now)?;
+            }
+            self.maybe_compact_heap();
+            self.write_rows(&mut t)?;
+        }
+        if !(batch.changed || shutdown && self.unsynced) {
+            txn.abort()?;
+            return Ok(false);
+        }
+        let sync = batch.needs_sync
+            || shutdown
+            || (self.unsynced && self.last_sync.elapsed() >= self.options.ack_flush_interval);
+        txn.set_durability(if sync {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })?;
+        txn.commit()?;
+        if sync {
+            self.unsynced = false;
+            self.last_sync = Instant::now();
+            self.shared
+                .counters
+                .durable_commits
+                .fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.unsynced = true;
+        }
+        Ok(true)
+    }
+
+    fn apply(
+        &mut self,
+        t: &mut Tables<'_>,
+        batch: &mut Batch,
+        cmd: Cmd,
+        now: u64,
+    ) -> Result<(), Fail> {
+        match cmd {
+            Cmd::Submit {
+                queue,
+                messages,
+                tx,
+            } => {
+                let r = self.submit(t, batch, &queue, messages, now)?;
+                batch.reply(tx, r);
+            }
+            Cmd::Receive {
+                queue,
+                consumer,
+                max,
+                lease_ms,
+                wait_ms,
+                tx,
+            } => {
+                let max = max.min(MAX_RECEIVE_BATCH);
+                let (leased, keys) = match self.queues.get(&queue) {
+                    Some(q) if q.live > q.in_flight && !tx.is_closed() => {
+                        let qid = q.id;
+                        self.lease_ready(t, batch, qid, &consumer, max, lease_ms, now)?
+                    }
+                    _ => (Vec::new(), Vec::new()),
+                };
+                if !leased.is_empty() || wait_ms == 0 {
+                    batch
+                        .pending
+                        .push(Box::new(ReceiveReply { tx, leased, keys }));
+                } else {
+                    self.waiters.entry(queue).or_default().push_back(Waiter {
+                        consumer,
+                        max,
+                        lease_ms,
+                        deadline_ms: now.saturating_add(wait_ms),
+                        tx,
+                    });
+                }
+            }
+            Cmd::Ack {
+                receipt,
+                result,
+                tx,
+            } => {
+                let r = self.ack(t, batch, &receipt, result, now)?;
+                batch.reply(tx, r);
+            }
+            Cmd::Nack {
+                receipt,
+                error,
+                delay,
+                tx,
+            } => {
+                let r = match parse_receipt(&receipt) {
+                    Err(e) => Err(e),
+                    Ok(key) => match self.take_lease(key, now) {
+                        None => Err(lease_lost(&receipt)),
+                        Some(lease) => Ok(self.fail_attempt(
+                            t,
+                            batch,
+                            (key.0, key.1),
+                            lease,
+                            &error,
+                            delay.map(dur_ms),
+                            now,
+                        )?),
+                    },
+                };
+                batch.reply(tx, r);
+            }
+            Cmd::Extend {
+                receipt,
+                lease_ms,
+                tx,
+            } => {
+                let r = parse_receipt(&receipt).and_then(|(qid, seq, token)| {
+                    match self.leases.get_mut(&(qid, seq)) {
+                        Some(l) if l.token == token && l.expires_ms > now => {
+                            l.expires_ms = now.saturating_add(lease_ms);
+                            self.lease_heap
+                                .push(Reverse((l.expires_ms, qid, seq, token)));
+                            Ok(ms_to_time(l.expires_ms))
+                        }
+                        _ => Err(lease_lost(&receipt)),
+                    }
+                });
+                batch.reply(tx, r);
+            }
+            Cmd::Release { receipts, tx } => {
+                let mut released = 0u64;
+                for receipt in &receipts {
+                    // Malformed or stale receipts are ignored: there is nothing to put back.
+                    if let Ok(key) = parse_receipt(receipt) {
+                        if self.put_back(t, batch, key, now)? {
+                            released += 1;
+                        }
+                    }
+                }
+                batch.reply(tx, Ok(released));
+            }
+            Cmd::Stats { tx } => {
+                let r = self.stats(t, now)?;
+                batch.reply(tx, Ok(r));
+            }
+            Cmd::ListDead {
+                queue,
+                page_size,
+                after,
+                tx,
+            } => {
+                let r = self.list_dead(t, &queue, page_size, after.as_deref())?;
+                batch.reply(tx, r);
+            }
+            Cmd::Redrive {
+                queue,
+                selection,
+                tx,
+            } => {
+                let r = self.redrive_or_purge(t, batch, &queue, &selection, true, now)?;
+                batch.reply(tx, r);
+            }
+            Cmd::Purge {
+                queue,
+                selection,
+                tx,
+            } => {
+                let r = self.redrive_or_purge(t, batch, &queue, &selection, false, now)?;
+                batch.reply(tx, r);
+            }
+            Cmd::Shutdown => {}
+        }
+        Ok(())
+    }
+
+    fn queue_id(&mut self, t: &mut Tables<'_>, name: &str) -> Result<u32, Fail> {
+        if let Some(q) = self.queues.get(name) {
+            return Ok(q.id);
+        }
+        let id = self.next_qid;
+        self.next_qid += 1;
+        let row = QueueRow {
+            id,
+            live: 0,
+            dead: 0,
+        };
+        t.queues.insert(name, encode_queue_row(row).as_slice())?;
+        self.names.insert(id, name.to_owned());
+        self.queues.insert(
+            name.to_owned(),
+            QState {
+                id,
+                live: 0,
+                dead: 0,
+                in_flight: 0,
+                row_dirty: false,
+            },
+        );
+        Ok(id)
+    }
+
+    fn qstate(&mut self, qid: u32) -> Option<&mut QState> {
+        let name = self.names.get(&qid)?;
+        self.queues.get_mut(name)
+    }
+
+    fn submit(
+        &mut self,
+        t: &mut Tables<'_>,
+        batch: &mut Batch,
+        queue: &str,
+        messages: Vec<NewMessage>,
+        now: u64,
+    ) -> Result<Result<Vec<SubmitFate>, QueueError>, Fail> {
+        if let Err(e) = validate_queue_name(queue) {
+            return Ok(Err(e));
+        }
+        let mut fates = Vec::with_capacity(messages.len());
+        for m in &messages {
+            fates.push(self.enqueue(t, batch, queue, m, now)?);
+        }
+        Ok(Ok(fates))
+    }
+
+    fn enqueue(
+        &mut self,
+        t: &mut Tables<'_>,
+        batch: &mut Batch,
+        queue: &str,
+        m: &NewMessage,
+        now: u64,
+    ) -> Result<SubmitFate, Fail> {
+        if let Some(reason) = reject_reason(m) {
+            return Ok(SubmitFate::Rejected { reason });
+        }
+        let qid = self.queue_id(t, queue)?;
+        batch.changed = true;
+        if let Some(key) = m.idempotency_key.as_deref() {
+            if let Some(v) = t.dedup.get((qid, key))? {
+                let (expires, id) = decode_expiring(v.value())?;
+                if expires > now {
+                    let id = String::from_utf8_lossy(id).into_owned();
+                    return Ok(SubmitFate::Duplicate { id });
+                }
+            }
+            let window = dur_ms(self.config.for_queue(queue).dedup_window);
+            let expires = now.saturating_add(window);
+            t.dedup.insert(
+                (qid, key),
+                encode_expiring(expires, m.id.as_bytes()).as_slice(),
+            )?;
+            t.dedup_exp.insert((expires, qid, key), ())?;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.seq_dirty = true;
+        let rec = encode_message(&MessageView {
+            enqueued_ms: now,
+            id: &m.id,
+            idempotency_key: m.idempotency_key.as_deref(),
+            correlation_id: &m.correlation_id,
+            reply_to: m.reply_to.as_deref(),
+            body: &m.body,
+        });
+        t.messages.insert((qid, seq), rec.as_slice())?;
+        t.ready.insert((qid, now, seq), ())?;
+        if let Some(q) = self.queues.get_mut(queue) {
+            q.live += 1;
+            q.row_dirty = true;
+        }
+        batch.needs_sync = true;
+        batch.accepted += 1;
+        Ok(SubmitFate::Accepted { id: m.id.clone() })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn lease_ready(
+        &mut self,
+        t: &mut Tables<'_>,
+        batch: &mut Batch,
+        qid: u32,
+        consumer: &str,
+        max: usize,
+        lease_ms: u64,
+        now: u64,
+    ) -> Result<(Vec<Leased>, Vec<LeaseKey>), Fail> {
+        let mut due = Vec::new();
+        for item in t
+            .ready
+            .range((qid, 0u64, 0u64)..=(qid, now, u64::MAX))?
+            .take(max)
+        {
+            let (k, _) = item?;
+            due.push(k.value());
+        }
+        let mut leased = Vec::with_capacity(due.len());
+        let mut keys = Vec::with_capacity(due.len());
+        for key in due {
+            let (_, _, seq) = key;
+            t.ready.remove(key)?;
+            batch.changed = true;
+            let Some(rec) = t.messages.get((qid, seq))? else {
+                tracing::warn!(
+                    qid,
+                    seq,
+                    "scheduled message has no record; dropping the entry"
+                );
+                continue;
+            };
+            let m = decode_message(rec.value())?;
+            let attempt = t
+                .history
+                .get((qid, seq))?
+                .map_or(0, |h| history_len(h.value()))
+                + 1;
+            let token = self.next_token;
+            self.next_token += 1;
+            let expires_ms = now.saturating_add(lease_ms);
+            leased.push(Leased {
+                receipt: format!("{qid}.{seq}.{token}"),
+                message_id: m.id.to_owned(),
+                correlation_id: m.correlation_id.to_owned(),
+                body: Bytes::copy_from_slice(m.body),
+                attempt,
+                lease_expires_at: ms_to_time(expires_ms),
+                enqueued_at: ms_to_time(m.enqueued_ms),
+            });
+            self.leases.insert(
+                (qid, seq),
+                Lease {
+                    token,
+                    consumer: consumer.to_owned(),
+                    delivered_ms: now,
+                    expires_ms,
+                    attempt,
+                    correlation_id: m.correlation_id.to_owned(),
+                    reply_to: m.reply_to.map(str::to_owned),
+                },
+            );
+            drop(rec);
+            t.inflight.insert((qid, seq), ())?;
+            self.lease_heap.push(Reverse((expires_ms, qid, seq, token)));
+            keys.push((qid, seq, token));
+        }
+        if let Some(q) = self.qstate(qid) {
+            q.in_flight += keys.len() as u64;
+        }
+        Ok((leased, keys))
+    }
+
+    /// Removes and returns the live lease matching `key`.
+    fn take_lease(&mut self, (qid, seq, token): LeaseKey, now: u64) -> Option<Lease> {
+        match self.leases.get(&(qid, seq)) {
+            Some(l) if l.token == token && l.expires_ms > now => self.leases.remove(&(qid, seq)),
+            _ => None,
+        }
+    }
+
+    fn ack(
+        &mut self,
+        t: &mut Tables<'_>,
+        batch: &mut Batch,
+        receipt: &str,
+        result: Option<Bytes>,
+        now: u64,
+    ) -> Result<Result<(), QueueError>, Fail> {
+        let key = match parse_receipt(receipt) {
+            Ok(k) => k,
+            Err(e) => return Ok(Err(e)),
+        };
+        if let Some(r) = &result {
+            if r.len() > MAX_BODY_BYTES {
+                return Ok(Err(QueueError::InvalidArgument(format!(
+                    "result is {} bytes, the limit is {MAX_BODY_BYTES}",
+                    r.len()
+                ))));
+            }
+        }
+        let Some(lease) = self.take_lease(key, now) else {
+            return Ok(Err(lease_lost(receipt)));
+        };
+        let (qid, seq, _) = key;
+        batch.changed = true;
+        t.inflight.remove((qid, seq))?;
+        t.messages.remove((qid, seq))?;
+        t.history.remove((qid, seq))?;
+        let qname = self.names.get(&qid).cloned().unwrap_or_default();
+        if let Some(q) = self.queues.get_mut(&qname) {
+            q.in_flight = q.in_flight.saturating_sub(1);
+            q.live = q.live.saturating_sub(1);
+            q.row_dirty = true;
+        }
+        if let Some(body) = result {
+            let ttl = dur_ms(self.config.for_queue(&qname).result_ttl);
+            let corr = lease.correlation_id;
+            if !corr.is_empty() {
+                let expires = now.saturating_add(ttl);
+                t.results
+                    .insert(corr.as_str(), encode_expiring(expires, &body).as_slice())?;
+                t.results_exp.insert((expires, corr.as_str()), ())?;
+                batch.results.push((corr.clone(), body.clone()));
+            }
+            if let Some(reply_to) = lease.reply_to {
+                let reply = NewMessage {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    idempotency_key: None,
+                    correlation_id: corr,
+                    reply_to: None,
+                    body,
+                };
+                // Acks are flushed lazily, and the reply rides along in the same commit.
+                let needs_sync = batch.needs_sync;
+                let accepted = batch.accepted;
+                let fate = self.enqueue(t, batch, &reply_to, &reply, now)?;
+                batch.needs_sync = needs_sync;
+                batch.accepted = accepted;
+                if let SubmitFate::Rejected { reason } = fate {
+                    tracing::warn!(%reply_to, %reason, "reply could not be enqueued");
+                }
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Records a failed attempt; schedules a retry or dead-letters the message.
+    #[allow(clippy::too_many_arguments)]
+    fn fail_attempt(
+        &mut self,
+        t: &mut Tables<'_>,
+        batch: &mut Batch,
+        (qid, seq): (u32, u64),
+        lease: Lease,
+        error: &str,
+        delay_ms: Option<u64>,
+        now: u64,
+    ) -> Result<NackOutcome, Fail> {
+        batch.changed = true;
+        t.inflight.remove((qid, seq))?;
+        let mut history = match t.history.get((qid, seq))? {
+            Some(h) => decode_history(h.value())?,
+            None => Vec::new(),
+        };
+        history.push(StoredAttempt {
+            attempt: lease.attempt,
+            delivered_ms: lease.delivered_ms,
+            consumer_id: lease.consumer,
+            error: error.to_owned(),
+        });
+        let history = encode_history(&history);
+        let qname = self.names.get(&qid).cloned().unwrap_or_default();
+        let cfg = self.config.for_queue(&qname).clone();
+        let q = self.queues.get_mut(&qname);
+        if lease.attempt >= cfg.max_attempts {
+            let rec = t.messages.remove((qid, seq))?.map(|g| g.value().to_vec());
+            t.history.remove((qid, seq))?;
+            if let Some(q) = q {
+                q.in_flight = q.in_flight.saturating_sub(1);
+                q.live = q.live.saturating_sub(1);
+                q.row_dirty = true;
+                if rec.is_some() {
+                    q.dead += 1;
+                }
+            }
+            if let Some(rec) = rec {
+                let dead = encode_dead(&DeadView {
+                    dead_ms: now,
+                    last_error: error,
+                    history: &history,
+                    message: &rec,
+                });
+                t.dead.insert((qid, seq), dead.as_slice())?;
+            }
+            return Ok(NackOutcome::DeadLettered);
+        }
+        if let Some(q) = q {
+            q.in_flight = q.in_flight.saturating_sub(1);
+        }
+        let delay = delay_ms.unwrap_or_else(|| {
+            dur_ms(full_jitter_backoff(
+                cfg.backoff_base,
+                cfg.backoff_max,
+                lease.attempt,
+            ))
+        });
+        let at = now.saturating_add(delay);
+        t.history.insert((qid, seq), history.as_slice())?;
+        t.ready.insert((qid, at, seq), ())?;
+        Ok(NackOutcome::Retry { at: ms_to_time(at) })
+    }
+
+    fn expire_leases(
+        &mut self,
+        t: &mut Tables<'_>,
+        batch: &mut Batch,
+        now: u64,
+    ) -> Result<(), Fail> {
+        while let Some(&Reverse((exp, qid, seq, token))) = self.lease_heap.peek() {
+            if exp > now {
+                break;
+            }
+            self.lease_heap.pop();
+            let current = matches!(
+                self.leases.get(&(qid, seq)),
+                Some(l) if l.token == token && l.expires_ms == exp
+            );
+            if !current {
+                continue;
+            }
+            if let Some(lease) = self.leases.remove(&(qid, seq)) {
+                self.fail_attempt(t, batch, (qid, seq), lease, "lease expired", Some(0), now)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts back messages whose receive reply could not be delivered (not a failed attempt).
+    fn release_orphans(
+        &mut self,
+        t: &mut Tables<'_>,
+        batch: &mut Batch,
+        now: u64,
+    ) -> Result<(), Fail> {
+        for key in std::mem::take(&mut self.orphans) {
+            self.put_back(t, batch, key, now)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the lease `key` (if it is still the current one) and makes its message ready at
+    /// once, without recording a failed attempt; returns whether a lease was ended.
+    fn put_back(
+        &mut self,
+        t: &mut Tables<'_>,
+        batch: &mut Batch,
+        (qid, seq, token): LeaseKey,
+        now: u64,
+    ) -> Result<bool, Fail> {
+        if !matches!(self.leases.get(&(qid, seq)), Some(l) if l.token == token) {
+            return Ok(false);
+        }
+        self.leases.remove(&(qid, seq));
+        batch.changed = true;
+        t.inflight.remove((qid, seq))?;
+        t.ready.insert((qid, now, seq), ())?;
+        if let Some(q) = self.qstate(qid) {
+            q.in_flight = q.in_flight.saturating_sub(1);
+        }
+        Ok(true)
+    }
+
+    fn serve_waiters(
+        &mut self,
+        t: &mut Tables<'_>,
+        batch: &mut Batch,
+        now: u64,
+    ) -> Result<(), Fail> {
+        self.next_ready_ms = None;
+        let names: Vec<String> = self
+            .waiters
+            .iter()
+            .filter(|(_, ws)| !ws.is_empty())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            let mut ws = self.waiters.remove(&name).unwrap_or_default();
+            ws.retain(|w| !w.tx.is_closed());
+            let qid = self.queues.get(&name).map(|q| q.id);
+            if let Some(qid) = qid {
+                while let Some(w) = ws.front() {
+                    let (leased, keys) =
+                        self.lease_ready(t, batch, qid, &w.consumer, w.max, w.lease_ms, now)?;
+                    if leased.is_empty() {
+                        break;
+                    }
+                    if let Some(w) = ws.pop_front() {
+                        batch.pending.push(Box::new(ReceiveReply {
+                            tx: w.tx,
+                            leased,
+                            keys,
+                        }));
+                    }
+                }
+            }
+            let mut still = VecDeque::with_capacity(ws.len());
+            for w in ws {
+                if w.deadline_ms <= now {
+                    batch.pending.push(Box::new(ReceiveReply {
+                        tx: w.tx,
+                        leased: Vec::new(),
+                        keys: Vec::new(),
+                    }));
+                } else {
+                    still.push_back(w);
+                }
+            }
+            if still.is_empty() {
+                continue;
+            }
+            if let Some(qid) = qid {
+                if let Some(item) = t
+                    .ready
+                    .range((qid, 0u64, 0u64)..=(qid, u64::MAX, u64::MAX))?
+                    .next()
+                {
+                    let (k, _) = item?;
+                    let at = k.value().1;
+                    self.next_ready_ms = Some(self.next_ready_ms.map_or(at, |n| n.min(at)));
+                }
+            }
+            self.waiters.insert(name, still);
+        }
+        Ok(())
+    }
+
+    /// Deletes expired dedup keys and results, a bounded chunk at a time.
+    fn sweep(&mut self, t: &mut Tables<'_>, batch: &mut Batch, now: u64) -> Result<(), Fail> {
+        let mut expired = Vec::new();
+        for item in t
+            .dedup_exp
+            .range((0u64, 0u32, "")..(now, 0u32, ""))?
+            .take(SWEEP_CHUNK)
+        {
+            let (k, _) = item?;
+            let (exp, qid, key) = k.value();
+            expired.push((exp, qid, key.to_owned()));
+        }
+        for (exp, qid, key) in expired {
+            batch.changed = true;
+            t.dedup_exp.remove((exp, qid, key.as_str()))?;
+            let current = match t.dedup.get((qid, key.as_str()))? {
+                Some(v) => decode_expiring(v.value())?.0 == exp,
+                None => false,
+            };
+            if current {
+                t.dedup.remove((qid, key.as_str()))?;
+            }
+        }
+        let mut expired = Vec::new();
+        for item in t
+            .results_exp
+            .range((0u64, "")..(now, ""))?
+            .take(SWEEP_CHUNK)
+        {
+            let (k, _) = item?;
+            let (exp, corr) = k.value();
+            expired.push((exp, corr.to_owned()));
+        }
+        for (exp, corr) in expired {
+            batch.changed = true;
+            t.results_exp.remove((exp, corr.as_str()))?;
+            let current = match t.results.get(corr.as_str())? {
+                Some(v) => decode_expiring(v.value())?.0 == exp,
+                None => false,
+            };
+            if current {
+                t.results.remove(corr.as_str())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops stale heap entries (acked or extended leases) once they dominate the heap.
+    fn maybe_compact_heap(&mut self) {
+        if self.lease_heap.len() > 1024 && self.lease_heap.len() > 2 * self.leases.len() {
+            self.lease_heap = self
+                .leases
+                .iter()
+                .map(|(&(qid, seq), l)| Reverse((l.expires_ms, qid, seq, l.token)))
+                .collect();
+        }
+    }
+
+    fn write_rows(&mut self, t: &mut Tables<'_>) -> Result<(), Fail> {
+        for (name, q) in self.queues.iter_mut().filter(|(_, q)| q.row_dirty) {
+            let row = QueueRow {
+                id: q.id,
+                live: q.live,
+                dead: q.dead,
+            };
+            t.queues
+                .insert(name.as_str(), encode_queue_row(row).as_slice())?;
+            q.row_dirty = false;
+        }
+        if self.seq_dirty {
+            t.meta.insert(NEXT_SEQ, self.next_seq)?;
+            self.seq_dirty = false;
+        }
+        Ok(())
+    }
+
+    fn stats(&self, t: &mut Tables<'_>, now: u64) -> Result<Vec<QueueStats>, Fail> {
+        let mut out = Vec::with_capacity(self.queues.len());
+        for (name, q) in &self.queues {
+            let oldest_age = match t.messages.range((q.id, 0u64)..=(q.id, u64::MAX))?.next() {
+                Some(item) => {
+                    let (_, v) = item?;
+                    let enqueued = decode_message(v.value())?.enqueued_ms;
+                    Some(Duration::from_millis(now.saturating_sub(enqueued)))
+                }
+                None => None,
+            };
+            out.push(QueueStats {
+                name: name.clone(),
+                depth: q.live.saturating_sub(q.in_flight),
+                in_flight: q.in_flight,
+                dead_letters: q.dead,
+                oldest_age,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn known_queue(&self, queue: &str) -> Result<u32, QueueError> {
+        validate_queue_name(queue)?;
+        self.queues
+            .get(queue)
+            .map(|q| q.id)
+            .ok_or_else(|| QueueError::NotFound(format!("queue {queue:?} does not exist")))
+    }
+
+    fn list_dead(
+        &self,
+        t: &mut Tables<'_>,
+        queue: &str,
+        page_size: usize,
+        after: Option<&str>,
+    ) -> Result<Result<DeadPage, QueueError>, Fail> {
+        let qid = match self.known_queue(queue) {
+            Ok(id) => id,
+            Err(e) => return Ok(Err(e)),
+        };
+        let start = match after {
+            None => 0,
+            Some(token) => match token.parse::<u64>() {
+                Ok(seq) => seq.saturating_add(1),
+                Err(_) => {
+                    return Ok(Err(QueueError::InvalidArgument(format!(
+                        "malformed page token {token:?}"
+                    ))));
+                }
+            },
+        };
+        let page_size = page_size.clamp(1, 1000);
+        let mut out = Vec::new();
+        let mut last_seq = None;
+        let mut more = false;
+        for item in t.dead.range((qid, start)..=(qid, u64::MAX))? {
+            let (k, v) = item?;
+            if out.len() == page_size {
+                more = true;
+                break;
+            }
+            let d = decode_dead(v.value())?;
+            let m = decode_message(d.message)?;
+            out.push(DeadLetter {
+                message_id: m.id.to_owned(),
+                correlation_id: m.correlation_id.to_owned(),
+                reply_to: m.reply_to.map(str::to_owned),
+                body: Bytes::copy_from_slice(m.body),
+                enqueued_at: ms_to_time(m.enqueued_ms),
+                dead_lettered_at: ms_to_time(d.dead_ms),
+                last_error: d.last_error.to_owned(),
+                attempts: decode_history(d.history)?
+                    .into_iter()
+                    .map(|a| AttemptRecord {
+                        attempt: a.attempt,
+                        delivered_at: ms_to_time(a.delivered_ms),
+                        consumer_id: a.consumer_id,
+                        error: a.error,
+                    })
+                    .collect(),
+            });
+            last_seq = Some(k.value().1);
+        }
+        let next = if more {
+            last_seq.map(|s| s.to_string())
+        } else {
+            None
+        };
+        Ok(Ok((out, next)))
+    }
+
+    fn redrive_or_purge(
+        &mut self,
+        t: &mut Tables<'_>,
+        batch: &mut Batch,
+        queue: &str,
+        selection: &Selection,
+        redrive: bool,
+        now: u64,
+    ) -> Result<Result<u64, QueueError>, Fail> {
+        let qid = match self.known_queue(queue) {
+            Ok(id) => id,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut moved = 0u64;
+        let mut cursor = 0u64;
+        let wanted: Option<HashSet<&str>> = match selection {
+            Selection::All => None,
+            Selection::Ids(ids) => Some(ids.iter().map(String::as_str).collect()),
+        };
+        loop {
+            // Walk the dead set in chunks so memory stays bounded however many there are.
+            let mut chunk = Vec::new();
+            for item in t
+                .dead
+                .range((qid, cursor)..=(qid, u64::MAX))?
+                .take(SWEEP_CHUNK)
+            {
+                let (k, v) = item?;
+                let seq = k.value().1;
+                let pick = match &wanted {
+                    None => true,
+                    Some(ids) => ids.contains(decode_message(decode_dead(v.value())?.message)?.id),
+                };
+                chunk.push((seq, pick));
+            }
+            let Some(&(last, _)) = chunk.last() else {
+                break;
+            };
+            for (seq, pick) in chunk {
+                if !pick {
+                    continue;
+                }
+                let Some(v) = t.dead.remove((qid, seq))?.map(|g| g.value().to_vec()) else {
+                    continue;
+                };
+                batch.changed = true;
+                moved += 1;
+                if redrive {
+                    let d = decode_dead(&v)?;
+                    t.messages.insert((qid, seq), d.message)?;
+                    t.ready.insert((qid, now, seq), ())?;
+                }
+            }
+            match last.checked_add(1) {
+                Some(c) => cursor = c,
+                None => break,
+            }
+        }
+        if let Some(q) = self.qstate(qid) {
+            q.dead = q.dead.saturating_sub(moved);
+            if redrive {
+                q.live += moved;
+            }
+            q.row_dirty = true;
+        }
+        Ok(Ok(moved))
+    }
+}
+
+fn reject_reason(m: &NewMessage) -> Option<String> {
+    if m.id.is_empty() {
+        return Some("message id is empty".into());
+    }
+    if m.id.len() > 1024 {
+        return Some("message id is longer than 1024 bytes".into());
+    }
+    if m.body.len() > MAX_BODY_BYTES {
+        return Some(format!(
+            "body is {} bytes, the limit is {MAX_BODY_BYTES}",
+            m.body.len()
+        ));
+    }
+    if m.idempotency_key.as_ref().is_some_and(|k| k.len() > 1024) {
+        return Some("idempotency key is longer than 1024 bytes".into());
+    }
+    if m.correlation_id.len() > 1024 {
+        return Some("correlation id is longer than 1024 bytes".into());
+    }
+    if let Some(r) = &m.reply_to {
+        if let Err(e) = validate_queue_name(r) {
+            return Some(format!("reply_to: {e}"));
+        }
+    }
+    None
+}
+
+/// Answers a command with `err` without running it.
+fn refuse(cmd: Cmd, err: &QueueError) {
+    match cmd {
+        Cmd::Submit { tx, .. } => drop(tx.send(Err(err.clone()))),
+        Cmd::Receive { tx, .. } => drop(tx.send(Err(err.clone()))),
+        Cmd::Ack { tx, .. } => drop(tx.send(Err(err.clone()))),
+        Cmd::Nack { tx, .. } => drop(tx.send(Err(err.clone()))),
+        Cmd::Extend { tx, .. } => drop(tx.send(Err(err.clone()))),
+        Cmd::Release { tx, .. } => drop(tx.send(Err(err.clone()))),
+        Cmd::Stats { tx } => drop(tx.send(Err(err.clone()))),
+        Cmd::ListDead { tx, .. } => drop(tx.send(Err(err.clone()))),
+        Cmd::Redrive { tx, .. } | Cmd::Purge { tx, .. } => drop(tx.send(Err(err.clone()))),
+        Cmd::Shutdown => {}
+    }
+}
+
+/// Reads a stored, unexpired result (used by readers outside the writer thread).
+pub(crate) fn read_result(db: &Database, correlation_id: &str) -> Result<Option<Bytes>, Fail> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(RESULTS)?;
+    let Some(v) = table.get(correlation_id)? else {
+        return Ok(None);
+    };
+    let (expires, body) = decode_expiring(v.value())?;
+    if expires <= now_ms() {
+        return Ok(None);
+    }
+    Ok(Some(Bytes::copy_from_slice(body)))
+}
