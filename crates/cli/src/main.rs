@@ -1,6 +1,7 @@
 //! `agentmesh`: run a node, list agents, call them.
 
 mod demo;
+mod queue_commands;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -60,10 +61,18 @@ enum Command {
         /// Also start the built-in demo agents (echo, counter).
         #[arg(long)]
         demo_agents: bool,
-        /// Edge default timeout in milliseconds, for calls that set none.
-        #[arg(long, env = "AGENTMESH_DEFAULT_TIMEOUT_MS", default_value_t = 30_000)]
-        default_timeout_ms: u64,
+        /// Configuration file (TOML); flags and variables override it.
+        #[arg(long, env = "AGENTMESH_CONFIG")]
+        config: Option<std::path::PathBuf>,
+        /// Edge default timeout in milliseconds, for calls that set none (default 30000).
+        #[arg(long, env = "AGENTMESH_DEFAULT_TIMEOUT_MS")]
+        default_timeout_ms: Option<u64>,
+        /// Directory of the durable queue store (created if missing).
+        #[arg(long, env = "AGENTMESH_DATA_DIR", default_value = agentmesh_node::queue_service::DEFAULT_DATA_DIR)]
+        data_dir: std::path::PathBuf,
     },
+    #[command(flatten)]
+    Queue(queue_commands::QueueCommand),
     /// List registered agents.
     Agents {
         #[command(flatten)]
@@ -165,8 +174,20 @@ async fn run() -> anyhow::Result<()> {
         Command::Serve {
             listen,
             demo_agents,
+            config,
             default_timeout_ms,
-        } => serve(listen, demo_agents, default_timeout_ms).await,
+            data_dir,
+        } => {
+            let mut config = match config {
+                Some(path) => NodeConfig::from_file(&path)?,
+                None => NodeConfig::default(),
+            };
+            if let Some(ms) = default_timeout_ms {
+                config.router.default_timeout = Duration::from_millis(ms);
+            }
+            serve(listen, demo_agents, config, data_dir).await
+        }
+        Command::Queue(command) => queue_commands::run(command).await,
         Command::Agents { node, skill } => agents(node, skill).await,
         Command::FanOut {
             targets,
@@ -297,15 +318,23 @@ async fn run() -> anyhow::Result<()> {
 async fn serve(
     listen: SocketAddr,
     demo_agents: bool,
-    default_timeout_ms: u64,
+    mut config: NodeConfig,
+    data_dir: std::path::PathBuf,
 ) -> anyhow::Result<()> {
-    let mut config = NodeConfig::default();
-    config.router.default_timeout = Duration::from_millis(default_timeout_ms);
+    config.queue.data_dir = data_dir;
+    let queue = agentmesh_node::queue_service::QueueHandle::open(&config.queue)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot open the queue store in {}",
+                config.queue.data_dir.display()
+            )
+        })?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let address = listener.local_addr()?;
-    let node = Node::new(config);
+    let node = Node::new(config).with_queue(queue.clone());
     let server = tokio::spawn(node.serve(listener, shutdown_signal()));
     let demos = if demo_agents {
         let demos = demo::start(&address.to_string()).await?;
@@ -321,6 +350,7 @@ async fn serve(
     for agent in demos {
         agent.shutdown().await;
     }
+    queue.close().await;
     result.context("node failed")
 }
 

@@ -12,6 +12,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_agentmesh");
 struct NodeProcess {
     child: Child,
     address: String,
+    /// The node's queue store (each node its own, removed afterwards).
+    _data: tempfile::TempDir,
 }
 
 impl NodeProcess {
@@ -22,14 +24,20 @@ impl NodeProcess {
             .unwrap()
             .port();
         let address = format!("127.0.0.1:{port}");
+        let data = tempfile::tempdir().unwrap();
         let child = Command::new(BIN)
             .args(["serve", "--demo-agents", "--listen", &address])
+            .env("AGENTMESH_DATA_DIR", data.path())
             .env("AGENTMESH_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let node = Self { child, address };
+        let node = Self {
+            child,
+            address,
+            _data: data,
+        };
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             let out = node.cli(&["agents"]);

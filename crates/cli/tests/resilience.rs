@@ -122,8 +122,14 @@ async fn dead_agent_opens_the_breaker_then_a_probe_closes_it() {
         "an open breaker does not call the agent"
     );
     latencies.sort();
+    eprintln!(
+        "fail-fast round trip through the node: median {:?}",
+        latencies[10]
+    );
+    // Loose on purpose (tests share 2 cores); the open breaker's answer costs
+    // one lookup, and the agent is not called (asserted above).
     assert!(
-        latencies[10] < Duration::from_millis(20),
+        latencies[10] < Duration::from_millis(100),
         "fails fast: median {:?}",
         latencies[10]
     );
@@ -138,6 +144,23 @@ async fn dead_agent_opens_the_breaker_then_a_probe_closes_it() {
         listed[0].breaker,
         BreakerState::Open as i32,
         "breaker state is visible"
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", node.addr()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let instance = &listed[0].card.as_ref().unwrap().instance_id;
+    assert!(
+        metrics.contains(&format!(
+            "agentmesh_breaker_state{{agent=\"fragile\",instance=\"{instance}\"}} 2"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("agentmesh_routed_calls_total{code=\"Unavailable\"} 3"),
+        "{metrics}"
     );
 
     // The agent recovers: after open_for, one probe goes through and closes it.
@@ -623,6 +646,31 @@ async fn fan_out_policies_return_exactly_what_they_promise() {
         .unwrap();
     assert_eq!(skill.results.len(), 5);
     assert!(skill.satisfied);
+
+    // The same over HTTP.
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/v1/fanout", node.addr()))
+        .json(&json!({
+            "envelope": {"json": {"q": 1}},
+            "targets": ["m1", "dead"],
+            "policy": "FAN_OUT_POLICY_ALL",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        body["results"][0]["envelope"]["json"]["who"], "m1",
+        "{body}"
+    );
+    // INTERNAL, or UNAVAILABLE once the dead member's breaker has opened.
+    let code = body["results"][1]["error"]["code"].as_i64().unwrap();
+    assert!(code == 13 || code == 14, "{body}");
+    assert!(
+        body.get("satisfied").is_none(),
+        "unsatisfied (false is omitted): {body}"
+    );
     for agent in agents {
         agent.shutdown().await;
     }

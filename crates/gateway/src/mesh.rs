@@ -1,8 +1,8 @@
 //! What the gateway needs from the node.
 
 use agentmesh_proto::v1::{
-    ConverseRequest, ConverseResponse, InvokeRequest, InvokeResponse, LookupRequest,
-    LookupResponse, StreamRequest, StreamResponse,
+    ConverseRequest, ConverseResponse, FanOutRequest, FanOutResponse, InvokeRequest,
+    InvokeResponse, LookupRequest, LookupResponse, StreamRequest, StreamResponse,
 };
 use futures::stream::BoxStream;
 use tonic::{Request, Status};
@@ -30,6 +30,9 @@ pub trait Mesh: Send + Sync + 'static {
 
     /// `DiscoveryService.Lookup`.
     async fn lookup(&self, request: Request<LookupRequest>) -> Result<LookupResponse, Status>;
+
+    /// `FanOutService.FanOut`.
+    async fn fan_out(&self, request: Request<FanOutRequest>) -> Result<FanOutResponse, Status>;
 
     /// Whether the node is ready to serve (for `/readyz`).
     fn ready(&self) -> bool;

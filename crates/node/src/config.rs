@@ -20,6 +20,8 @@ pub struct NodeConfig {
     pub replay: ReplayConfig,
     /// HTTP gateway: body limit, CORS, SSE keep-alive.
     pub gateway: GatewayConfig,
+    /// Durable queue: data directory and delivery policy.
+    pub queue: crate::queue_service::QueueSettings,
     /// Upper bound on any deadline a caller asks for.
     pub max_timeout: Duration,
     /// Largest gRPC message accepted, in bytes.
@@ -36,6 +38,7 @@ impl Default for NodeConfig {
             breaker: BreakerConfig::default(),
             replay: ReplayConfig::default(),
             gateway: GatewayConfig::default(),
+            queue: Default::default(),
             max_timeout: Duration::from_secs(3600),
             max_message_bytes: 4 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),

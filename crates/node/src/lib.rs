@@ -11,10 +11,13 @@
 //!   strictly shorter deadline; streams go through [`replay`], which
 //!   numbers their events and lets callers resume;
 //! - [`mesh`] gives the HTTP gateway in-process access to the same services;
+//! - [`queue_service`] is the durable queue (`QueueService`) over the
+//!   embedded store, and its HTTP face;
 //! - [`error`] maps every failure to a gRPC status once;
 //! - [`config`] holds the settings and their defaults.
 
 pub mod config;
+pub mod config_file;
 pub mod correlation;
 pub mod deadline;
 pub mod discovery;
@@ -22,6 +25,8 @@ pub mod error;
 pub mod fanout;
 pub mod idempotency;
 pub mod mesh;
+pub mod metrics;
+pub mod queue_service;
 pub mod registry;
 pub mod replay;
 pub mod router;

@@ -8,8 +8,8 @@ use std::sync::{
 
 use agentmesh_gateway::{EventStream, Mesh};
 use agentmesh_proto::v1::{
-    ConverseRequest, ConverseResponse, InvokeRequest, InvokeResponse, LookupRequest,
-    LookupResponse, StreamRequest, StreamResponse,
+    ConverseRequest, ConverseResponse, FanOutRequest, FanOutResponse, InvokeRequest,
+    InvokeResponse, LookupRequest, LookupResponse, StreamRequest, StreamResponse,
 };
 use tonic::{Request, Status};
 
@@ -80,6 +80,11 @@ impl Mesh for NodeMesh {
         Ok(LookupResponse {
             instances: self.registry.lookup(&filter),
         })
+    }
+
+    async fn fan_out(&self, request: Request<FanOutRequest>) -> Result<FanOutResponse, Status> {
+        let call = self.call(&request);
+        self.router.fan_out(call, request.into_inner()).await
     }
 
     fn ready(&self) -> bool {

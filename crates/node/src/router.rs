@@ -23,6 +23,7 @@ use agentmesh_resilience::{Backoff, RetryBudget, is_destination_failure};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use rand::seq::IndexedRandom;
+use std::sync::atomic::Ordering;
 use tokio::sync::Semaphore;
 use tonic::{
     Code, Request, Response, Status, Streaming,
@@ -36,6 +37,7 @@ use crate::{
     deadline::Deadline,
     error::NodeError,
     idempotency::{Claim, IdempotencyCache},
+    metrics::RouterMetrics,
     registry::{Instance, Registry},
     replay::{ReplayConfig, StreamHub},
 };
@@ -178,6 +180,7 @@ pub struct Router {
     budget: Arc<RetryBudget>,
     slots: Arc<Semaphore>,
     idempotency: Arc<IdempotencyCache>,
+    metrics: Arc<RouterMetrics>,
     config: RouterConfig,
 }
 
@@ -206,8 +209,14 @@ impl Router {
                 config.idempotency_window,
                 config.idempotency_capacity,
             )),
+            metrics: Arc::default(),
             config,
         }
+    }
+
+    /// The router's counters, for `/metrics`.
+    pub fn metrics(&self) -> Arc<RouterMetrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// The router's settings.
@@ -370,6 +379,7 @@ impl Router {
         require_target(&envelope)?;
         Self::stamp(&mut envelope, &call);
         let _slot = self.slots.try_acquire().map_err(|_| {
+            self.metrics.shed.fetch_add(1, Ordering::Relaxed);
             NodeError::ResourceExhausted(format!(
                 "the node has {} calls in flight; retry later",
                 self.config.max_in_flight
@@ -588,6 +598,7 @@ impl Router {
         envelope: Envelope,
     ) -> Result<Envelope, Status> {
         let _slot = self.slots.try_acquire().map_err(|_| {
+            self.metrics.shed.fetch_add(1, Ordering::Relaxed);
             NodeError::ResourceExhausted(format!(
                 "the node has {} calls in flight; retry later",
                 self.config.max_in_flight
@@ -622,6 +633,7 @@ impl Router {
             if delay + self.config.hop_margin >= call.deadline.remaining() {
                 return Err(status);
             }
+            self.metrics.retries.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(target = %envelope.target, attempt, delay_ms = delay.as_millis() as u64, %status, "retrying");
             tokio::time::sleep(delay).await;
             attempt += 1;
@@ -676,6 +688,10 @@ impl Router {
         instance.breaker.record(match &result {
             Ok(_) => true,
             Err(status) => !is_destination_failure(status.code()),
+        });
+        self.metrics.record(match &result {
+            Ok(_) => Code::Ok,
+            Err(status) => status.code(),
         });
         let mut reply = result?;
         if reply.correlation_id.is_empty() {

@@ -23,6 +23,7 @@ const SERVICES: &[&str] = &[
     "agentmesh.v1.AgentService",
     "agentmesh.v1.DiscoveryService",
     "agentmesh.v1.FanOutService",
+    "agentmesh.v1.QueueService",
 ];
 
 /// A mesh node: registry, router and their gRPC/HTTP faces.
@@ -32,6 +33,7 @@ pub struct Node {
     registry: Arc<Registry>,
     router: Router,
     shutdown: CancellationToken,
+    queue: Option<crate::queue_service::QueueHandle>,
 }
 
 impl Node {
@@ -48,7 +50,15 @@ impl Node {
             registry,
             router,
             shutdown: CancellationToken::new(),
+            queue: None,
         }
+    }
+
+    /// Serves `queue` instead of opening the embedded store in `config.queue.data_dir`
+    /// when serving starts (the caller then closes it).
+    pub fn with_queue(mut self, queue: crate::queue_service::QueueHandle) -> Self {
+        self.queue = Some(queue);
+        self
     }
 
     /// The node's registry.
@@ -64,6 +74,21 @@ impl Node {
         listener: TcpListener,
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let (queue, own_queue) = match self.queue.clone() {
+            Some(queue) => (queue, false),
+            None => {
+                let queue = crate::queue_service::QueueHandle::open(&self.config.queue)
+                    .await
+                    .map_err(std::io::Error::other)?;
+                (queue, true)
+            }
+        };
+        let queue_service = crate::queue_service::QueueService::new(
+            queue.backend().clone(),
+            self.config.router.default_timeout,
+            self.config.queue.keep_alive,
+            self.shutdown.clone(),
+        );
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::NotServing).await;
         self.registry.spawn_reaper();
@@ -94,6 +119,13 @@ impl Node {
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
             )
+            .add_service(
+                agentmesh_proto::v1::queue_service_server::QueueServiceServer::new(
+                    queue_service.clone(),
+                )
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+            )
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha);
@@ -104,6 +136,12 @@ impl Node {
             ready.clone(),
         );
         let gateway = agentmesh_gateway::router(Arc::new(mesh), self.config.gateway.clone());
+        let gateway = gateway
+            .merge(agentmesh_gateway::queue_routes(Arc::new(queue_service)))
+            .merge(crate::metrics::routes(
+                Arc::clone(&self.registry),
+                self.router.metrics(),
+            ));
         let app = routes.routes().into_axum_router().merge(gateway).layer(
             ServiceBuilder::new()
                 .layer(CorrelationLayer)
@@ -131,15 +169,26 @@ impl Node {
                 shutdown.cancel();
             }
         };
+        // Without TCP_NODELAY, Nagle's algorithm holds back the last small write of a
+        // response until the client's delayed ACK (~40 ms per client-streaming call).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        });
         let server =
             axum::serve(listener, app.into_make_service()).with_graceful_shutdown(draining);
-        tokio::select! {
+        let result = tokio::select! {
             result = server => result,
             _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
                 tracing::warn!(grace_ms = grace.as_millis() as u64, "calls still open after the grace period; closing them");
                 Ok(())
             }
+        };
+        if own_queue {
+            queue.close().await;
         }
+        result
     }
 }
 

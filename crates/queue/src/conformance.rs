@@ -43,6 +43,7 @@ macro_rules! conformance_suite {
             competing_consumers_get_disjoint_messages,
             lease_lapse_redelivers_with_next_attempt,
             release_hands_back_without_a_failed_attempt,
+            ack_many_settles_each_receipt,
             lease_expiry_at_max_attempts_dead_letters,
             nack_redelivers_after_delay,
             nack_default_backoff_stays_within_cap,
@@ -426,6 +427,45 @@ pub async fn release_hands_back_without_a_failed_attempt(factory: &dyn BackendFa
     }
     let s = stats_of(&*b, q).await;
     assert_eq!((s.depth, s.in_flight, s.dead_letters), (0, 0, 0));
+}
+
+/// `ack_many` answers each receipt as `ack` would, in order, and stores results.
+pub async fn ack_many_settles_each_receipt(factory: &dyn BackendFactory) {
+    let b = open(factory, test_config()).await;
+    let q = "ack-many";
+    let m = |id: &str| msg(id).with_correlation_id(format!("corr-{id}"));
+    submit_ok(&*b, q, vec![m("a1"), m("a2"), m("a3")]).await;
+    let got = receive_n(&*b, q, "c", 3, LONG_LEASE, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 3);
+    b.ack(&got[1].receipt, None).await.expect("ack");
+    let outcomes = b
+        .ack_many(vec![
+            (got[0].receipt.clone(), Some(Bytes::from_static(b"r0"))),
+            (got[1].receipt.clone(), None),
+            ("garbage".into(), None),
+            (got[2].receipt.clone(), None),
+        ])
+        .await
+        .expect("ack_many");
+    assert_eq!(outcomes.len(), 4);
+    assert!(outcomes[0].is_ok(), "{outcomes:?}");
+    assert!(
+        matches!(outcomes[1], Err(QueueError::LeaseLost(_))),
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(outcomes[2], Err(QueueError::InvalidArgument(_))),
+        "{outcomes:?}"
+    );
+    assert!(outcomes[3].is_ok(), "{outcomes:?}");
+    let corr = format!("corr-{}", got[0].message_id);
+    assert_eq!(
+        b.get_result(&corr).await.expect("get_result"),
+        Some(Bytes::from_static(b"r0"))
+    );
+    assert!(b.ack_many(Vec::new()).await.expect("empty").is_empty());
+    let s = stats_of(&*b, q).await;
+    assert_eq!((s.depth, s.in_flight), (0, 0));
 }
 
 /// A lease lapsing on the last attempt dead-letters the message.

@@ -155,6 +155,23 @@ pub trait QueueBackend: Send + Sync + 'static {
     /// Fails with [`QueueError::LeaseLost`] if the receipt's lease lapsed (or was already settled).
     async fn ack(&self, receipt: &str, result: Option<Bytes>) -> Result<(), QueueError>;
 
+    /// Acks many deliveries in one call: one outcome per `(receipt, result)`, in order (each as
+    /// [`QueueBackend::ack`] would answer). An `Err` fails the whole call. The default acks them
+    /// one by one; backends override it to apply them together.
+    async fn ack_many(
+        &self,
+        acks: Vec<(String, Option<Bytes>)>,
+    ) -> Result<Vec<Result<(), QueueError>>, QueueError> {
+        let mut outcomes = Vec::with_capacity(acks.len());
+        for (receipt, result) in acks {
+            outcomes.push(match self.ack(&receipt, result).await {
+                Err(e @ (QueueError::Storage(_) | QueueError::Closed)) => return Err(e),
+                other => other,
+            });
+        }
+        Ok(outcomes)
+    }
+
     /// Fails a delivery: retries after `delay` (default: backoff with full jitter) or dead-letters
     /// the message once it has used `max_attempts`.
     async fn nack(

@@ -5,6 +5,10 @@
 //!   heartbeats, re-registers after a node restart, and deregisters on
 //!   shutdown.
 //! - [`MeshClient`] calls agents through the node by name or `skill:<id>`.
+//! - [`MeshClient::submit`] puts messages on a durable queue,
+//!   [`MeshClient::await_result`] waits for their results, and [`Worker`] runs
+//!   a handler over a queue (prefetch, concurrency, lease extension,
+//!   reconnects, draining shutdown).
 //! - [`Context`] is the call being handled: calls made while handling it
 //!   inherit its correlation id and a strictly shorter deadline.
 
@@ -13,7 +17,9 @@ mod client;
 mod context;
 mod conversation;
 mod error;
+mod queue;
 mod runtime;
+mod worker;
 
 pub use agent::{Agent, AgentHost, StreamSink, error_status};
 pub use agentmesh_proto as proto;
@@ -24,4 +30,6 @@ pub use conversation::{
     Conversation, ConversationSender, ConversationStream, DEFAULT_HEARTBEAT, MISSED_HEARTBEATS,
 };
 pub use error::SdkError;
+pub use queue::{DeadLetterSelection, SUBMIT_CALL_MESSAGES};
 pub use runtime::{AgentRuntime, Registration, RunningAgent};
+pub use worker::{RunningWorker, Worker, WorkerStats};

@@ -15,6 +15,10 @@ pub struct TestNode {
     pub address: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
+    /// The queue store's directory: a fresh temp dir (removed with the node) unless the
+    /// config named one.
+    pub data_dir: std::path::PathBuf,
+    _temp: Option<tempfile::TempDir>,
 }
 
 impl TestNode {
@@ -22,7 +26,18 @@ impl TestNode {
         Self::start_with(test_config(), "127.0.0.1:0".parse().unwrap()).await
     }
 
-    pub async fn start_with(config: NodeConfig, address: SocketAddr) -> Self {
+    /// Starts a node with `config`. Unless `config.queue.data_dir` was changed from the
+    /// default, the node's queue lives in a temp dir of its own.
+    pub async fn start_with(mut config: NodeConfig, address: SocketAddr) -> Self {
+        let default_dir = std::path::Path::new(agentmesh_node::queue_service::DEFAULT_DATA_DIR);
+        let temp = if config.queue.data_dir == default_dir {
+            let temp = tempfile::tempdir().expect("temp dir for the queue store");
+            config.queue.data_dir = temp.path().to_owned();
+            Some(temp)
+        } else {
+            None
+        };
+        let data_dir = config.queue.data_dir.clone();
         let listener = bind_retrying(address).await;
         let address = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel();
@@ -33,6 +48,8 @@ impl TestNode {
             address,
             stop: Some(stop),
             task,
+            data_dir,
+            _temp: temp,
         }
     }
 

@@ -276,6 +276,16 @@ impl QueueBackend for EmbeddedBackend {
         .await
     }
 
+    async fn ack_many(
+        &self,
+        acks: Vec<(String, Option<Bytes>)>,
+    ) -> Result<Vec<Result<(), QueueError>>, QueueError> {
+        if acks.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.call(|tx| Cmd::AckMany { acks, tx }).await
+    }
+
     async fn nack(
         &self,
         receipt: &str,

@@ -77,6 +77,10 @@ pub(crate) enum Cmd {
         result: Option<Bytes>,
         tx: Tx<()>,
     },
+    AckMany {
+        acks: Vec<(String, Option<Bytes>)>,
+        tx: Tx<Vec<Result<(), QueueError>>>,
+    },
     Nack {
         receipt: String,
         error: String,
@@ -625,6 +629,13 @@ impl Writer {
             } => {
                 let r = self.ack(t, batch, &receipt, result, now)?;
                 batch.reply(tx, r);
+            }
+            Cmd::AckMany { acks, tx } => {
+                let mut outcomes = Vec::with_capacity(acks.len());
+                for (receipt, result) in acks {
+                    outcomes.push(self.ack(t, batch, &receipt, result, now)?);
+                }
+                batch.reply(tx, Ok(outcomes));
             }
             Cmd::Nack {
                 receipt,
@@ -1423,6 +1434,7 @@ fn refuse(cmd: Cmd, err: &QueueError) {
         Cmd::Submit { tx, .. } => drop(tx.send(Err(err.clone()))),
         Cmd::Receive { tx, .. } => drop(tx.send(Err(err.clone()))),
         Cmd::Ack { tx, .. } => drop(tx.send(Err(err.clone()))),
+        Cmd::AckMany { tx, .. } => drop(tx.send(Err(err.clone()))),
         Cmd::Nack { tx, .. } => drop(tx.send(Err(err.clone()))),
         Cmd::Extend { tx, .. } => drop(tx.send(Err(err.clone()))),
         Cmd::Release { tx, .. } => drop(tx.send(Err(err.clone()))),

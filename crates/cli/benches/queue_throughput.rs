@@ -1,0 +1,603 @@
+//! Durable queue throughput, end to end: producers submit 256-byte messages
+//! in batches while consumers receive and ack them; the rate is messages
+//! acknowledged by consumers per second, from the first submit to the last
+//! ack. The same workload runs against agentmesh (a real `agentmesh serve`
+//! process over gRPC), Redis Streams (XADD pipelines, XREADGROUP, batched
+//! XACK; AOF with `appendfsync everysec` for the run) and NATS JetStream
+//! (file storage, batched publish with async acks, pull consumers, explicit
+//! acks), and prints the ratios.
+//!
+//! ```text
+//! AGENTMESH_TEST_REDIS=redis://127.0.0.1:6379 AGENTMESH_TEST_NATS=127.0.0.1:4222 \
+//!   cargo bench -p agentmesh --bench queue_throughput
+//! ```
+//!
+//! Knobs: `AGENTMESH_BENCH_MESSAGES` (default 200000), `AGENTMESH_BENCH_PRODUCERS` (4),
+//! `AGENTMESH_BENCH_BATCH` (500 per submit), `AGENTMESH_BENCH_CONSUMERS` (4),
+//! `AGENTMESH_BENCH_PREFETCH` (1024), `AGENTMESH_BENCH_ROUNDS` (1; the best round counts),
+//! `AGENTMESH_BENCH_ONLY` (agentmesh|redis|nats), `AGENTMESH_BENCH_SPLIT` (set: also time
+//! agentmesh's submit and consume halves on their own first).
+
+use std::{
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use agentmesh_proto::v1::{
+    ConsumeAck, ConsumeRequest, ConsumeSubscribe, Envelope, consume_request::Action,
+    consume_response::Event, envelope::Payload, queue_service_client::QueueServiceClient,
+};
+use agentmesh_sdk::MeshClient;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+const BODY_BYTES: usize = 256;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Workload {
+    messages: u64,
+    producers: u64,
+    batch: u64,
+    consumers: u64,
+    prefetch: u64,
+}
+
+impl Workload {
+    fn from_env() -> Self {
+        Self {
+            messages: env_or("AGENTMESH_BENCH_MESSAGES", 200_000),
+            producers: env_or("AGENTMESH_BENCH_PRODUCERS", 4).max(1),
+            batch: env_or("AGENTMESH_BENCH_BATCH", 500).max(1),
+            consumers: env_or("AGENTMESH_BENCH_CONSUMERS", 4).max(1),
+            prefetch: env_or("AGENTMESH_BENCH_PREFETCH", 1024).max(1),
+        }
+    }
+
+    /// How many messages producer `p` sends.
+    fn share(&self, p: u64) -> u64 {
+        self.messages / self.producers + u64::from(p < self.messages % self.producers)
+    }
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    /// Messages per second, first submit to last ack.
+    end_to_end: f64,
+    /// Messages per second the producers got acknowledged (while consumers ran).
+    submit: f64,
+}
+
+fn body() -> Vec<u8> {
+    (0..BODY_BYTES).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+/// Waits until `done` reaches `target`; returns the elapsed time.
+async fn until_done(done: &AtomicU64, target: u64, started: Instant) -> Duration {
+    let limit = Duration::from_secs(600);
+    while done.load(Ordering::Relaxed) < target {
+        assert!(
+            started.elapsed() < limit,
+            "the run did not finish in 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    started.elapsed()
+}
+
+// ---------------------------------------------------------------------------
+// agentmesh
+
+struct NodeProcess(Child);
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn agentmesh(w: Workload) -> Measured {
+    let data = tempfile::tempdir().expect("temp dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("127.0.0.1:{port}");
+    let _node = NodeProcess(
+        Command::new(env!("CARGO_BIN_EXE_agentmesh"))
+            .args(["serve", "--listen", &address, "--data-dir"])
+            .arg(data.path())
+            .env("AGENTMESH_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("agentmesh serve starts"),
+    );
+    let probe = MeshClient::connect_lazy(&address).unwrap();
+    let up = Instant::now();
+    while probe.list_queues().await.is_err() {
+        assert!(up.elapsed() < Duration::from_secs(20), "node did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let acked = Arc::new(AtomicU64::new(0));
+    if std::env::var_os("AGENTMESH_BENCH_SPLIT").is_some() {
+        // Diagnostics: the two halves on their own.
+        let started = Instant::now();
+        agentmesh_producers(&address, w).await;
+        let submitted = started.elapsed();
+        let started = Instant::now();
+        let consumers = agentmesh_consumers(&address, w, &acked).await;
+        let consumed = until_done(&acked, w.messages, started).await;
+        for c in consumers {
+            c.abort();
+        }
+        println!(
+            "agentmesh split: submit alone {:.0} msgs/s, consume+ack alone {:.0} msgs/s",
+            w.messages as f64 / submitted.as_secs_f64(),
+            w.messages as f64 / consumed.as_secs_f64()
+        );
+        acked.store(0, Ordering::Relaxed);
+    }
+    // Consumers first, then the producers; the clock runs from the first submit.
+    let consumers = agentmesh_consumers(&address, w, &acked).await;
+    let started = Instant::now();
+    agentmesh_producers(&address, w).await;
+    let submitted = started.elapsed();
+    let elapsed = until_done(&acked, w.messages, started).await;
+    for c in consumers {
+        c.abort();
+    }
+    Measured {
+        end_to_end: w.messages as f64 / elapsed.as_secs_f64(),
+        submit: w.messages as f64 / submitted.as_secs_f64(),
+    }
+}
+
+const AGENTMESH_QUEUE: &str = "bench";
+
+/// Consumers, each on its own connection, with prefetch, acks pipelined on the stream.
+async fn agentmesh_consumers(
+    address: &str,
+    w: Workload,
+    acked: &Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut consumers = Vec::new();
+    for c in 0..w.consumers {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .unwrap()
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(ConsumeRequest {
+            action: Some(Action::Subscribe(ConsumeSubscribe {
+                queue: AGENTMESH_QUEUE.into(),
+                prefetch: w.prefetch as u32,
+                lease: prost_types::Duration::try_from(Duration::from_secs(60)).ok(),
+                consumer_id: format!("bench-{c}"),
+            })),
+        })
+        .unwrap();
+        let mut inbound = QueueServiceClient::new(channel)
+            .consume(UnboundedReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let acked = acked.clone();
+        consumers.push(tokio::spawn(async move {
+            while let Ok(Some(response)) = inbound.message().await {
+                match response.event {
+                    Some(Event::Delivery(d)) => {
+                        let _ = tx.send(ConsumeRequest {
+                            action: Some(Action::Ack(ConsumeAck {
+                                receipt: d.receipt,
+                                result: None,
+                            })),
+                        });
+                    }
+                    Some(Event::Receipt(r)) => {
+                        assert!(r.error.is_none(), "ack refused: {r:?}");
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => {}
+                }
+            }
+        }));
+    }
+    consumers
+}
+
+/// Producers submitting batches; returns when every message was acknowledged.
+async fn agentmesh_producers(address: &str, w: Workload) {
+    let body = body();
+    let mut producers = Vec::new();
+    for p in 0..w.producers {
+        let client = MeshClient::connect_lazy(address).unwrap();
+        let body = body.clone();
+        let share = w.share(p);
+        producers.push(tokio::spawn(async move {
+            let mut sent = 0;
+            while sent < share {
+                let n = w.batch.min(share - sent);
+                let envelopes = (0..n).map(|_| Envelope {
+                    r#type: "bench".into(),
+                    payload: Some(Payload::Binary(body.clone())),
+                    ..Default::default()
+                });
+                let response = client
+                    .submit(AGENTMESH_QUEUE, envelopes)
+                    .await
+                    .expect("submit");
+                assert_eq!(u64::from(response.accepted), n);
+                sent += n;
+            }
+        }));
+    }
+    for p in producers {
+        p.await.unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Redis Streams
+
+async fn redis_config(con: &mut redis::aio::MultiplexedConnection, key: &str) -> String {
+    let pair: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(key)
+        .query_async(con)
+        .await
+        .expect("CONFIG GET");
+    pair.get(1).cloned().unwrap_or_default()
+}
+
+async fn redis_set(con: &mut redis::aio::MultiplexedConnection, key: &str, value: &str) {
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(key)
+        .arg(value)
+        .query_async(con)
+        .await
+        .expect("CONFIG SET");
+}
+
+async fn aof_rewrite_done(con: &mut redis::aio::MultiplexedConnection) {
+    for _ in 0..600 {
+        let info: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query_async(con)
+            .await
+            .expect("INFO");
+        if info.contains("aof_rewrite_in_progress:0") && !info.contains("aof_rewrite_scheduled:1") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn redis_streams(url: &str, w: Workload) -> Measured {
+    let client = redis::Client::open(url).expect("redis url");
+    let mut admin = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    let appendonly = redis_config(&mut admin, "appendonly").await;
+    let appendfsync = redis_config(&mut admin, "appendfsync").await;
+    redis_set(&mut admin, "appendonly", "yes").await;
+    redis_set(&mut admin, "appendfsync", "everysec").await;
+    aof_rewrite_done(&mut admin).await;
+    let key = "agentmesh:bench:stream";
+    let group = "workers";
+    let () = redis::cmd("DEL")
+        .arg(key)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(key)
+        .arg(group)
+        .arg("$")
+        .arg("MKSTREAM")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut consumers = Vec::new();
+    for c in 0..w.consumers {
+        // Its own connection: XREADGROUP BLOCK would hold up a shared one.
+        let mut con = client.get_multiplexed_async_connection().await.unwrap();
+        let acked = acked.clone();
+        let target = w.messages;
+        let count = w.prefetch;
+        consumers.push(tokio::spawn(async move {
+            let name = format!("c{c}");
+            while acked.load(Ordering::Relaxed) < target {
+                let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(group)
+                    .arg(&name)
+                    .arg("COUNT")
+                    .arg(count)
+                    .arg("BLOCK")
+                    .arg(100)
+                    .arg("STREAMS")
+                    .arg(key)
+                    .arg(">")
+                    .query_async(&mut con)
+                    .await
+                    .expect("XREADGROUP");
+                let Some(reply) = reply else { continue };
+                let ids: Vec<String> = reply
+                    .keys
+                    .into_iter()
+                    .flat_map(|k| k.ids.into_iter().map(|id| id.id))
+                    .collect();
+                if ids.is_empty() {
+                    continue;
+                }
+                let n: u64 = redis::cmd("XACK")
+                    .arg(key)
+                    .arg(group)
+                    .arg(&ids)
+                    .query_async(&mut con)
+                    .await
+                    .expect("XACK");
+                acked.fetch_add(n, Ordering::Relaxed);
+            }
+        }));
+    }
+    let body = body();
+    let started = Instant::now();
+    let mut producers = Vec::new();
+    for p in 0..w.producers {
+        let mut con = client.get_multiplexed_async_connection().await.unwrap();
+        let body = body.clone();
+        let share = w.share(p);
+        producers.push(tokio::spawn(async move {
+            let mut sent = 0;
+            while sent < share {
+                let n = w.batch.min(share - sent);
+                let mut pipe = redis::pipe();
+                for _ in 0..n {
+                    pipe.cmd("XADD")
+                        .arg(key)
+                        .arg("*")
+                        .arg("d")
+                        .arg(&body)
+                        .ignore();
+                }
+                let () = pipe.query_async(&mut con).await.expect("XADD pipeline");
+                sent += n;
+            }
+        }));
+    }
+    for p in producers {
+        p.await.unwrap();
+    }
+    let submitted = started.elapsed();
+    let elapsed = until_done(&acked, w.messages, started).await;
+    for c in consumers {
+        let _ = c.await;
+    }
+    let () = redis::cmd("DEL")
+        .arg(key)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    redis_set(&mut admin, "appendfsync", &appendfsync).await;
+    redis_set(&mut admin, "appendonly", &appendonly).await;
+    Measured {
+        end_to_end: w.messages as f64 / elapsed.as_secs_f64(),
+        submit: w.messages as f64 / submitted.as_secs_f64(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// NATS JetStream
+
+async fn nats_jetstream(address: &str, w: Workload) -> Measured {
+    use async_nats::jetstream::{self, consumer, stream};
+    let client = async_nats::connect(address).await.expect("connect to nats");
+    let js = jetstream::new(client);
+    let name = "AGENTMESH_BENCH";
+    let subject = "agentmesh.bench";
+    let _ = js.delete_stream(name).await;
+    let stream = js
+        .create_stream(stream::Config {
+            name: name.into(),
+            subjects: vec![subject.into()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .await
+        .expect("create stream");
+    stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("workers".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: (w.prefetch * w.consumers) as i64,
+            ..Default::default()
+        })
+        .await
+        .expect("create consumer");
+
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut consumers = Vec::new();
+    for _ in 0..w.consumers {
+        let client = async_nats::connect(address).await.unwrap();
+        let js = jetstream::new(client);
+        let consumer: consumer::PullConsumer = js
+            .get_stream(name)
+            .await
+            .unwrap()
+            .get_consumer("workers")
+            .await
+            .unwrap();
+        let acked = acked.clone();
+        let prefetch = w.prefetch as usize;
+        consumers.push(tokio::spawn(async move {
+            let mut messages = consumer
+                .stream()
+                .max_messages_per_batch(prefetch)
+                .messages()
+                .await
+                .expect("pull consumer");
+            while let Some(message) = messages.next().await {
+                let message = message.expect("message");
+                message.ack().await.expect("ack");
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let body = bytes::Bytes::from(body());
+    let started = Instant::now();
+    let mut producers = Vec::new();
+    for p in 0..w.producers {
+        let js = js.clone();
+        let body = body.clone();
+        let share = w.share(p);
+        producers.push(tokio::spawn(async move {
+            let mut sent = 0;
+            while sent < share {
+                let n = w.batch.min(share - sent);
+                let mut acks = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    acks.push(js.publish(subject, body.clone()).await.expect("publish"));
+                }
+                for ack in futures::future::join_all(
+                    acks.into_iter().map(std::future::IntoFuture::into_future),
+                )
+                .await
+                {
+                    ack.expect("publish ack");
+                }
+                sent += n;
+            }
+        }));
+    }
+    for p in producers {
+        p.await.unwrap();
+    }
+    let submitted = started.elapsed();
+    let elapsed = until_done(&acked, w.messages, started).await;
+    for c in consumers {
+        c.abort();
+    }
+    let _ = js.delete_stream(name).await;
+    Measured {
+        end_to_end: w.messages as f64 / elapsed.as_secs_f64(),
+        submit: w.messages as f64 / submitted.as_secs_f64(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+fn best(runs: &[Measured]) -> Option<Measured> {
+    runs.iter()
+        .copied()
+        .max_by(|a, b| a.end_to_end.total_cmp(&b.end_to_end))
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let w = Workload::from_env();
+    let rounds = env_or("AGENTMESH_BENCH_ROUNDS", 1).max(1);
+    let only = std::env::var("AGENTMESH_BENCH_ONLY").unwrap_or_default();
+    let wants = |name: &str| only.is_empty() || only == name;
+    println!(
+        "queue throughput: {} messages of {BODY_BYTES} bytes, {} producers x batches of {}, \
+         {} consumers x prefetch {}, best of {rounds}",
+        w.messages, w.producers, w.batch, w.consumers, w.prefetch
+    );
+    let report = |name: &str, m: Measured| {
+        println!(
+            "{name:<16} {:>10.0} msgs/s end to end   (submits acknowledged at {:>9.0} msgs/s)",
+            m.end_to_end, m.submit
+        );
+    };
+    let mut ours = Vec::new();
+    let mut redis = Vec::new();
+    let mut nats = Vec::new();
+    let redis_url = std::env::var("AGENTMESH_TEST_REDIS").ok();
+    let nats_addr = std::env::var("AGENTMESH_TEST_NATS").ok();
+    for round in 0..rounds {
+        if wants("agentmesh") {
+            let m = runtime.block_on(agentmesh(w));
+            report(&format!("agentmesh #{}", round + 1), m);
+            ours.push(m);
+        }
+        if wants("redis") {
+            match &redis_url {
+                Some(url) => {
+                    let m = runtime.block_on(redis_streams(url, w));
+                    report(&format!("redis #{}", round + 1), m);
+                    redis.push(m);
+                }
+                None if round == 0 => eprintln!(
+                    "!!! SKIPPING Redis Streams: AGENTMESH_TEST_REDIS is not set \
+                     (e.g. redis://127.0.0.1:6379) !!!"
+                ),
+                None => {}
+            }
+        }
+        if wants("nats") {
+            match &nats_addr {
+                Some(address) => {
+                    let m = runtime.block_on(nats_jetstream(address, w));
+                    report(&format!("nats #{}", round + 1), m);
+                    nats.push(m);
+                }
+                None if round == 0 => eprintln!(
+                    "!!! SKIPPING NATS JetStream: AGENTMESH_TEST_NATS is not set \
+                     (e.g. 127.0.0.1:4222) !!!"
+                ),
+                None => {}
+            }
+        }
+    }
+    println!("--- best of {rounds}");
+    let ours = best(&ours);
+    for (name, m) in [
+        ("agentmesh", ours),
+        ("redis streams", best(&redis)),
+        ("nats jetstream", best(&nats)),
+    ] {
+        if let Some(m) = m {
+            report(name, m);
+        }
+    }
+    if let Some(ours) = ours {
+        for (name, theirs) in [
+            ("Redis Streams", best(&redis)),
+            ("NATS JetStream", best(&nats)),
+        ] {
+            if let Some(theirs) = theirs {
+                println!(
+                    "agentmesh / {name}: {:.2}x end to end, {:.2}x submit",
+                    ours.end_to_end / theirs.end_to_end,
+                    ours.submit / theirs.submit
+                );
+            }
+        }
+    }
+}

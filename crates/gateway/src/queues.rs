@@ -1,0 +1,384 @@
+//! The durable queue over HTTP: submit, queue statistics, dead letters and
+//! results (poll, long-poll and SSE).
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /v1/queues/{queue}/messages` | one `Envelope` or `{"messages":[...]}` → `SubmitResponse` (201 when something was accepted) |
+//! | `GET /v1/queues` | `ListQueuesResponse` |
+//! | `GET /v1/queues/{queue}/dead-letters?pageSize=&pageToken=` | `ListDeadLettersResponse` |
+//! | `POST /v1/queues/{queue}/dead-letters/redrive` | `{"all":true}` or `{"messageIds":[...]}` → `RedriveDeadLettersResponse` |
+//! | `POST /v1/queues/{queue}/dead-letters/purge` | same body → `PurgeDeadLettersResponse` |
+//! | `GET /v1/results/{correlation_id}[?wait=true]` | `GetResultResponse`; 404 until the result is there |
+//! | `GET /v1/results/{correlation_id}/events` | SSE: keep-alive comments, then one `result` event |
+//!
+//! The gateway reaches the node's queue service through [`QueueApi`], in
+//! process, with the call's headers as metadata and its extensions
+//! (correlation id, deadline), exactly as a gRPC call would arrive.
+
+use std::{convert::Infallible, sync::Arc};
+
+use agentmesh_proto::v1::{
+    AwaitResultRequest, AwaitResultResponse, Envelope, GetResultRequest, GetResultResponse,
+    ListDeadLettersRequest, ListDeadLettersResponse, ListQueuesRequest, ListQueuesResponse,
+    PurgeDeadLettersRequest, PurgeDeadLettersResponse, RedriveDeadLettersRequest,
+    RedriveDeadLettersResponse, SubmitRequest, SubmitResponse,
+};
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, Path, Query, State},
+    http::{HeaderValue, StatusCode},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+    routing::{get, post},
+};
+use futures::StreamExt;
+use serde::Deserialize;
+use tonic::{Code, Request, Status};
+
+use crate::{
+    EventStream,
+    call::Call,
+    error::ApiError,
+    json::{self, Body},
+};
+
+/// Largest request body the queue routes read (a batch of messages).
+const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// The node's `QueueService`, as the gateway calls it in-process.
+#[tonic::async_trait]
+pub trait QueueApi: Send + Sync + 'static {
+    /// `QueueService.Submit` with the whole batch at once.
+    async fn submit(&self, request: Request<Vec<SubmitRequest>>) -> Result<SubmitResponse, Status>;
+
+    /// `QueueService.ListQueues`.
+    async fn list_queues(
+        &self,
+        request: Request<ListQueuesRequest>,
+    ) -> Result<ListQueuesResponse, Status>;
+
+    /// `QueueService.ListDeadLetters`.
+    async fn list_dead_letters(
+        &self,
+        request: Request<ListDeadLettersRequest>,
+    ) -> Result<ListDeadLettersResponse, Status>;
+
+    /// `QueueService.RedriveDeadLetters`.
+    async fn redrive_dead_letters(
+        &self,
+        request: Request<RedriveDeadLettersRequest>,
+    ) -> Result<RedriveDeadLettersResponse, Status>;
+
+    /// `QueueService.PurgeDeadLetters`.
+    async fn purge_dead_letters(
+        &self,
+        request: Request<PurgeDeadLettersRequest>,
+    ) -> Result<PurgeDeadLettersResponse, Status>;
+
+    /// `QueueService.GetResult` (with `wait`, until the call's deadline).
+    async fn get_result(
+        &self,
+        request: Request<GetResultRequest>,
+    ) -> Result<GetResultResponse, Status>;
+
+    /// `QueueService.AwaitResult`: keep-alive events, then the result.
+    async fn await_result(
+        &self,
+        request: Request<AwaitResultRequest>,
+    ) -> Result<EventStream<AwaitResultResponse>, Status>;
+}
+
+type Api = Arc<dyn QueueApi>;
+
+/// The queue and result routes, to be merged into the node's app.
+pub fn queue_routes(api: Arc<dyn QueueApi>) -> Router {
+    Router::new()
+        .route("/v1/queues", get(list_queues))
+        .route("/v1/queues/{queue}/messages", post(submit))
+        .route("/v1/queues/{queue}/dead-letters", get(list_dead_letters))
+        .route("/v1/queues/{queue}/dead-letters/redrive", post(redrive))
+        .route("/v1/queues/{queue}/dead-letters/purge", post(purge))
+        .route("/v1/results/{correlation_id}", get(get_result))
+        .route("/v1/results/{correlation_id}/events", get(result_events))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(api)
+}
+
+/// Parses a submit body: one envelope, or `{"messages": [envelope, ...]}`.
+fn parse_messages(body: &[u8]) -> Result<(Vec<Envelope>, bool), ApiError> {
+    let invalid = |message: String| ApiError::invalid_argument("INVALID_JSON", message);
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(invalid(
+            "the request body is empty: send an Envelope or {\"messages\": [...]}".into(),
+        ));
+    }
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| invalid(format!("invalid JSON in the request body: {e}")))?;
+    let parse = |value: serde_json::Value, what: &str| {
+        agentmesh_proto::json::from_json_value::<Envelope>(value).map_err(|e| {
+            invalid(format!(
+                "invalid {what}: expected an agentmesh.v1.Envelope in proto3 JSON form: {e}"
+            ))
+        })
+    };
+    match value {
+        serde_json::Value::Object(mut map) if map.contains_key("messages") => {
+            if map.len() > 1 {
+                return Err(invalid(
+                    "a batch body has only the field \"messages\"".into(),
+                ));
+            }
+            let Some(serde_json::Value::Array(items)) = map.remove("messages") else {
+                return Err(invalid("\"messages\" must be an array of envelopes".into()));
+            };
+            if items.is_empty() {
+                return Err(invalid("\"messages\" is empty".into()));
+            }
+            let envelopes = items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| parse(item, &format!("messages[{i}]")))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((envelopes, true))
+        }
+        value => Ok((vec![parse(value, "request body")?], false)),
+    }
+}
+
+async fn submit(
+    State(api): State<Api>,
+    Path(queue): Path<String>,
+    call: Call,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (mut envelopes, batch) = parse_messages(&body.0)?;
+    if !batch {
+        // A single message may carry its idempotency key and trace context as headers.
+        for envelope in &mut envelopes {
+            call.stamp(envelope);
+        }
+    }
+    let requests = envelopes
+        .into_iter()
+        .map(|envelope| SubmitRequest {
+            queue: queue.clone(),
+            envelope: Some(envelope),
+        })
+        .collect();
+    let response = api.submit(call.request(requests)).await?;
+    if !batch && response.rejected == 1 {
+        let reason = response
+            .outcomes
+            .first()
+            .map(|o| o.reason.clone())
+            .unwrap_or_default();
+        return Err(
+            ApiError::new(Code::InvalidArgument, format!("message rejected: {reason}"))
+                .with_reason("MESSAGE_REJECTED", [("queue", queue)]),
+        );
+    }
+    let status = if response.accepted > 0 {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(json::response(status, json::to_vec(&response)?))
+}
+
+async fn list_queues(State(api): State<Api>, call: Call) -> Result<Response, ApiError> {
+    let response = api.list_queues(call.request(ListQueuesRequest {})).await?;
+    json::ok(&response)
+}
+
+/// `?pageSize=&pageToken=` (snake_case accepted too).
+#[derive(Debug, Default, Deserialize)]
+struct PageQuery {
+    #[serde(rename = "pageSize", alias = "page_size")]
+    page_size: Option<u32>,
+    #[serde(rename = "pageToken", alias = "page_token")]
+    page_token: Option<String>,
+}
+
+async fn list_dead_letters(
+    State(api): State<Api>,
+    Path(queue): Path<String>,
+    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+    call: Call,
+) -> Result<Response, ApiError> {
+    let Query(page) = query.map_err(|e| {
+        ApiError::invalid_argument("INVALID_QUERY", format!("invalid query string: {e}"))
+    })?;
+    let request = ListDeadLettersRequest {
+        queue,
+        page_size: page.page_size.unwrap_or_default(),
+        page_token: page.page_token.unwrap_or_default(),
+    };
+    let response = api.list_dead_letters(call.request(request)).await?;
+    json::ok(&response)
+}
+
+async fn redrive(
+    State(api): State<Api>,
+    Path(queue): Path<String>,
+    call: Call,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let mut request: RedriveDeadLettersRequest = body.parse()?;
+    request.queue = queue;
+    let response = api.redrive_dead_letters(call.request(request)).await?;
+    json::ok(&response)
+}
+
+async fn purge(
+    State(api): State<Api>,
+    Path(queue): Path<String>,
+    call: Call,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let mut request: PurgeDeadLettersRequest = body.parse()?;
+    request.queue = queue;
+    let response = api.purge_dead_letters(call.request(request)).await?;
+    json::ok(&response)
+}
+
+/// `?wait=true` (or a bare `?wait`).
+#[derive(Debug, Default, Deserialize)]
+struct WaitQuery {
+    wait: Option<String>,
+}
+
+impl WaitQuery {
+    fn wait(&self) -> Result<bool, ApiError> {
+        match self.wait.as_deref().map(str::trim) {
+            None | Some("false" | "0") => Ok(false),
+            Some("" | "true" | "1") => Ok(true),
+            Some(other) => Err(ApiError::invalid_argument(
+                "INVALID_QUERY",
+                format!("wait must be true or false, not {other:?}"),
+            )),
+        }
+    }
+}
+
+async fn get_result(
+    State(api): State<Api>,
+    Path(correlation_id): Path<String>,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+    call: Call,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| {
+        ApiError::invalid_argument("INVALID_QUERY", format!("invalid query string: {e}"))
+    })?;
+    let request = GetResultRequest {
+        correlation_id,
+        wait: query.wait()?,
+    };
+    let response = api.get_result(call.request(request)).await?;
+    json::ok(&response)
+}
+
+async fn result_events(
+    State(api): State<Api>,
+    Path(correlation_id): Path<String>,
+    call: Call,
+) -> Result<Response, ApiError> {
+    let request = AwaitResultRequest {
+        correlation_id: correlation_id.clone(),
+    };
+    let events = api.await_result(call.request(request)).await?;
+    let events = events
+        // Nothing follows the result or an error.
+        .scan(false, |ended, item| {
+            let next = if *ended {
+                None
+            } else {
+                *ended = match &item {
+                    Ok(response) => response.result.is_some(),
+                    Err(_) => true,
+                };
+                Some(item)
+            };
+            std::future::ready(next)
+        })
+        .map(move |item| {
+            Ok::<_, Infallible>(match item {
+                Ok(response) if response.result.is_some() => {
+                    result_event(&correlation_id, &response)
+                }
+                Ok(_) => Event::default().comment("waiting"),
+                Err(status) => error_event(&ApiError::from(status)),
+            })
+        });
+    let mut response = Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response();
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+fn result_event(correlation_id: &str, response: &AwaitResultResponse) -> Event {
+    match json::to_vec(response) {
+        Ok(data) => Event::default()
+            .id(correlation_id)
+            .event("result")
+            .data(String::from_utf8_lossy(&data)),
+        Err(error) => error_event(&error),
+    }
+}
+
+fn error_event(error: &ApiError) -> Event {
+    Event::default()
+        .event("error")
+        .data(error.to_json().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_one_envelope_or_a_batch() {
+        let (one, batch) = parse_messages(br#"{"type":"t","json":{"a":1}}"#).unwrap();
+        assert!(!batch);
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].r#type, "t");
+        let (many, batch) =
+            parse_messages(br#"{"messages":[{"type":"a"},{"type":"b","idempotencyKey":"k"}]}"#)
+                .unwrap();
+        assert!(batch);
+        assert_eq!(many.len(), 2);
+        assert_eq!(many[1].idempotency_key, "k");
+    }
+
+    #[test]
+    fn rejects_malformed_bodies_with_a_reason() {
+        for (body, needle) in [
+            (&b""[..], "empty"),
+            (b"{", "invalid JSON"),
+            (br#"{"messages":{}}"#, "array"),
+            (br#"{"messages":[]}"#, "empty"),
+            (br#"{"messages":[{"typo":1}]}"#, "messages[0]"),
+            (br#"{"tpye":"x"}"#, "Envelope"),
+        ] {
+            let error = parse_messages(body).unwrap_err();
+            assert_eq!(error.code(), Code::InvalidArgument);
+            assert!(error.message().contains(needle), "{error}");
+        }
+    }
+
+    #[test]
+    fn reads_the_wait_flag() {
+        let q = |w: Option<&str>| WaitQuery {
+            wait: w.map(str::to_owned),
+        };
+        assert!(!q(None).wait().unwrap());
+        assert!(q(Some("")).wait().unwrap());
+        assert!(q(Some("true")).wait().unwrap());
+        assert!(!q(Some("false")).wait().unwrap());
+        assert!(q(Some("maybe")).wait().is_err());
+    }
+}

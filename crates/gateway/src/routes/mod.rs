@@ -1,0 +1,228 @@
+//! The gateway's routes, one module per resource, assembled into one axum
+//! router whose OpenAPI document is generated from the handlers'
+//! annotations (so `/openapi.json` cannot drift from what is served).
+//!
+//! Later resources (queues, results, dead letters, traces, metrics) get a
+//! module of their own here and one `.routes(...)` line in [`router`].
+
+mod agents;
+mod converse;
+mod fanout;
+mod health;
+mod openapi;
+mod streams;
+
+use std::sync::{Arc, OnceLock};
+
+use axum::{
+    extract::DefaultBodyLimit,
+    http::{HeaderName, HeaderValue, Method, header},
+};
+use bytes::Bytes;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::{GatewayConfig, Mesh};
+
+/// What every handler shares.
+pub(crate) struct Gateway {
+    pub(crate) mesh: Arc<dyn Mesh>,
+    pub(crate) config: GatewayConfig,
+    /// Detached streams waiting for (or read by) their `events_url`.
+    pub(crate) detached: streams::Detached,
+    /// The OpenAPI document, serialized once at startup.
+    pub(crate) openapi: OnceLock<Bytes>,
+}
+
+/// The gateway's routes, to be merged with the node's gRPC routes. It sets
+/// no fallback, so unknown paths fall through to gRPC's.
+pub fn router(mesh: Arc<dyn Mesh>, config: GatewayConfig) -> axum::Router {
+    api(mesh, config).0
+}
+
+/// The OpenAPI document of every route, as served at `/openapi.json`.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    api(no_mesh(), GatewayConfig::default()).1
+}
+
+/// A mesh that is never ready and reaches nothing: enough to build the
+/// routes (for their document) without a node.
+fn no_mesh() -> Arc<dyn Mesh> {
+    struct Nowhere;
+    #[tonic::async_trait]
+    impl Mesh for Nowhere {
+        async fn invoke(
+            &self,
+            _: tonic::Request<agentmesh_proto::v1::InvokeRequest>,
+        ) -> Result<agentmesh_proto::v1::InvokeResponse, tonic::Status> {
+            Err(tonic::Status::unavailable("no mesh"))
+        }
+        async fn stream(
+            &self,
+            _: tonic::Request<agentmesh_proto::v1::StreamRequest>,
+        ) -> Result<crate::EventStream<agentmesh_proto::v1::StreamResponse>, tonic::Status>
+        {
+            Err(tonic::Status::unavailable("no mesh"))
+        }
+        async fn converse(
+            &self,
+            _: tonic::Request<crate::EventStream<agentmesh_proto::v1::ConverseRequest>>,
+        ) -> Result<crate::EventStream<agentmesh_proto::v1::ConverseResponse>, tonic::Status>
+        {
+            Err(tonic::Status::unavailable("no mesh"))
+        }
+        async fn lookup(
+            &self,
+            _: tonic::Request<agentmesh_proto::v1::LookupRequest>,
+        ) -> Result<agentmesh_proto::v1::LookupResponse, tonic::Status> {
+            Err(tonic::Status::unavailable("no mesh"))
+        }
+        async fn fan_out(
+            &self,
+            _: tonic::Request<agentmesh_proto::v1::FanOutRequest>,
+        ) -> Result<agentmesh_proto::v1::FanOutResponse, tonic::Status> {
+            Err(tonic::Status::unavailable("no mesh"))
+        }
+        fn ready(&self) -> bool {
+            false
+        }
+    }
+    Arc::new(Nowhere)
+}
+
+fn api(mesh: Arc<dyn Mesh>, config: GatewayConfig) -> (axum::Router, utoipa::openapi::OpenApi) {
+    let cors = cors_layer(&config.cors_origins);
+    let body_limit = config.max_body_bytes;
+    let gateway = Arc::new(Gateway {
+        detached: streams::Detached::new(config.detached_retention, config.max_detached),
+        mesh,
+        config,
+        openapi: OnceLock::new(),
+    });
+    let (router, mut document) = OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(agents::list))
+        .routes(routes!(agents::get))
+        .routes(routes!(agents::invoke))
+        .routes(routes!(streams::start))
+        .routes(routes!(streams::events))
+        .routes(routes!(converse::converse))
+        .routes(routes!(fanout::fan_out))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(openapi::serve))
+        .split_for_parts();
+    openapi::finish(&mut document);
+    let serialized = serde_json::to_vec(&document).unwrap_or_default();
+    let _ = gateway.openapi.set(Bytes::from(serialized));
+    let mut router = router
+        .with_state(gateway)
+        // Bodies over the limit are refused while being read, as JSON 413s
+        // (see `json::Body`), before anything reaches the mesh.
+        .layer(DefaultBodyLimit::max(body_limit));
+    if let Some(cors) = cors {
+        router = router.layer(cors);
+    }
+    (router, document)
+}
+
+/// CORS for browsers on other origins: the configured origins (`*` for
+/// any) may call every route and read the correlation id.
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o.trim() == "*") {
+        AllowOrigin::any()
+    } else {
+        let list: Vec<HeaderValue> = origins
+            .iter()
+            .filter_map(
+                |o| match HeaderValue::from_str(o.trim().trim_end_matches('/')) {
+                    Ok(value) => Some(value),
+                    Err(_) => {
+                        tracing::warn!(origin = %o, "ignoring an invalid CORS origin");
+                        None
+                    }
+                },
+            )
+            .collect();
+        AllowOrigin::list(list)
+    };
+    let headers = [
+        header::CONTENT_TYPE,
+        header::ACCEPT,
+        HeaderName::from_static("last-event-id"),
+        HeaderName::from_static("x-correlation-id"),
+        HeaderName::from_static("x-timeout-ms"),
+        HeaderName::from_static("traceparent"),
+        HeaderName::from_static("tracestate"),
+        HeaderName::from_static("idempotency-key"),
+    ];
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers(headers)
+            .expose_headers([HeaderName::from_static("x-correlation-id")])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    async fn get(path: &str) -> (u16, serde_json::Value) {
+        let (router, _) = api(no_mesh(), GatewayConfig::default());
+        let response = router
+            .oneshot(axum::http::Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn readyz_is_503_until_the_node_is_ready() {
+        assert_eq!(get("/healthz").await.0, 200);
+        let (status, body) = get("/readyz").await;
+        assert_eq!(status, 503);
+        assert_eq!(body["error"]["code"], "UNAVAILABLE");
+        let (status, body) = get("/v1/agents").await;
+        assert_eq!(status, 503, "mesh errors map to their HTTP status");
+        assert_eq!(body["error"]["message"], "no mesh");
+    }
+
+    #[test]
+    fn the_document_has_every_route() {
+        let document = serde_json::to_value(openapi_document()).unwrap();
+        assert!(document["openapi"].as_str().unwrap().starts_with("3."));
+        let paths = document["paths"].as_object().unwrap();
+        for (path, method) in [
+            ("/v1/agents", "get"),
+            ("/v1/agents/{name}", "get"),
+            ("/v1/agents/{name}/invoke", "post"),
+            ("/v1/agents/{name}/stream", "post"),
+            ("/v1/agents/{name}/converse", "get"),
+            ("/v1/streams/{id}/events", "get"),
+            ("/healthz", "get"),
+            ("/readyz", "get"),
+            ("/openapi.json", "get"),
+        ] {
+            assert!(
+                paths[path][method].is_object(),
+                "{method} {path} is documented"
+            );
+        }
+        let schemas = document["components"]["schemas"].as_object().unwrap();
+        for schema in ["Envelope", "ErrorBody", "AgentList", "DetachedStream"] {
+            assert!(schemas.contains_key(schema), "schema {schema}");
+        }
+    }
+}
