@@ -834,15 +834,15 @@ async fn worker_hands_back_unstarted_messages_and_extends_long_work() {
     let finished = Arc::new(AtomicUsize::new(0));
     let worker = {
         let finished = finished.clone();
-        // A 300 ms lease and 900 ms of work: only extensions keep the message ours.
+        // A 1 s lease and 2.2 s of work: only extensions keep the message ours.
         Worker::new(client.clone(), "slow")
             .prefetch(5)
             .concurrency(1)
-            .lease(Duration::from_millis(300))
+            .lease(Duration::from_secs(1))
             .start(move |_ctx, _envelope| {
                 let finished = finished.clone();
                 async move {
-                    tokio::time::sleep(Duration::from_millis(900)).await;
+                    tokio::time::sleep(Duration::from_millis(2200)).await;
                     finished.fetch_add(1, Ordering::SeqCst);
                     Ok(None)
                 }
@@ -854,7 +854,7 @@ async fn worker_hands_back_unstarted_messages_and_extends_long_work() {
         })
         .await
     );
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let stats_ = worker.shutdown().await;
     let finished = finished.load(Ordering::SeqCst);
     assert!((1..=2).contains(&finished), "{finished}");

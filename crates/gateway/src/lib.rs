@@ -30,4 +30,4 @@ pub use config::GatewayConfig;
 pub use error::{ApiError, code_name, http_status};
 pub use mesh::{EventStream, Mesh};
 pub use queues::{QueueApi, queue_routes};
-pub use routes::{openapi_document, router};
+pub use routes::{openapi_document, router, router_with_queues};

@@ -42,6 +42,7 @@ use crate::{
     call::Call,
     error::ApiError,
     json::{self, Body},
+    routes::openapi::{self, CallHeaders, ErrorBody},
 };
 
 /// Largest request body the queue routes read (a batch of messages).
@@ -93,6 +94,19 @@ pub trait QueueApi: Send + Sync + 'static {
 type Api = Arc<dyn QueueApi>;
 
 /// The queue and result routes, to be merged into the node's app.
+/// The queue routes' OpenAPI description, merged into `/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    submit,
+    list_queues,
+    list_dead_letters,
+    redrive,
+    purge,
+    get_result,
+    result_events
+))]
+pub(crate) struct QueueDocs;
+
 pub fn queue_routes(api: Arc<dyn QueueApi>) -> Router {
     Router::new()
         .route("/v1/queues", get(list_queues))
@@ -147,6 +161,23 @@ fn parse_messages(body: &[u8]) -> Result<(Vec<Envelope>, bool), ApiError> {
     }
 }
 
+/// Puts messages on a queue: one `Envelope`, or `{"messages":[...]}`.
+/// Each message is acknowledged only once durable; the answer gives each
+/// one's fate (accepted, duplicate by idempotency key, rejected).
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/messages",
+    tag = "queues",
+    params(("queue" = String, Path, description = "Queue name"), CallHeaders),
+    request_body(content = openapi::Envelope, description = "An Envelope, or `{\"messages\":[Envelope...]}`", content_type = "application/json"),
+    responses(
+        (status = 201, description = "At least one message accepted", body = openapi::SubmitResponse),
+        (status = 200, description = "Nothing new accepted (duplicates or rejections)", body = openapi::SubmitResponse),
+        (status = 400, description = "Invalid JSON, or a single message rejected", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+        (status = 503, description = "The queue store failed (e.g. disk full)", body = ErrorBody),
+    )
+)]
 async fn submit(
     State(api): State<Api>,
     Path(queue): Path<String>,
@@ -187,6 +218,14 @@ async fn submit(
     Ok(json::response(status, json::to_vec(&response)?))
 }
 
+/// Every queue with its depth, in-flight count, dead letters and oldest age.
+#[utoipa::path(
+    get,
+    path = "/v1/queues",
+    tag = "queues",
+    params(CallHeaders),
+    responses((status = 200, description = "The queues", body = openapi::ListQueuesResponse))
+)]
 async fn list_queues(State(api): State<Api>, call: Call) -> Result<Response, ApiError> {
     let response = api.list_queues(call.request(ListQueuesRequest {})).await?;
     json::ok(&response)
@@ -201,6 +240,17 @@ struct PageQuery {
     page_token: Option<String>,
 }
 
+/// A page of a queue's dead letters (`?pageSize=&pageToken=`).
+#[utoipa::path(
+    get,
+    path = "/v1/queues/{queue}/dead-letters",
+    tag = "queues",
+    params(("queue" = String, Path, description = "Queue name"), ("pageSize" = Option<u32>, Query, description = "Dead letters per page (default 100)"), ("pageToken" = Option<String>, Query, description = "`nextPageToken` of the previous page"), CallHeaders),
+    responses(
+        (status = 200, description = "Dead letters, oldest first", body = openapi::ListDeadLettersResponse),
+        (status = 404, description = "No such queue", body = ErrorBody),
+    )
+)]
 async fn list_dead_letters(
     State(api): State<Api>,
     Path(queue): Path<String>,
@@ -219,6 +269,18 @@ async fn list_dead_letters(
     json::ok(&response)
 }
 
+/// Moves dead letters back into their queue with a fresh attempt count.
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/dead-letters/redrive",
+    tag = "queues",
+    params(("queue" = String, Path, description = "Queue name"), CallHeaders),
+    request_body(content = openapi::DeadLetterSelection, description = "`{\"all\":true}` or `{\"messageIds\":[...]}`", content_type = "application/json"),
+    responses(
+        (status = 200, description = "How many went back", body = openapi::RedriveDeadLettersResponse),
+        (status = 404, description = "No such queue", body = ErrorBody),
+    )
+)]
 async fn redrive(
     State(api): State<Api>,
     Path(queue): Path<String>,
@@ -231,6 +293,18 @@ async fn redrive(
     json::ok(&response)
 }
 
+/// Deletes dead letters for good.
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/dead-letters/purge",
+    tag = "queues",
+    params(("queue" = String, Path, description = "Queue name"), CallHeaders),
+    request_body(content = openapi::DeadLetterSelection, description = "`{\"all\":true}` or `{\"messageIds\":[...]}`", content_type = "application/json"),
+    responses(
+        (status = 200, description = "How many were deleted", body = openapi::PurgeDeadLettersResponse),
+        (status = 404, description = "No such queue", body = ErrorBody),
+    )
+)]
 async fn purge(
     State(api): State<Api>,
     Path(queue): Path<String>,
@@ -262,6 +336,19 @@ impl WaitQuery {
     }
 }
 
+/// The result a consumer acked a message with; `?wait=true` waits for it
+/// until the request's deadline (`X-Timeout-Ms`).
+#[utoipa::path(
+    get,
+    path = "/v1/results/{correlation_id}",
+    tag = "results",
+    params(("correlation_id" = String, Path, description = "Correlation id of the submitted message (its id unless it set one)"), ("wait" = Option<bool>, Query, description = "Wait for the result until the deadline"), CallHeaders),
+    responses(
+        (status = 200, description = "The result", body = openapi::GetResultResponse),
+        (status = 404, description = "No result (yet)", body = ErrorBody),
+        (status = 504, description = "Waited until the deadline", body = ErrorBody),
+    )
+)]
 async fn get_result(
     State(api): State<Api>,
     Path(correlation_id): Path<String>,
@@ -279,6 +366,15 @@ async fn get_result(
     json::ok(&response)
 }
 
+/// Server-Sent Events that complete when the result lands: keep-alive
+/// comments while waiting, then one `result` event (or an `error` event).
+#[utoipa::path(
+    get,
+    path = "/v1/results/{correlation_id}/events",
+    tag = "results",
+    params(("correlation_id" = String, Path, description = "Correlation id of the submitted message (its id unless it set one)"), CallHeaders),
+    responses((status = 200, description = "`text/event-stream`: one `result` event", content_type = "text/event-stream", body = String))
+)]
 async fn result_events(
     State(api): State<Api>,
     Path(correlation_id): Path<String>,

@@ -135,13 +135,15 @@ impl Node {
             Arc::clone(&self.registry),
             ready.clone(),
         );
-        let gateway = agentmesh_gateway::router(Arc::new(mesh), self.config.gateway.clone());
-        let gateway = gateway
-            .merge(agentmesh_gateway::queue_routes(Arc::new(queue_service)))
-            .merge(crate::metrics::routes(
-                Arc::clone(&self.registry),
-                self.router.metrics(),
-            ));
+        let gateway = agentmesh_gateway::router_with_queues(
+            Arc::new(mesh),
+            Arc::new(queue_service),
+            self.config.gateway.clone(),
+        );
+        let gateway = gateway.merge(crate::metrics::routes(
+            Arc::clone(&self.registry),
+            self.router.metrics(),
+        ));
         let app = routes.routes().into_axum_router().merge(gateway).layer(
             ServiceBuilder::new()
                 .layer(CorrelationLayer)

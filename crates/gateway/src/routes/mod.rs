@@ -9,7 +9,7 @@ mod agents;
 mod converse;
 mod fanout;
 mod health;
-mod openapi;
+pub(crate) mod openapi;
 mod streams;
 
 use std::sync::{Arc, OnceLock};
@@ -38,6 +38,20 @@ pub(crate) struct Gateway {
 /// no fallback, so unknown paths fall through to gRPC's.
 pub fn router(mesh: Arc<dyn Mesh>, config: GatewayConfig) -> axum::Router {
     api(mesh, config).0
+}
+
+/// The gateway's routes and the queue routes over `queues`, behind the same
+/// CORS layer.
+pub fn router_with_queues(
+    mesh: Arc<dyn Mesh>,
+    queues: Arc<dyn crate::QueueApi>,
+    config: GatewayConfig,
+) -> axum::Router {
+    let mut queue_routes = crate::queue_routes(queues);
+    if let Some(cors) = cors_layer(&config.cors_origins) {
+        queue_routes = queue_routes.layer(cors);
+    }
+    api(mesh, config).0.merge(queue_routes)
 }
 
 /// The OpenAPI document of every route, as served at `/openapi.json`.
@@ -111,6 +125,7 @@ fn api(mesh: Arc<dyn Mesh>, config: GatewayConfig) -> (axum::Router, utoipa::ope
         .routes(routes!(health::readyz))
         .routes(routes!(openapi::serve))
         .split_for_parts();
+    document.merge(<crate::queues::QueueDocs as utoipa::OpenApi>::openapi());
     openapi::finish(&mut document);
     let serialized = serde_json::to_vec(&document).unwrap_or_default();
     let _ = gateway.openapi.set(Bytes::from(serialized));
@@ -214,6 +229,14 @@ mod tests {
             ("/healthz", "get"),
             ("/readyz", "get"),
             ("/openapi.json", "get"),
+            ("/v1/fanout", "post"),
+            ("/v1/queues", "get"),
+            ("/v1/queues/{queue}/messages", "post"),
+            ("/v1/queues/{queue}/dead-letters", "get"),
+            ("/v1/queues/{queue}/dead-letters/redrive", "post"),
+            ("/v1/queues/{queue}/dead-letters/purge", "post"),
+            ("/v1/results/{correlation_id}", "get"),
+            ("/v1/results/{correlation_id}/events", "get"),
         ] {
             assert!(
                 paths[path][method].is_object(),

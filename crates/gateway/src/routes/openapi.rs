@@ -135,6 +135,25 @@ proto_schema!(Envelope, "agentmesh.v1.Envelope");
 proto_schema!(AgentInstance, "agentmesh.v1.AgentInstance");
 proto_schema!(StreamResponse, "agentmesh.v1.StreamResponse");
 proto_schema!(FanOutRequest, "agentmesh.v1.FanOutRequest");
+proto_schema!(SubmitResponse, "agentmesh.v1.SubmitResponse");
+proto_schema!(ListQueuesResponse, "agentmesh.v1.ListQueuesResponse");
+proto_schema!(
+    ListDeadLettersResponse,
+    "agentmesh.v1.ListDeadLettersResponse"
+);
+proto_schema!(
+    DeadLetterSelection,
+    "agentmesh.v1.RedriveDeadLettersRequest / PurgeDeadLettersRequest"
+);
+proto_schema!(
+    RedriveDeadLettersResponse,
+    "agentmesh.v1.RedriveDeadLettersResponse"
+);
+proto_schema!(
+    PurgeDeadLettersResponse,
+    "agentmesh.v1.PurgeDeadLettersResponse"
+);
+proto_schema!(GetResultResponse, "agentmesh.v1.GetResultResponse");
 proto_schema!(FanOutResponse, "agentmesh.v1.FanOutResponse");
 proto_schema!(ErrorDetail, "google.protobuf.Any (a google.rpc detail)");
 
