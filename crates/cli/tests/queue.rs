@@ -1294,7 +1294,7 @@ async fn cli_submit_consume_exec_result_and_dlq() {
     assert_eq!(line.split_whitespace().nth(1), Some("3"), "{queues_text}");
 
     // `consume --exec`: the payload on stdin, stdout is the result; failures nack.
-    let script = r#"python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({"y": d["x"] + 1}))'"#;
+    let script = r#"input=$(cat); case "$input" in *boom*) echo "cannot add boom" >&2; exit 3;; esac; echo "{\"y\": 21, \"in\": $input}""#;
     let out = cli(
         &node,
         &[
@@ -1315,6 +1315,8 @@ async fn cli_submit_consume_exec_result_and_dlq() {
         assert!(out.status.success(), "{out:?}");
         let result: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(result["json"]["y"].as_f64(), Some(21.0), "{result}");
+        // The command got the payload on stdin.
+        assert_eq!(result["json"]["in"]["x"].as_f64(), Some(20.0), "{result}");
         assert_eq!(result["type"], "add.result");
     }
     let missing = cli(&node, &["result", &poison_id]).await;

@@ -93,7 +93,6 @@ pub trait QueueApi: Send + Sync + 'static {
 
 type Api = Arc<dyn QueueApi>;
 
-/// The queue and result routes, to be merged into the node's app.
 /// The queue routes' OpenAPI description, merged into `/openapi.json`.
 #[derive(utoipa::OpenApi)]
 #[openapi(paths(
@@ -107,6 +106,7 @@ type Api = Arc<dyn QueueApi>;
 ))]
 pub(crate) struct QueueDocs;
 
+/// The queue and result routes, to be merged into the node's app.
 pub fn queue_routes(api: Arc<dyn QueueApi>) -> Router {
     Router::new()
         .route("/v1/queues", get(list_queues))

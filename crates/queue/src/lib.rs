@@ -9,6 +9,8 @@
 //! * [`QueueBackend::submit`] returns only once every accepted message is durable. Writers are
 //!   batched: a single writer thread takes every request that arrived while the previous commit
 //!   was syncing and commits them together with one fsync (group commit).
+//!   Other requests in the same batch (receives, acks, ...) are answered as soon as the batch is
+//!   committed, before its fsync, so consumers never wait for the disk; only the submits wait.
 //! * [`QueueBackend::receive`] long-polls and hands out messages under a lease. Competing
 //!   consumers never see the same message while its lease is live. A lapsed lease counts as a
 //!   failed attempt ("lease expired") and the message is ready again at once.

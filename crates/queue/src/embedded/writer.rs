@@ -267,7 +267,10 @@ impl<'t> Tables<'t> {
 /// Per-batch scratch state.
 #[derive(Default)]
 struct Batch {
+    /// Replies that may go out once the batch is committed (fsync'd or not).
     pending: Vec<Box<dyn Deliver>>,
+    /// Submit replies: they wait for the fsync.
+    durable: Vec<Box<dyn Deliver>>,
     /// Results to hand to `wait_result` callers once committed.
     results: Vec<(String, Bytes)>,
     /// Messages were accepted: the commit must be durable before anyone hears of it.
@@ -481,7 +484,21 @@ impl Writer {
 
     fn run_batch(&mut self, cmds: Vec<Cmd>, shutdown: bool) {
         let mut batch = Batch::default();
-        let outcome = self.apply_and_commit(cmds, &mut batch, shutdown);
+        let mut outcome = self.apply_and_commit(cmds, &mut batch, shutdown);
+        if matches!(outcome, Ok(true)) && answers_before_sync(&batch, shutdown) {
+            // The batch is committed (not yet fsync'd): everything but the submits may be
+            // answered now, so consumers do not wait for the disk. The submits are answered
+            // after the fsync below. A delivery of a message whose submit is not yet durable is
+            // fine: its submitter has not been told it was accepted.
+            let mut release = Vec::new();
+            for p in batch.pending.drain(..) {
+                if let Some(keys) = p.deliver(None) {
+                    release.extend(keys);
+                }
+            }
+            self.orphans.extend(release);
+            outcome = self.sync_now().map(|()| true);
+        }
         let failure = match outcome {
             Ok(committed) => {
                 if committed {
@@ -501,7 +518,7 @@ impl Writer {
             }
         };
         let mut release = Vec::new();
-        for p in batch.pending.drain(..) {
+        for p in batch.pending.drain(..).chain(batch.durable.drain(..)) {
             if let Some(keys) = p.deliver(failure.as_ref()) {
                 release.extend(keys);
             }
@@ -557,6 +574,9 @@ impl Writer {
         let sync = batch.needs_sync
             || shutdown
             || (self.unsynced && self.last_sync.elapsed() >= self.options.ack_flush_interval);
+        // A batch with submits and other replies commits without an fsync first; `run_batch`
+        // answers the others, then makes it durable with `sync_now`.
+        let sync = sync && !answers_before_sync(batch, shutdown);
         txn.set_durability(if sync {
             Durability::Immediate
         } else {
@@ -576,6 +596,20 @@ impl Writer {
         Ok(true)
     }
 
+    /// Makes every commit so far durable: an empty commit with an fsync.
+    fn sync_now(&mut self) -> Result<(), Fail> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        txn.commit()?;
+        self.unsynced = false;
+        self.last_sync = Instant::now();
+        self.shared
+            .counters
+            .durable_commits
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn apply(
         &mut self,
         t: &mut Tables<'_>,
@@ -590,7 +624,7 @@ impl Writer {
                 tx,
             } => {
                 let r = self.submit(t, batch, &queue, messages, now)?;
-                batch.reply(tx, r);
+                batch.durable.push(Box::new(Reply(tx, r)));
             }
             Cmd::Receive {
                 queue,
@@ -934,7 +968,10 @@ impl Writer {
         batch.changed = true;
         t.inflight.remove((qid, seq))?;
         t.messages.remove((qid, seq))?;
-        t.history.remove((qid, seq))?;
+        // Only a message that failed before has a history (a first attempt has none).
+        if lease.attempt > 1 {
+            t.history.remove((qid, seq))?;
+        }
         let qname = self.names.get(&qid).cloned().unwrap_or_default();
         if let Some(q) = self.queues.get_mut(&qname) {
             q.in_flight = q.in_flight.saturating_sub(1);
@@ -1426,6 +1463,12 @@ fn reject_reason(m: &NewMessage) -> Option<String> {
         }
     }
     None
+}
+
+/// Whether a batch is committed without an fsync first, its non-submit replies sent, and then
+/// made durable (it holds submits and something else to answer).
+fn answers_before_sync(batch: &Batch, shutdown: bool) -> bool {
+    batch.needs_sync && !shutdown && !batch.pending.is_empty()
 }
 
 /// Answers a command with `err` without running it.
