@@ -497,3 +497,37 @@ async fn heartbeats_keep_a_quiet_conversation_alive() {
     agent.shutdown().await;
     node.stop().await;
 }
+
+#[tokio::test]
+async fn a_stream_that_cannot_open_is_retried_on_another_instance() {
+    let node = TestNode::start().await;
+    let mut idempotent = card("numbers");
+    idempotent.skills[0].idempotent = true;
+    let agent = start_agent(&node, idempotent.clone(), Numbers::new()).await;
+    // A second instance whose endpoint refuses connections.
+    let mut dead = idempotent;
+    dead.instance_id = "dead-instance".into();
+    dead.endpoint = "http://127.0.0.1:1".into();
+    node.client()
+        .discovery()
+        .register(agentmesh_proto::v1::RegisterRequest {
+            card: Some(dead),
+            ttl: None,
+        })
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        let mut events = node
+            .client()
+            .stream("numbers", Envelope::json("go", json!({"n": 3})))
+            .await
+            .expect("the stream opens on the live instance");
+        let mut count = 0;
+        while events.message().await.unwrap().is_some() {
+            count += 1;
+        }
+        assert_eq!(count, 4);
+    }
+    agent.shutdown().await;
+    node.stop().await;
+}

@@ -38,7 +38,7 @@ use crate::{
     error::NodeError,
     idempotency::{Claim, IdempotencyCache},
     metrics::RouterMetrics,
-    registry::{Instance, Registry},
+    registry::{InFlightGuard, Instance, Registry},
     replay::{ReplayConfig, StreamHub},
 };
 
@@ -378,78 +378,12 @@ impl Router {
             .ok_or_else(|| NodeError::InvalidArgument("envelope is required".into()))?;
         require_target(&envelope)?;
         Self::stamp(&mut envelope, &call);
-        let _slot = self.slots.try_acquire().map_err(|_| {
-            self.metrics.shed.fetch_add(1, Ordering::Relaxed);
-            NodeError::ResourceExhausted(format!(
-                "the node has {} calls in flight; retry later",
-                self.config.max_in_flight
-            ))
-        })?;
-        self.budget.deposit();
         // A stream is retried only until it has opened: before its first event.
-        let retry = &self.config.retry;
-        let mut backoff = Backoff::new(retry.initial_backoff, retry.max_backoff);
-        let mut tried = Vec::new();
-        let mut attempt = 1;
-        let (response, in_flight, started, budget, hop) = loop {
-            let Route {
-                instance,
-                mut client,
-            } = self.route(&envelope, &tried)?;
-            tried.push(instance.card.instance_id.clone());
-            let hop = hop_name(&instance);
-            if let Err(open) = instance.breaker.try_acquire() {
-                return Err(NodeError::BreakerOpen {
-                    target: hop,
-                    retry_after: open.retry_after(),
-                }
-                .into());
-            }
-            let safe =
-                !envelope.idempotency_key.is_empty() || instance.idempotent_for(&envelope.target);
-            let mut sent = envelope.clone();
-            sent.attempt = attempt;
-            let metadata = tracing_metadata(&sent);
-            let (request, budget) = self.outgoing(
-                StreamRequest {
-                    envelope: Some(sent),
-                    ..Default::default()
-                },
-                metadata,
-                &call,
-                &hop,
-            )?;
-            let in_flight = instance.start_call();
-            let started = Instant::now();
-            let status = match tokio::time::timeout(budget, client.stream(request)).await {
-                Err(_) => deadline_at(&hop, budget).into(),
-                Ok(Err(status)) => {
-                    agent_failure(status, &hop, &instance, budget, started.elapsed())
-                }
-                Ok(Ok(response)) => {
-                    instance.breaker.record(true);
-                    break (response.into_inner(), in_flight, started, budget, hop);
-                }
-            };
-            instance
-                .breaker
-                .record(!is_destination_failure(status.code()));
-            let retriable = safe
-                && status.code() == Code::Unavailable
-                && attempt < retry.max_attempts
-                && pushback(&status) != Some(None);
-            if !retriable || !self.budget.withdraw() {
-                return Err(status);
-            }
-            let delay = pushback(&status)
-                .flatten()
-                .unwrap_or_else(|| backoff.next_delay());
-            if delay + self.config.hop_margin >= call.deadline.remaining() {
-                return Err(status);
-            }
-            tokio::time::sleep(delay).await;
-            attempt += 1;
-        };
+        let (response, in_flight, started, budget, hop) = self
+            .with_retries(&call, &envelope, |route, sent| {
+                self.open_upstream(&call, route, sent)
+            })
+            .await?;
         let upstream = response
             .map(move |event| {
                 // The instance counts as busy for as long as its stream runs.
@@ -585,18 +519,32 @@ impl Router {
                 Claim::Lead(guard) => Some(guard),
             }
         };
-        let outcome = self.call_with_retries(&call, envelope).await;
+        let outcome = self
+            .with_retries(&call, &envelope, |route, sent| {
+                self.call_instance(&call, sent, route)
+            })
+            .await;
         if let Some(lead) = lead {
             lead.complete(&outcome);
         }
         outcome
     }
 
-    async fn call_with_retries(
+    /// Runs `attempt` against routed instances until it succeeds or a retry
+    /// is not allowed: only UNAVAILABLE, only for calls with an idempotency
+    /// key or to a skill declared idempotent, within `max_attempts`, the
+    /// retry budget and the deadline, after the server's pushback or a
+    /// jittered backoff, and on another instance when there is one.
+    async fn with_retries<T, F, Fut>(
         &self,
         call: &CallInfo,
-        envelope: Envelope,
-    ) -> Result<Envelope, Status> {
+        envelope: &Envelope,
+        mut attempt: F,
+    ) -> Result<T, Status>
+    where
+        F: FnMut(Route, Envelope) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
         let _slot = self.slots.try_acquire().map_err(|_| {
             self.metrics.shed.fetch_add(1, Ordering::Relaxed);
             NodeError::ResourceExhausted(format!(
@@ -608,23 +556,22 @@ impl Router {
         let retry = &self.config.retry;
         let mut backoff = Backoff::new(retry.initial_backoff, retry.max_backoff);
         let mut tried = Vec::new();
-        let mut attempt = envelope.attempt.max(1);
+        let mut number = envelope.attempt.max(1);
         loop {
-            let route = self.route(&envelope, &tried)?;
+            let route = self.route(envelope, &tried)?;
             let safe = !envelope.idempotency_key.is_empty()
                 || route.instance.idempotent_for(&envelope.target);
             tried.push(route.instance.card.instance_id.clone());
             let mut sent = envelope.clone();
-            sent.attempt = attempt;
-            let outcome = self.call_instance(call, sent, route).await;
-            let status = match outcome {
-                Ok(reply) => return Ok(reply),
+            sent.attempt = number;
+            let status = match attempt(route, sent).await {
+                Ok(value) => return Ok(value),
                 Err(status) => status,
             };
             let pushback = pushback(&status);
             let retriable = safe
                 && status.code() == Code::Unavailable
-                && attempt < retry.max_attempts
+                && number < retry.max_attempts
                 && pushback != Some(None);
             if !retriable || !self.budget.withdraw() {
                 return Err(status);
@@ -634,10 +581,75 @@ impl Router {
                 return Err(status);
             }
             self.metrics.retries.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(target = %envelope.target, attempt, delay_ms = delay.as_millis() as u64, %status, "retrying");
+            tracing::debug!(target = %envelope.target, attempt = number, delay_ms = delay.as_millis() as u64, %status, "retrying");
             tokio::time::sleep(delay).await;
-            attempt += 1;
+            number += 1;
         }
+    }
+
+    /// Opens the agent's side of a stream on one instance, with the hop's
+    /// deadline and the breaker.
+    async fn open_upstream(
+        &self,
+        call: &CallInfo,
+        route: Route,
+        envelope: Envelope,
+    ) -> Result<
+        (
+            Streaming<StreamResponse>,
+            InFlightGuard,
+            Instant,
+            Duration,
+            String,
+        ),
+        Status,
+    > {
+        let Route {
+            instance,
+            mut client,
+        } = route;
+        let hop = hop_name(&instance);
+        if let Err(open) = instance.breaker.try_acquire() {
+            return Err(NodeError::BreakerOpen {
+                target: hop,
+                retry_after: open.retry_after(),
+            }
+            .into());
+        }
+        let metadata = tracing_metadata(&envelope);
+        let (request, budget) = match self.outgoing(
+            StreamRequest {
+                envelope: Some(envelope),
+                ..Default::default()
+            },
+            metadata,
+            call,
+            &hop,
+        ) {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                instance.breaker.record(true);
+                return Err(error.into());
+            }
+        };
+        let in_flight = instance.start_call();
+        let started = Instant::now();
+        let outcome = match tokio::time::timeout(budget, client.stream(request)).await {
+            Err(_) => Err(deadline_at(&hop, budget).into()),
+            Ok(Err(status)) => Err(agent_failure(
+                status,
+                &hop,
+                &instance,
+                budget,
+                started.elapsed(),
+            )),
+            Ok(Ok(response)) => Ok(response.into_inner()),
+        };
+        instance.breaker.record(match &outcome {
+            Ok(_) => true,
+            Err(status) => !is_destination_failure(status.code()),
+        });
+        Ok((outcome?, in_flight, started, budget, hop))
     }
 
     /// One attempt at one instance, with the hop's deadline and the breaker.
