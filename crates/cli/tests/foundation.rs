@@ -574,3 +574,36 @@ async fn restarted_node_sees_the_agent_register_again() {
     agent.shutdown().await;
     node.stop().await;
 }
+
+#[tokio::test]
+async fn connections_to_departed_agents_are_closed() {
+    let node = TestNode::start().await;
+    let agent = start_agent(&node, card("echo"), Echo).await;
+    node.client()
+        .invoke("echo", Envelope::json("x", json!({})))
+        .await
+        .unwrap();
+    let connections = || async {
+        let metrics = reqwest::get(format!("http://{}/metrics", node.addr()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("agentmesh_agent_connections "))
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap()
+    };
+    assert_eq!(connections().await, 1);
+    agent.shutdown().await;
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            connections().await == 0
+        })
+        .await,
+        "the node dropped its connection to the deregistered agent"
+    );
+    node.stop().await;
+}

@@ -38,11 +38,11 @@ impl RouterMetrics {
 #[derive(Clone)]
 struct MetricsState {
     registry: Arc<Registry>,
-    router: Arc<RouterMetrics>,
+    router: crate::router::Router,
 }
 
 /// The `/metrics` route.
-pub fn routes(registry: Arc<Registry>, router: Arc<RouterMetrics>) -> axum::Router {
+pub fn routes(registry: Arc<Registry>, router: crate::router::Router) -> axum::Router {
     axum::Router::new()
         .route("/metrics", get(render))
         .with_state(MetricsState { registry, router })
@@ -55,7 +55,7 @@ async fn render(State(state): State<MetricsState>) -> impl IntoResponse {
         "# HELP agentmesh_routed_calls_total Calls routed to agents, by gRPC code."
     );
     let _ = writeln!(out, "# TYPE agentmesh_routed_calls_total counter");
-    for (index, counter) in state.router.by_code.iter().enumerate() {
+    for (index, counter) in state.router.metrics().by_code.iter().enumerate() {
         let code = format!("{:?}", Code::from(index as i32));
         let _ = writeln!(
             out,
@@ -71,7 +71,7 @@ async fn render(State(state): State<MetricsState>) -> impl IntoResponse {
     let _ = writeln!(
         out,
         "agentmesh_retries_total {}",
-        state.router.retries.load(Ordering::Relaxed)
+        state.router.metrics().retries.load(Ordering::Relaxed)
     );
     let _ = writeln!(
         out,
@@ -81,7 +81,17 @@ async fn render(State(state): State<MetricsState>) -> impl IntoResponse {
     let _ = writeln!(
         out,
         "agentmesh_shed_total {}",
-        state.router.shed.load(Ordering::Relaxed)
+        state.router.metrics().shed.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP agentmesh_agent_connections Connections the node holds to agent endpoints."
+    );
+    let _ = writeln!(out, "# TYPE agentmesh_agent_connections gauge");
+    let _ = writeln!(
+        out,
+        "agentmesh_agent_connections {}",
+        state.router.agent_connections()
     );
     let instances = state.registry.lookup(&AgentFilter::default());
     let _ = writeln!(

@@ -169,6 +169,17 @@ impl ChannelPool {
         channels.insert(endpoint.to_owned(), channel.clone());
         Ok(channel)
     }
+
+    /// Drops the connections to endpoints no live instance uses any more.
+    fn prune(&self, live: &std::collections::HashSet<String>) {
+        self.channels
+            .lock()
+            .retain(|endpoint, _| live.contains(endpoint));
+    }
+
+    fn len(&self) -> usize {
+        self.channels.lock().len()
+    }
 }
 
 /// Routes calls to registered agents.
@@ -212,6 +223,37 @@ impl Router {
             metrics: Arc::default(),
             config,
         }
+    }
+
+    /// Closes connections to agents that left: on every registry removal or
+    /// expiry, endpoints no live instance uses are dropped from the pool.
+    pub fn spawn_channel_pruner(&self) {
+        let mut events = self.registry.subscribe();
+        let registry = Arc::downgrade(&self.registry);
+        let channels = Arc::downgrade(&self.channels);
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+                let (Some(registry), Some(channels)) = (registry.upgrade(), channels.upgrade())
+                else {
+                    return;
+                };
+                let live = registry
+                    .lookup(&agentmesh_proto::v1::AgentFilter::default())
+                    .into_iter()
+                    .filter_map(|instance| instance.card.map(|card| card.endpoint))
+                    .collect();
+                channels.prune(&live);
+            }
+        });
+    }
+
+    /// Open (or lazily opening) connections to agents.
+    pub fn agent_connections(&self) -> usize {
+        self.channels.len()
     }
 
     /// The router's counters, for `/metrics`.

@@ -92,6 +92,7 @@ impl Node {
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::NotServing).await;
         self.registry.spawn_reaper();
+        self.router.spawn_channel_pruner();
 
         let max = self.config.max_message_bytes;
         let reflection = reflection_builder()
@@ -142,7 +143,7 @@ impl Node {
         );
         let gateway = gateway.merge(crate::metrics::routes(
             Arc::clone(&self.registry),
-            self.router.metrics(),
+            self.router.clone(),
         ));
         let app = routes.routes().into_axum_router().merge(gateway).layer(
             ServiceBuilder::new()
