@@ -421,7 +421,14 @@ impl Router {
         require_target(&envelope)?;
         Self::stamp(&mut envelope, &call);
         // A stream is retried only until it has opened: before its first event.
-        let (response, in_flight, started, budget, hop) = self
+        let Attempt {
+            value: response,
+            in_flight,
+            started,
+            budget,
+            hop,
+            ..
+        } = self
             .with_retries(&call, &envelope, |route, sent| {
                 self.open_upstream(&call, route, sent)
             })
@@ -629,27 +636,21 @@ impl Router {
         }
     }
 
-    /// Opens the agent's side of a stream on one instance, with the hop's
-    /// deadline and the breaker.
-    async fn open_upstream(
+    /// One attempt at one instance: the breaker's permission, the hop's
+    /// deadline, the in-flight count, and the outcome recorded on the breaker.
+    /// `send` makes the actual call with the prepared request.
+    async fn attempt<M, T, Fut>(
         &self,
         call: &CallInfo,
         route: Route,
         envelope: Envelope,
-    ) -> Result<
-        (
-            Streaming<StreamResponse>,
-            InFlightGuard,
-            Instant,
-            Duration,
-            String,
-        ),
-        Status,
-    > {
-        let Route {
-            instance,
-            mut client,
-        } = route;
+        wrap: impl FnOnce(Envelope) -> M,
+        send: impl FnOnce(AgentServiceClient<Channel>, Request<M>) -> Fut,
+    ) -> Result<Attempt<T>, Status>
+    where
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let Route { instance, client } = route;
         let hop = hop_name(&instance);
         if let Err(open) = instance.breaker.try_acquire() {
             return Err(NodeError::BreakerOpen {
@@ -659,24 +660,17 @@ impl Router {
             .into());
         }
         let metadata = tracing_metadata(&envelope);
-        let (request, budget) = match self.outgoing(
-            StreamRequest {
-                envelope: Some(envelope),
-                ..Default::default()
-            },
-            metadata,
-            call,
-            &hop,
-        ) {
+        let (request, budget) = match self.outgoing(wrap(envelope), metadata, call, &hop) {
             Ok(prepared) => prepared,
             Err(error) => {
+                // No call was made: give the probe slot back as a non-failure.
                 instance.breaker.record(true);
                 return Err(error.into());
             }
         };
         let in_flight = instance.start_call();
         let started = Instant::now();
-        let outcome = match tokio::time::timeout(budget, client.stream(request)).await {
+        let outcome = match tokio::time::timeout(budget, send(client, request)).await {
             Err(_) => Err(deadline_at(&hop, budget).into()),
             Ok(Err(status)) => Err(agent_failure(
                 status,
@@ -685,69 +679,80 @@ impl Router {
                 budget,
                 started.elapsed(),
             )),
-            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Ok(value)) => Ok(value),
         };
         instance.breaker.record(match &outcome {
             Ok(_) => true,
             Err(status) => !is_destination_failure(status.code()),
         });
-        Ok((outcome?, in_flight, started, budget, hop))
+        Ok(Attempt {
+            value: outcome?,
+            instance,
+            in_flight,
+            started,
+            budget,
+            hop,
+        })
     }
 
-    /// One attempt at one instance, with the hop's deadline and the breaker.
+    /// Opens the agent's side of a stream on one instance.
+    async fn open_upstream(
+        &self,
+        call: &CallInfo,
+        route: Route,
+        envelope: Envelope,
+    ) -> Result<Attempt<Streaming<StreamResponse>>, Status> {
+        self.attempt(
+            call,
+            route,
+            envelope,
+            |envelope| StreamRequest {
+                envelope: Some(envelope),
+                ..Default::default()
+            },
+            async |mut client, request| Ok(client.stream(request).await?.into_inner()),
+        )
+        .await
+    }
+
+    /// One unary attempt at one instance.
     pub async fn call_instance(
         &self,
         call: &CallInfo,
         envelope: Envelope,
         route: Route,
     ) -> Result<Envelope, Status> {
-        let Route {
-            instance,
-            mut client,
-        } = route;
-        let hop = hop_name(&instance);
-        if let Err(open) = instance.breaker.try_acquire() {
-            return Err(NodeError::BreakerOpen {
-                target: hop,
-                retry_after: open.retry_after(),
-            }
-            .into());
-        }
         let request_id = envelope.id.clone();
         let correlation_id = envelope.correlation_id.clone();
-        let metadata = tracing_metadata(&envelope);
-        let (request, budget) = match self.outgoing(
-            InvokeRequest {
-                envelope: Some(envelope),
-            },
-            metadata,
-            call,
-            &hop,
-        ) {
-            Ok(prepared) => prepared,
-            Err(error) => {
-                instance.breaker.record(true);
-                return Err(error.into());
-            }
-        };
-        let _in_flight = instance.start_call();
-        let started = Instant::now();
-        let outcome = tokio::time::timeout(budget, client.invoke(request)).await;
-        let elapsed = started.elapsed();
-        let result = match outcome {
-            Err(_) => Err(deadline_at(&hop, budget).into()),
-            Ok(Err(status)) => Err(agent_failure(status, &hop, &instance, budget, elapsed)),
-            Ok(Ok(response)) => Ok(response.into_inner().envelope.unwrap_or_default()),
-        };
-        instance.breaker.record(match &result {
-            Ok(_) => true,
-            Err(status) => !is_destination_failure(status.code()),
-        });
+        let result = self
+            .attempt(
+                call,
+                route,
+                envelope,
+                |envelope| InvokeRequest {
+                    envelope: Some(envelope),
+                },
+                async |mut client, request| {
+                    Ok(client
+                        .invoke(request)
+                        .await?
+                        .into_inner()
+                        .envelope
+                        .unwrap_or_default())
+                },
+            )
+            .await;
         self.metrics.record(match &result {
             Ok(_) => Code::Ok,
             Err(status) => status.code(),
         });
-        let mut reply = result?;
+        let Attempt {
+            value: mut reply,
+            instance,
+            started,
+            ..
+        } = result?;
+        let elapsed = started.elapsed();
         if reply.correlation_id.is_empty() {
             reply.correlation_id = correlation_id;
         }
@@ -763,6 +768,17 @@ impl Router {
         tracing::debug!(agent = %instance.card.name, elapsed_us = elapsed.as_micros() as u64, "invoke routed");
         Ok(reply)
     }
+}
+
+/// The outcome of one attempt at one instance, with what the caller needs
+/// to keep going (the in-flight guard lives as long as a stream does).
+struct Attempt<T> {
+    value: T,
+    instance: Arc<Instance>,
+    in_flight: InFlightGuard,
+    started: Instant,
+    budget: Duration,
+    hop: String,
 }
 
 /// Server pushback (gRPC A6): `Some(Some(d))` retry after `d`, `Some(None)`
