@@ -54,6 +54,7 @@ macro_rules! conformance_suite {
             extend_keeps_the_lease,
             long_poll_wakes_on_submit,
             restart_keeps_unacked_and_forgets_acked,
+            restart_keeps_retry_schedule_and_attempts,
             invalid_arguments_are_rejected,
             stats_are_sorted_and_counted,
         );
@@ -965,6 +966,73 @@ pub async fn restart_keeps_unacked_and_forgets_acked(factory: &dyn BackendFactor
         .await
         .expect("submit");
     assert_eq!(fates, vec![SubmitFate::Duplicate { id: "k".into() }]);
+}
+
+/// After a restart, a nacked message still waits for its retry time, keeps its attempt count,
+/// and is handed out once: not by both the retry schedule and the pass over recovered messages.
+pub async fn restart_keeps_retry_schedule_and_attempts(factory: &dyn BackendFactory) {
+    let q = "restart-retry";
+    let ids = ["first", "soon", "later", "lapsed"];
+    {
+        let b = open(factory, test_config()).await;
+        submit_ok(&*b, q, ids.iter().map(|id| msg(id)).collect()).await;
+        let got = receive_n(&*b, q, "c", 4, LONG_LEASE, Duration::from_secs(5)).await;
+        assert_eq!(got.len(), 4);
+        let by_id = |id: &str| {
+            got.iter()
+                .find(|m| m.message_id == id)
+                .map(|m| m.receipt.clone())
+                .expect("delivered")
+        };
+        // "first" stays leased across the restart; "lapsed" fails at once (no delay).
+        for (id, delay) in [
+            ("soon", Duration::from_millis(300)),
+            ("later", Duration::from_secs(60)),
+            ("lapsed", Duration::ZERO),
+        ] {
+            b.nack(&by_id(id), "failed before restart", Some(delay))
+                .await
+                .expect("nack");
+        }
+    }
+    let b = open(factory, test_config()).await;
+    let s = stats_of(&*b, q).await;
+    assert_eq!((s.depth, s.in_flight), (4, 0), "{s:?}");
+    // Once "soon" is due, everything but "later" is ready: taken one receive of one first,
+    // then the rest (a store may hand out due retries and recovered messages in any order).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut got = b
+        .receive(q, "c", 1, LONG_LEASE, NO_WAIT)
+        .await
+        .expect("receive");
+    assert_eq!(got.len(), 1);
+    got.extend(
+        b.receive(q, "c", 10, LONG_LEASE, NO_WAIT)
+            .await
+            .expect("receive"),
+    );
+    let mut ready: Vec<(String, u32)> = got
+        .iter()
+        .map(|m| (m.message_id.clone(), m.attempt))
+        .collect();
+    ready.sort();
+    let expected = [("first", 1), ("lapsed", 2), ("soon", 2)];
+    let expected: Vec<(String, u32)> = expected.iter().map(|&(i, a)| (i.into(), a)).collect();
+    assert_eq!(ready, expected);
+    let none = b
+        .receive(q, "c", 10, LONG_LEASE, Duration::from_millis(200))
+        .await
+        .expect("receive");
+    assert!(none.is_empty(), "delivered twice or too early: {none:?}");
+    for m in &got {
+        b.ack(&m.receipt, None).await.expect("ack");
+    }
+    let s = stats_of(&*b, q).await;
+    assert_eq!(
+        (s.depth, s.in_flight),
+        (1, 0),
+        "\"later\" still waits: {s:?}"
+    );
 }
 
 /// Bad arguments fail with `InvalidArgument`, bad messages are `Rejected` individually.

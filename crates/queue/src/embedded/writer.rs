@@ -15,7 +15,8 @@ use crate::{
 };
 use bytes::Bytes;
 use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction,
+    Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition, TableHandle,
+    WriteTransaction,
 };
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -34,10 +35,16 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const MESSAGES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("messages");
 /// `(queue id, seq)` → encoded failed attempts, only for messages that failed at least once.
 const HISTORY: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("history");
-/// `(queue id, ready at ms, seq)`: the schedule of messages waiting (ready or delayed).
-const READY: TableDefinition<(u32, u64, u64), ()> = TableDefinition::new("ready");
-/// `(queue id, seq)`: messages leased out; moved back to `READY` on open.
-const INFLIGHT: TableDefinition<(u32, u64), ()> = TableDefinition::new("inflight");
+/// `(queue id, due ms, seq)`: messages waiting for a retry (nacked with a delay, or redriven),
+/// in due order. Every other live message is ready or leased, which only memory tracks.
+const SCHEDULE: TableDefinition<(u32, u64, u64), ()> = TableDefinition::new("schedule");
+/// `(queue id, seq)` → due ms: the same set as `SCHEDULE`, by message, so that the ready scan
+/// after a restart can tell a waiting message from a ready one.
+const SCHEDULED: TableDefinition<(u32, u64), u64> = TableDefinition::new("scheduled");
+/// Tables of the earlier layout (every ready message indexed, leases persisted); migrated on
+/// open.
+const LEGACY_READY: TableDefinition<(u32, u64, u64), ()> = TableDefinition::new("ready");
+const LEGACY_INFLIGHT: TableDefinition<(u32, u64), ()> = TableDefinition::new("inflight");
 /// `(queue id, seq)` → encoded dead letter (header, history, message).
 const DEAD: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("dead");
 /// `(queue id, idempotency key)` → `(expires ms, message id)`.
@@ -166,7 +173,8 @@ type LeaseKey = (u32, u64, u64);
 
 struct Lease {
     token: u64,
-    consumer: String,
+    /// Shared by every lease of one receive.
+    consumer: Arc<str>,
     delivered_ms: u64,
     expires_ms: u64,
     attempt: u32,
@@ -174,12 +182,52 @@ struct Lease {
     reply_to: Option<String>,
 }
 
+/// In-memory state of one queue.
+///
+/// Where each live message is, without a write per move:
+/// * `seq > cursor`: ready, found by scanning `MESSAGES` from the cursor (after a restart, also
+///   waiting ones: the scan skips those listed in `SCHEDULED` while `seq <= recovered_max`);
+/// * `seq <= cursor` (or in `ahead`): leased, queued in `redeliver`, or waiting in `SCHEDULE`.
+///
+/// Memory stays bounded: `redeliver` and `ahead` only hold messages that were leased or just
+/// promoted from the schedule (at most one receive's worth at a time).
 struct QState {
     id: u32,
     live: u64,
     dead: u64,
     in_flight: u64,
     row_dirty: bool,
+    /// Highest seq the ready scan has passed.
+    cursor: u64,
+    /// Highest seq of a message submitted to this queue.
+    tail: u64,
+    /// Highest seq that existed when the store was opened: below it the scan may meet
+    /// messages that were delivered before the restart (waiting ones, or ones with a history).
+    recovered_max: u64,
+    /// Messages ready again (released, lease lapsed, or due retries), delivered before the scan.
+    redeliver: VecDeque<u64>,
+    /// Due retries promoted to `redeliver` although the scan has not passed them yet.
+    ahead: HashSet<u64>,
+    /// Entries in `SCHEDULE`.
+    scheduled: u64,
+}
+
+impl QState {
+    fn new(id: u32, live: u64, dead: u64) -> Self {
+        Self {
+            id,
+            live,
+            dead,
+            in_flight: 0,
+            row_dirty: false,
+            cursor: 0,
+            tail: 0,
+            recovered_max: 0,
+            redeliver: VecDeque::new(),
+            ahead: HashSet::new(),
+            scheduled: 0,
+        }
+    }
 }
 
 struct Waiter {
@@ -237,8 +285,8 @@ struct Tables<'t> {
     meta: Table<'t, &'static str, u64>,
     messages: Table<'t, (u32, u64), &'static [u8]>,
     history: Table<'t, (u32, u64), &'static [u8]>,
-    ready: Table<'t, (u32, u64, u64), ()>,
-    inflight: Table<'t, (u32, u64), ()>,
+    schedule: Table<'t, (u32, u64, u64), ()>,
+    scheduled: Table<'t, (u32, u64), u64>,
     dead: Table<'t, (u32, u64), &'static [u8]>,
     dedup: Table<'t, (u32, &'static str), &'static [u8]>,
     dedup_exp: Table<'t, (u64, u32, &'static str), ()>,
@@ -253,8 +301,8 @@ impl<'t> Tables<'t> {
             meta: txn.open_table(META)?,
             messages: txn.open_table(MESSAGES)?,
             history: txn.open_table(HISTORY)?,
-            ready: txn.open_table(READY)?,
-            inflight: txn.open_table(INFLIGHT)?,
+            schedule: txn.open_table(SCHEDULE)?,
+            scheduled: txn.open_table(SCHEDULED)?,
             dead: txn.open_table(DEAD)?,
             dedup: txn.open_table(DEDUP)?,
             dedup_exp: txn.open_table(DEDUP_EXP)?,
@@ -378,6 +426,9 @@ impl Writer {
     }
 
     /// Rebuilds the in-memory state from disk (at open, or after a failed commit).
+    ///
+    /// Leases are not persisted: every live message that is not waiting in the schedule is
+    /// ready again, found by the ready scan from the start of its queue.
     fn reload(&mut self) -> Result<(), Fail> {
         self.queues.clear();
         self.names.clear();
@@ -385,8 +436,9 @@ impl Writer {
         self.lease_heap.clear();
         self.orphans.clear();
         let txn = self.db.begin_write()?;
+        migrate_legacy_tables(&txn, now_ms())?;
         {
-            let mut t = Tables::open(&txn)?;
+            let t = Tables::open(&txn)?;
             self.next_seq = t.meta.get(NEXT_SEQ)?.map_or(1, |v| v.value());
             self.seq_dirty = false;
             for item in t.queues.iter()? {
@@ -394,22 +446,23 @@ impl Writer {
                 let row = decode_queue_row(v.value())?;
                 self.next_qid = self.next_qid.max(row.id + 1);
                 self.names.insert(row.id, k.value().to_owned());
-                self.queues.insert(
-                    k.value().to_owned(),
-                    QState {
-                        id: row.id,
-                        live: row.live,
-                        dead: row.dead,
-                        in_flight: 0,
-                        row_dirty: false,
-                    },
-                );
+                let mut q = QState::new(row.id, row.live, row.dead);
+                q.recovered_max = self.next_seq.saturating_sub(1);
+                if let Some(last) = t
+                    .messages
+                    .range((row.id, 0u64)..=(row.id, u64::MAX))?
+                    .next_back()
+                {
+                    q.tail = last?.0.value().1;
+                }
+                self.queues.insert(k.value().to_owned(), q);
             }
-            let now = now_ms();
-            while let Some((k, _)) = t.inflight.pop_first()? {
-                let (qid, seq) = k.value();
-                drop(k);
-                t.ready.insert((qid, now, seq), ())?;
+            for item in t.scheduled.iter()? {
+                let (k, _) = item?;
+                let qid = k.value().0;
+                if let Some(q) = self.qstate(qid) {
+                    q.scheduled += 1;
+                }
             }
         }
         txn.commit()?;
@@ -554,7 +607,7 @@ impl Writer {
         let mut txn = self.db.begin_write()?;
         {
             let mut t = Tables::open(&txn)?;
-            self.release_orphans(&mut t, batch, now)?;
+            self.release_orphans();
             self.expire_leases(&mut t, batch, now)?;
             for cmd in cmds {
                 self.apply(&mut t, batch, cmd, now)?;
@@ -717,7 +770,7 @@ impl Writer {
                 for receipt in &receipts {
                     // Malformed or stale receipts are ignored: there is nothing to put back.
                     if let Ok(key) = parse_receipt(receipt) {
-                        if self.put_back(t, batch, key, now)? {
+                        if self.put_back(key) {
                             released += 1;
                         }
                     }
@@ -771,16 +824,7 @@ impl Writer {
         };
         t.queues.insert(name, encode_queue_row(row).as_slice())?;
         self.names.insert(id, name.to_owned());
-        self.queues.insert(
-            name.to_owned(),
-            QState {
-                id,
-                live: 0,
-                dead: 0,
-                in_flight: 0,
-                row_dirty: false,
-            },
-        );
+        self.queues.insert(name.to_owned(), QState::new(id, 0, 0));
         Ok(id)
     }
 
@@ -848,14 +892,106 @@ impl Writer {
             body: &m.body,
         });
         t.messages.insert((qid, seq), rec.as_slice())?;
-        t.ready.insert((qid, now, seq), ())?;
         if let Some(q) = self.queues.get_mut(queue) {
             q.live += 1;
+            q.tail = seq;
             q.row_dirty = true;
         }
         batch.needs_sync = true;
         batch.accepted += 1;
         Ok(SubmitFate::Accepted { id: m.id.clone() })
+    }
+
+    /// Picks up to `max` ready messages of queue `qid`: redeliveries first (released, lapsed,
+    /// due retries), then the scan from the cursor. Each comes with whether it is known to be a
+    /// first delivery and, for scanned ones, its record.
+    fn pick_ready(
+        &mut self,
+        t: &mut Tables<'_>,
+        batch: &mut Batch,
+        qid: u32,
+        max: usize,
+        now: u64,
+    ) -> Result<Vec<(u64, bool, Option<Bytes>)>, Fail> {
+        self.promote_due(t, batch, qid, max, now)?;
+        let Some(q) = self.qstate(qid) else {
+            return Ok(Vec::new());
+        };
+        let mut picks = Vec::with_capacity(max.min(q.redeliver.len() + 64));
+        while picks.len() < max {
+            let Some(seq) = q.redeliver.pop_front() else {
+                break;
+            };
+            picks.push((seq, false, None));
+        }
+        if picks.len() == max || q.cursor >= q.tail {
+            return Ok(picks);
+        }
+        let mut cursor = q.cursor;
+        let mut exhausted = true;
+        for item in t.messages.range((qid, q.cursor + 1)..=(qid, u64::MAX))? {
+            let (k, v) = item?;
+            let seq = k.value().1;
+            cursor = seq;
+            let fresh = seq > q.recovered_max;
+            // Below `recovered_max` the message may have been delivered before a restart: it
+            // may be waiting for a retry (then the schedule delivers it) or already promoted.
+            if !fresh && (q.ahead.remove(&seq) || t.scheduled.get((qid, seq))?.is_some()) {
+                continue;
+            }
+            picks.push((seq, fresh, Some(Bytes::copy_from_slice(v.value()))));
+            if picks.len() == max {
+                exhausted = false;
+                break;
+            }
+        }
+        q.cursor = if exhausted {
+            q.tail.max(cursor)
+        } else {
+            cursor
+        };
+        if !q.ahead.is_empty() {
+            let cursor = q.cursor;
+            q.ahead.retain(|&s| s > cursor);
+        }
+        Ok(picks)
+    }
+
+    /// Moves due retries of queue `qid` from the schedule to `redeliver`, until it holds `want`.
+    fn promote_due(
+        &mut self,
+        t: &mut Tables<'_>,
+        batch: &mut Batch,
+        qid: u32,
+        want: usize,
+        now: u64,
+    ) -> Result<(), Fail> {
+        let Some(q) = self.qstate(qid) else {
+            return Ok(());
+        };
+        if q.scheduled == 0 || q.redeliver.len() >= want {
+            return Ok(());
+        }
+        let room = want - q.redeliver.len();
+        let mut due = Vec::new();
+        for item in t
+            .schedule
+            .range((qid, 0u64, 0u64)..=(qid, now, u64::MAX))?
+            .take(room)
+        {
+            due.push(item?.0.value());
+        }
+        for (qid, at, seq) in due {
+            batch.changed = true;
+            t.schedule.remove((qid, at, seq))?;
+            t.scheduled.remove((qid, seq))?;
+            q.scheduled = q.scheduled.saturating_sub(1);
+            if seq > q.cursor {
+                q.ahead.insert(seq);
+            }
+            q.redeliver.push_back(seq);
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -869,43 +1005,38 @@ impl Writer {
         lease_ms: u64,
         now: u64,
     ) -> Result<(Vec<Leased>, Vec<LeaseKey>), Fail> {
-        let mut due = Vec::new();
-        for item in t
-            .ready
-            .range((qid, 0u64, 0u64)..=(qid, now, u64::MAX))?
-            .take(max)
-        {
-            let (k, _) = item?;
-            due.push(k.value());
-        }
-        let mut leased = Vec::with_capacity(due.len());
-        let mut keys = Vec::with_capacity(due.len());
-        for key in due {
-            let (_, _, seq) = key;
-            t.ready.remove(key)?;
-            batch.changed = true;
-            let Some(rec) = t.messages.get((qid, seq))? else {
-                tracing::warn!(
-                    qid,
-                    seq,
-                    "scheduled message has no record; dropping the entry"
-                );
-                continue;
+        let picks = self.pick_ready(t, batch, qid, max, now)?;
+        let mut leased = Vec::with_capacity(picks.len());
+        let mut keys = Vec::with_capacity(picks.len());
+        let consumer: Arc<str> = Arc::from(consumer);
+        let expires_ms = now.saturating_add(lease_ms);
+        for (seq, fresh, rec) in picks {
+            let rec = match rec {
+                Some(rec) => rec,
+                None => match t.messages.get((qid, seq))? {
+                    Some(v) => Bytes::copy_from_slice(v.value()),
+                    None => {
+                        tracing::warn!(qid, seq, "ready message has no record; skipping it");
+                        continue;
+                    }
+                },
             };
-            let m = decode_message(rec.value())?;
-            let attempt = t
-                .history
-                .get((qid, seq))?
-                .map_or(0, |h| history_len(h.value()))
-                + 1;
+            let m = decode_message(&rec)?;
+            let attempt = if fresh {
+                1
+            } else {
+                t.history
+                    .get((qid, seq))?
+                    .map_or(0, |h| history_len(h.value()))
+                    + 1
+            };
             let token = self.next_token;
             self.next_token += 1;
-            let expires_ms = now.saturating_add(lease_ms);
             leased.push(Leased {
                 receipt: format!("{qid}.{seq}.{token}"),
                 message_id: m.id.to_owned(),
                 correlation_id: m.correlation_id.to_owned(),
-                body: Bytes::copy_from_slice(m.body),
+                body: rec.slice_ref(m.body),
                 attempt,
                 lease_expires_at: ms_to_time(expires_ms),
                 enqueued_at: ms_to_time(m.enqueued_ms),
@@ -914,7 +1045,7 @@ impl Writer {
                 (qid, seq),
                 Lease {
                     token,
-                    consumer: consumer.to_owned(),
+                    consumer: consumer.clone(),
                     delivered_ms: now,
                     expires_ms,
                     attempt,
@@ -922,8 +1053,6 @@ impl Writer {
                     reply_to: m.reply_to.map(str::to_owned),
                 },
             );
-            drop(rec);
-            t.inflight.insert((qid, seq), ())?;
             self.lease_heap.push(Reverse((expires_ms, qid, seq, token)));
             keys.push((qid, seq, token));
         }
@@ -966,7 +1095,6 @@ impl Writer {
         };
         let (qid, seq, _) = key;
         batch.changed = true;
-        t.inflight.remove((qid, seq))?;
         t.messages.remove((qid, seq))?;
         // Only a message that failed before has a history (a first attempt has none).
         if lease.attempt > 1 {
@@ -1023,7 +1151,6 @@ impl Writer {
         now: u64,
     ) -> Result<NackOutcome, Fail> {
         batch.changed = true;
-        t.inflight.remove((qid, seq))?;
         let mut history = match t.history.get((qid, seq))? {
             Some(h) => decode_history(h.value())?,
             None => Vec::new(),
@@ -1031,7 +1158,7 @@ impl Writer {
         history.push(StoredAttempt {
             attempt: lease.attempt,
             delivered_ms: lease.delivered_ms,
-            consumer_id: lease.consumer,
+            consumer_id: lease.consumer.to_string(),
             error: error.to_owned(),
         });
         let history = encode_history(&history);
@@ -1072,8 +1199,24 @@ impl Writer {
         });
         let at = now.saturating_add(delay);
         t.history.insert((qid, seq), history.as_slice())?;
-        t.ready.insert((qid, at, seq), ())?;
+        if at <= now {
+            if let Some(q) = self.qstate(qid) {
+                q.redeliver.push_back(seq);
+            }
+        } else {
+            self.schedule(t, qid, seq, at)?;
+        }
         Ok(NackOutcome::Retry { at: ms_to_time(at) })
+    }
+
+    /// Puts a message in the retry schedule, due at `at`.
+    fn schedule(&mut self, t: &mut Tables<'_>, qid: u32, seq: u64, at: u64) -> Result<(), Fail> {
+        t.schedule.insert((qid, at, seq), ())?;
+        t.scheduled.insert((qid, seq), at)?;
+        if let Some(q) = self.qstate(qid) {
+            q.scheduled += 1;
+        }
+        Ok(())
     }
 
     fn expire_leases(
@@ -1102,38 +1245,24 @@ impl Writer {
     }
 
     /// Puts back messages whose receive reply could not be delivered (not a failed attempt).
-    fn release_orphans(
-        &mut self,
-        t: &mut Tables<'_>,
-        batch: &mut Batch,
-        now: u64,
-    ) -> Result<(), Fail> {
+    fn release_orphans(&mut self) {
         for key in std::mem::take(&mut self.orphans) {
-            self.put_back(t, batch, key, now)?;
+            self.put_back(key);
         }
-        Ok(())
     }
 
     /// Ends the lease `key` (if it is still the current one) and makes its message ready at
     /// once, without recording a failed attempt; returns whether a lease was ended.
-    fn put_back(
-        &mut self,
-        t: &mut Tables<'_>,
-        batch: &mut Batch,
-        (qid, seq, token): LeaseKey,
-        now: u64,
-    ) -> Result<bool, Fail> {
+    fn put_back(&mut self, (qid, seq, token): LeaseKey) -> bool {
         if !matches!(self.leases.get(&(qid, seq)), Some(l) if l.token == token) {
-            return Ok(false);
+            return false;
         }
         self.leases.remove(&(qid, seq));
-        batch.changed = true;
-        t.inflight.remove((qid, seq))?;
-        t.ready.insert((qid, now, seq), ())?;
         if let Some(q) = self.qstate(qid) {
             q.in_flight = q.in_flight.saturating_sub(1);
+            q.redeliver.push_back(seq);
         }
-        Ok(true)
+        true
     }
 
     fn serve_waiters(
@@ -1186,7 +1315,7 @@ impl Writer {
             }
             if let Some(qid) = qid {
                 if let Some(item) = t
-                    .ready
+                    .schedule
                     .range((qid, 0u64, 0u64)..=(qid, u64::MAX, u64::MAX))?
                     .next()
                 {
@@ -1419,7 +1548,8 @@ impl Writer {
                 if redrive {
                     let d = decode_dead(&v)?;
                     t.messages.insert((qid, seq), d.message)?;
-                    t.ready.insert((qid, now, seq), ())?;
+                    // Through the schedule (due now), so redriving many stays bounded in memory.
+                    self.schedule(t, qid, seq, now)?;
                 }
             }
             match last.checked_add(1) {
@@ -1486,6 +1616,33 @@ fn refuse(cmd: Cmd, err: &QueueError) {
         Cmd::Redrive { tx, .. } | Cmd::Purge { tx, .. } => drop(tx.send(Err(err.clone()))),
         Cmd::Shutdown => {}
     }
+}
+
+/// Moves the earlier layout's retry schedule into `SCHEDULE`/`SCHEDULED` and drops its ready
+/// and in-flight indexes (both now live in memory). A no-op on a current database.
+fn migrate_legacy_tables(txn: &WriteTransaction, now: u64) -> Result<(), Fail> {
+    let legacy = txn
+        .list_tables()?
+        .any(|h| h.name() == LEGACY_READY.name() || h.name() == LEGACY_INFLIGHT.name());
+    if !legacy {
+        return Ok(());
+    }
+    {
+        let ready = txn.open_table(LEGACY_READY)?;
+        let mut schedule = txn.open_table(SCHEDULE)?;
+        let mut scheduled = txn.open_table(SCHEDULED)?;
+        for item in ready.range((0u32, 0u64, 0u64)..)? {
+            let (k, _) = item?;
+            let (qid, at, seq) = k.value();
+            if at > now {
+                schedule.insert((qid, at, seq), ())?;
+                scheduled.insert((qid, seq), at)?;
+            }
+        }
+    }
+    txn.delete_table(LEGACY_READY)?;
+    txn.delete_table(LEGACY_INFLIGHT)?;
+    Ok(())
 }
 
 /// Reads a stored, unexpired result (used by readers outside the writer thread).
