@@ -11,6 +11,11 @@ use agentmesh_sdk::{CallOptions, MeshClient};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
+// Many small, short-lived allocations cross threads (messages between the queue writer and
+// the gRPC tasks); mimalloc handles that pattern far better than glibc's malloc.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// agentmesh: the communication layer for AI agents.
 #[derive(Debug, Parser)]
 #[command(version, about)]

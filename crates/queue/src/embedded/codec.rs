@@ -130,14 +130,22 @@ pub(crate) struct MessageView<'a> {
     pub(crate) body: &'a [u8],
 }
 
-pub(crate) fn encode_message(m: &MessageView<'_>) -> Vec<u8> {
-    let mut e = Enc::with_capacity(
-        64 + m.id.len()
-            + m.correlation_id.len()
-            + m.body.len()
-            + m.idempotency_key.map_or(0, str::len)
-            + m.reply_to.map_or(0, str::len),
-    );
+/// Encoded size of a message record.
+pub(crate) fn message_len(m: &MessageView<'_>) -> usize {
+    let opt = |v: Option<&str>| 1 + v.map_or(0, |s| 4 + s.len());
+    1 + 8
+        + 4
+        + m.id.len()
+        + opt(m.idempotency_key)
+        + 4
+        + m.correlation_id.len()
+        + opt(m.reply_to)
+        + m.body.len()
+}
+
+/// Appends a message record to `out`.
+pub(crate) fn encode_message_into(out: &mut Vec<u8>, m: &MessageView<'_>) {
+    let mut e = Enc(std::mem::take(out));
     e.u8(MESSAGE_V1)
         .u64(m.enqueued_ms)
         .str(m.id)
@@ -145,7 +153,14 @@ pub(crate) fn encode_message(m: &MessageView<'_>) -> Vec<u8> {
         .str(m.correlation_id)
         .opt_str(m.reply_to)
         .raw(m.body);
-    e.0
+    *out = e.0;
+}
+
+#[cfg(test)]
+pub(crate) fn encode_message(m: &MessageView<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message_len(m));
+    encode_message_into(&mut out, m);
+    out
 }
 
 pub(crate) fn decode_message(buf: &[u8]) -> Result<MessageView<'_>, Corrupt> {
@@ -280,6 +295,7 @@ mod tests {
             body: b"hello",
         };
         let buf = encode_message(&m);
+        assert_eq!(buf.len(), message_len(&m));
         let d = decode_message(&buf).unwrap();
         assert_eq!(
             (

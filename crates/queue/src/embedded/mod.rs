@@ -1,5 +1,6 @@
 //! The embedded backend: one redb file in a directory, one writer thread doing group commit.
 
+mod chunk;
 mod codec;
 mod writer;
 

@@ -2,10 +2,11 @@
 //! loop turn, and commits with `Durability::Immediate` whenever the batch holds a submit (group
 //! commit) or unflushed acks are older than the flush interval.
 
+use super::chunk::{ChunkBuilder, ChunkView, Settled};
 use super::codec::{
     Corrupt, DeadView, MessageView, QueueRow, StoredAttempt, decode_dead, decode_expiring,
     decode_history, decode_message, decode_queue_row, dur_ms, encode_dead, encode_expiring,
-    encode_history, encode_message, encode_queue_row, ms_to_time, now_ms,
+    encode_history, encode_message_into, encode_queue_row, message_len, ms_to_time, now_ms,
 };
 use super::{EmbeddedOptions, Shared};
 use crate::{
@@ -31,12 +32,14 @@ use tokio::sync::oneshot;
 const QUEUES: TableDefinition<&str, &[u8]> = TableDefinition::new("queues");
 /// Counters such as `next_seq`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// `(queue id, seq)` → encoded message, for every live (not acked, not dead) message.
-const MESSAGES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("messages");
+/// `(queue id, first seq)` → a chunk of messages appended together (see `chunk`); deleted
+/// once every message in it is settled (acked or dead-lettered).
+const CHUNKS: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("chunks");
+/// `(queue id, first seq)` → which messages of a partly settled chunk are settled.
+const SETTLED: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("settled");
 /// `(queue id, seq)` → encoded failed attempts, only for messages that failed at least once.
 const HISTORY: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("history");
-/// `(queue id, due ms, seq)`: messages waiting for a retry (nacked with a delay, or redriven),
-/// in due order. Every other live message is ready or leased, which only memory tracks.
+/// `(queue id, due ms, seq)`: messages waiting for a retry (nacked with a delay), in due order. Every other live message is ready or leased, which only memory tracks.
 const SCHEDULE: TableDefinition<(u32, u64, u64), ()> = TableDefinition::new("schedule");
 /// `(queue id, seq)` → due ms: the same set as `SCHEDULE`, by message, so that the ready scan
 /// after a restart can tell a waiting message from a ready one.
@@ -45,6 +48,7 @@ const SCHEDULED: TableDefinition<(u32, u64), u64> = TableDefinition::new("schedu
 /// open.
 const LEGACY_READY: TableDefinition<(u32, u64, u64), ()> = TableDefinition::new("ready");
 const LEGACY_INFLIGHT: TableDefinition<(u32, u64), ()> = TableDefinition::new("inflight");
+const LEGACY_MESSAGES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("messages");
 /// `(queue id, seq)` → encoded dead letter (header, history, message).
 const DEAD: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("dead");
 /// `(queue id, idempotency key)` → `(expires ms, message id)`.
@@ -173,6 +177,8 @@ type LeaseKey = (u32, u64, u64);
 
 struct Lease {
     token: u64,
+    /// First seq of the chunk holding the message.
+    chunk: u64,
     /// Shared by every lease of one receive.
     consumer: Arc<str>,
     delivered_ms: u64,
@@ -180,6 +186,15 @@ struct Lease {
     attempt: u32,
     correlation_id: String,
     reply_to: Option<String>,
+}
+
+/// A message chosen for delivery.
+struct Pick {
+    seq: u64,
+    /// Known never to have been delivered (attempt 1, no history to read).
+    fresh: bool,
+    /// Its chunk's first seq and its record, when the scan already read them.
+    found: Option<(u64, Bytes)>,
 }
 
 /// In-memory state of one queue.
@@ -283,7 +298,8 @@ impl Deliver for ReceiveReply {
 struct Tables<'t> {
     queues: Table<'t, &'static str, &'static [u8]>,
     meta: Table<'t, &'static str, u64>,
-    messages: Table<'t, (u32, u64), &'static [u8]>,
+    chunks: Table<'t, (u32, u64), &'static [u8]>,
+    settled: Table<'t, (u32, u64), &'static [u8]>,
     history: Table<'t, (u32, u64), &'static [u8]>,
     schedule: Table<'t, (u32, u64, u64), ()>,
     scheduled: Table<'t, (u32, u64), u64>,
@@ -299,7 +315,8 @@ impl<'t> Tables<'t> {
         Ok(Self {
             queues: txn.open_table(QUEUES)?,
             meta: txn.open_table(META)?,
-            messages: txn.open_table(MESSAGES)?,
+            chunks: txn.open_table(CHUNKS)?,
+            settled: txn.open_table(SETTLED)?,
             history: txn.open_table(HISTORY)?,
             schedule: txn.open_table(SCHEDULE)?,
             scheduled: txn.open_table(SCHEDULED)?,
@@ -356,6 +373,10 @@ pub(crate) struct Writer {
     last_sweep: Instant,
     /// Earliest time a delayed message of a queue with waiters becomes ready.
     next_ready_ms: Option<u64>,
+    /// Chunks being filled by this batch, by queue id; written before anything reads them.
+    open_chunks: HashMap<u32, ChunkBuilder>,
+    /// Messages settled in this batch, by chunk `(queue id, first seq)`; applied at its end.
+    pending_settles: HashMap<(u32, u64), Vec<usize>>,
 }
 
 fn parse_receipt(receipt: &str) -> Result<LeaseKey, QueueError> {
@@ -413,6 +434,8 @@ impl Writer {
             last_sync: Instant::now(),
             last_sweep: Instant::now(),
             next_ready_ms: None,
+            open_chunks: HashMap::new(),
+            pending_settles: HashMap::new(),
         };
         w.reload().map_err(|e| w.storage("recovering", &e))?;
         Ok(w)
@@ -435,6 +458,8 @@ impl Writer {
         self.leases.clear();
         self.lease_heap.clear();
         self.orphans.clear();
+        self.open_chunks.clear();
+        self.pending_settles.clear();
         let txn = self.db.begin_write()?;
         migrate_legacy_tables(&txn, now_ms())?;
         {
@@ -449,11 +474,13 @@ impl Writer {
                 let mut q = QState::new(row.id, row.live, row.dead);
                 q.recovered_max = self.next_seq.saturating_sub(1);
                 if let Some(last) = t
-                    .messages
+                    .chunks
                     .range((row.id, 0u64)..=(row.id, u64::MAX))?
                     .next_back()
                 {
-                    q.tail = last?.0.value().1;
+                    let (k, v) = last?;
+                    let count = ChunkView::new(v.value())?.count() as u64;
+                    q.tail = (k.value().1 + count).saturating_sub(1);
                 }
                 self.queues.insert(k.value().to_owned(), q);
             }
@@ -618,6 +645,7 @@ impl Writer {
                 self.sweep(&mut t, batch, now)?;
             }
             self.maybe_compact_heap();
+            self.flush_pending(&mut t)?;
             self.write_rows(&mut t)?;
         }
         if !(batch.changed || shutdown && self.unsynced) {
@@ -778,6 +806,7 @@ impl Writer {
                 batch.reply(tx, Ok(released));
             }
             Cmd::Stats { tx } => {
+                self.flush_pending(t)?;
                 let r = self.stats(t, now)?;
                 batch.reply(tx, Ok(r));
             }
@@ -795,7 +824,7 @@ impl Writer {
                 selection,
                 tx,
             } => {
-                let r = self.redrive_or_purge(t, batch, &queue, &selection, true, now)?;
+                let r = self.redrive_or_purge(t, batch, &queue, &selection, true)?;
                 batch.reply(tx, r);
             }
             Cmd::Purge {
@@ -803,7 +832,7 @@ impl Writer {
                 selection,
                 tx,
             } => {
-                let r = self.redrive_or_purge(t, batch, &queue, &selection, false, now)?;
+                let r = self.redrive_or_purge(t, batch, &queue, &selection, false)?;
                 batch.reply(tx, r);
             }
             Cmd::Shutdown => {}
@@ -880,31 +909,126 @@ impl Writer {
             )?;
             t.dedup_exp.insert((expires, qid, key), ())?;
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.seq_dirty = true;
-        let rec = encode_message(&MessageView {
+        let view = MessageView {
             enqueued_ms: now,
             id: &m.id,
             idempotency_key: m.idempotency_key.as_deref(),
             correlation_id: &m.correlation_id,
             reply_to: m.reply_to.as_deref(),
             body: &m.body,
-        });
-        t.messages.insert((qid, seq), rec.as_slice())?;
-        if let Some(q) = self.queues.get_mut(queue) {
-            q.live += 1;
-            q.tail = seq;
-            q.row_dirty = true;
-        }
+        };
+        self.append(t, qid, message_len(&view), |out| {
+            encode_message_into(out, &view)
+        })?;
         batch.needs_sync = true;
         batch.accepted += 1;
         Ok(SubmitFate::Accepted { id: m.id.clone() })
     }
 
+    /// Appends a message record (`len` bytes, written by `write`) to queue `qid`'s open chunk;
+    /// returns its seq. The chunk is written to the table when it fills, when something reads
+    /// the queue, or at the end of the batch.
+    fn append(
+        &mut self,
+        t: &mut Tables<'_>,
+        qid: u32,
+        len: usize,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<u64, Fail> {
+        // Seqs are global, so a chunk only grows while nothing else took a seq since.
+        let next_seq = self.next_seq;
+        let extends = self
+            .open_chunks
+            .get(&qid)
+            .is_some_and(|c| c.next_seq() == next_seq && c.fits(len));
+        if !extends {
+            self.flush_chunk(t, qid)?;
+        }
+        let seq = self
+            .open_chunks
+            .entry(qid)
+            .or_insert_with(|| ChunkBuilder::new(next_seq))
+            .push_with(write);
+        self.next_seq = seq + 1;
+        self.seq_dirty = true;
+        if let Some(q) = self.qstate(qid) {
+            q.live += 1;
+            q.tail = seq;
+            q.row_dirty = true;
+        }
+        Ok(seq)
+    }
+
+    /// Writes queue `qid`'s open chunk, if any.
+    fn flush_chunk(&mut self, t: &mut Tables<'_>, qid: u32) -> Result<(), Fail> {
+        if let Some(chunk) = self.open_chunks.remove(&qid) {
+            if !chunk.is_empty() {
+                t.chunks
+                    .insert((qid, chunk.first), chunk.encode().as_slice())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every open chunk and applies the batch's settles: a chunk whose messages are all
+    /// settled is deleted, otherwise its settled bitmap is updated.
+    fn flush_pending(&mut self, t: &mut Tables<'_>) -> Result<(), Fail> {
+        let qids: Vec<u32> = self.open_chunks.keys().copied().collect();
+        for qid in qids {
+            self.flush_chunk(t, qid)?;
+        }
+        for ((qid, first), indices) in std::mem::take(&mut self.pending_settles) {
+            let stored = t.settled.get((qid, first))?.map(|g| g.value().to_vec());
+            let mut settled = match stored {
+                Some(buf) => Settled::decode(&buf)?,
+                None => match t.chunks.get((qid, first))? {
+                    Some(chunk) => Settled::none(ChunkView::new(chunk.value())?.count()),
+                    None => {
+                        tracing::warn!(qid, first, "settled messages of a missing chunk");
+                        continue;
+                    }
+                },
+            };
+            for i in indices {
+                settled.insert(i);
+            }
+            if settled.all() {
+                t.chunks.remove((qid, first))?;
+                t.settled.remove((qid, first))?;
+            } else {
+                t.settled
+                    .insert((qid, first), settled.encode().as_slice())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks message `seq` of chunk `first` settled (acked or dead-lettered).
+    fn settle(&mut self, batch: &mut Batch, qid: u32, first: u64, seq: u64) {
+        batch.changed = true;
+        self.pending_settles
+            .entry((qid, first))
+            .or_default()
+            .push((seq - first) as usize);
+    }
+
+    /// The record of message `seq` and the first seq of its chunk.
+    fn read_record(t: &Tables<'_>, qid: u32, seq: u64) -> Result<Option<(u64, Bytes)>, Fail> {
+        let Some(item) = t.chunks.range((qid, 0u64)..=(qid, seq))?.next_back() else {
+            return Ok(None);
+        };
+        let (k, v) = item?;
+        let first = k.value().1;
+        let view = ChunkView::new(v.value())?;
+        let i = (seq - first) as usize;
+        if i >= view.count() {
+            return Ok(None);
+        }
+        Ok(Some((first, Bytes::copy_from_slice(view.record(i)?))))
+    }
+
     /// Picks up to `max` ready messages of queue `qid`: redeliveries first (released, lapsed,
-    /// due retries), then the scan from the cursor. Each comes with whether it is known to be a
-    /// first delivery and, for scanned ones, its record.
+    /// due retries), then the scan from the cursor.
     fn pick_ready(
         &mut self,
         t: &mut Tables<'_>,
@@ -912,7 +1036,8 @@ impl Writer {
         qid: u32,
         max: usize,
         now: u64,
-    ) -> Result<Vec<(u64, bool, Option<Bytes>)>, Fail> {
+    ) -> Result<Vec<Pick>, Fail> {
+        self.flush_chunk(t, qid)?;
         self.promote_due(t, batch, qid, max, now)?;
         let Some(q) = self.qstate(qid) else {
             return Ok(Vec::new());
@@ -922,27 +1047,56 @@ impl Writer {
             let Some(seq) = q.redeliver.pop_front() else {
                 break;
             };
-            picks.push((seq, false, None));
+            picks.push(Pick {
+                seq,
+                fresh: false,
+                found: None,
+            });
         }
         if picks.len() == max || q.cursor >= q.tail {
             return Ok(picks);
         }
+        let start = q.cursor + 1;
+        // The chunk holding `start` may begin before it.
+        let from = match t.chunks.range((qid, 0u64)..=(qid, start))?.next_back() {
+            Some(item) => item?.0.value().1,
+            None => start,
+        };
         let mut cursor = q.cursor;
         let mut exhausted = true;
-        for item in t.messages.range((qid, q.cursor + 1)..=(qid, u64::MAX))? {
+        'chunks: for item in t.chunks.range((qid, from)..=(qid, u64::MAX))? {
             let (k, v) = item?;
-            let seq = k.value().1;
-            cursor = seq;
-            let fresh = seq > q.recovered_max;
-            // Below `recovered_max` the message may have been delivered before a restart: it
-            // may be waiting for a retry (then the schedule delivers it) or already promoted.
-            if !fresh && (q.ahead.remove(&seq) || t.scheduled.get((qid, seq))?.is_some()) {
-                continue;
-            }
-            picks.push((seq, fresh, Some(Bytes::copy_from_slice(v.value()))));
-            if picks.len() == max {
-                exhausted = false;
-                break;
+            let first = k.value().1;
+            let chunk = ChunkView::new(v.value())?;
+            // Below `recovered_max` a message may have been delivered before a restart: it may
+            // be settled, waiting for a retry (the schedule delivers it) or already promoted.
+            let settled = match first <= q.recovered_max {
+                true => match t.settled.get((qid, first))? {
+                    Some(g) => Some(Settled::decode(g.value())?),
+                    None => None,
+                },
+                false => None,
+            };
+            for i in start.saturating_sub(first) as usize..chunk.count() {
+                let seq = first + i as u64;
+                cursor = seq;
+                let fresh = seq > q.recovered_max;
+                if !fresh
+                    && (settled.as_ref().is_some_and(|s| s.contains(i))
+                        || q.ahead.remove(&seq)
+                        || t.scheduled.get((qid, seq))?.is_some())
+                {
+                    continue;
+                }
+                picks.push(Pick {
+                    seq,
+                    fresh,
+                    found: Some((first, Bytes::copy_from_slice(chunk.record(i)?))),
+                });
+                if picks.len() == max {
+                    exhausted = false;
+                    break 'chunks;
+                }
             }
         }
         q.cursor = if exhausted {
@@ -1010,11 +1164,11 @@ impl Writer {
         let mut keys = Vec::with_capacity(picks.len());
         let consumer: Arc<str> = Arc::from(consumer);
         let expires_ms = now.saturating_add(lease_ms);
-        for (seq, fresh, rec) in picks {
-            let rec = match rec {
-                Some(rec) => rec,
-                None => match t.messages.get((qid, seq))? {
-                    Some(v) => Bytes::copy_from_slice(v.value()),
+        for Pick { seq, fresh, found } in picks {
+            let (chunk, rec) = match found {
+                Some(found) => found,
+                None => match Self::read_record(t, qid, seq)? {
+                    Some(found) => found,
                     None => {
                         tracing::warn!(qid, seq, "ready message has no record; skipping it");
                         continue;
@@ -1045,6 +1199,7 @@ impl Writer {
                 (qid, seq),
                 Lease {
                     token,
+                    chunk,
                     consumer: consumer.clone(),
                     delivered_ms: now,
                     expires_ms,
@@ -1094,8 +1249,7 @@ impl Writer {
             return Ok(Err(lease_lost(receipt)));
         };
         let (qid, seq, _) = key;
-        batch.changed = true;
-        t.messages.remove((qid, seq))?;
+        self.settle(batch, qid, lease.chunk, seq);
         // Only a message that failed before has a history (a first attempt has none).
         if lease.attempt > 1 {
             t.history.remove((qid, seq))?;
@@ -1164,10 +1318,11 @@ impl Writer {
         let history = encode_history(&history);
         let qname = self.names.get(&qid).cloned().unwrap_or_default();
         let cfg = self.config.for_queue(&qname).clone();
-        let q = self.queues.get_mut(&qname);
         if lease.attempt >= cfg.max_attempts {
-            let rec = t.messages.remove((qid, seq))?.map(|g| g.value().to_vec());
+            let rec = Self::read_record(t, qid, seq)?.map(|(_, rec)| rec);
             t.history.remove((qid, seq))?;
+            self.settle(batch, qid, lease.chunk, seq);
+            let q = self.queues.get_mut(&qname);
             if let Some(q) = q {
                 q.in_flight = q.in_flight.saturating_sub(1);
                 q.live = q.live.saturating_sub(1);
@@ -1187,7 +1342,7 @@ impl Writer {
             }
             return Ok(NackOutcome::DeadLettered);
         }
-        if let Some(q) = q {
+        if let Some(q) = self.queues.get_mut(&qname) {
             q.in_flight = q.in_flight.saturating_sub(1);
         }
         let delay = delay_ms.unwrap_or_else(|| {
@@ -1408,11 +1563,22 @@ impl Writer {
     fn stats(&self, t: &mut Tables<'_>, now: u64) -> Result<Vec<QueueStats>, Fail> {
         let mut out = Vec::with_capacity(self.queues.len());
         for (name, q) in &self.queues {
-            let oldest_age = match t.messages.range((q.id, 0u64)..=(q.id, u64::MAX))?.next() {
+            // Fully settled chunks are deleted: the first one holds the oldest live message.
+            let oldest_age = match t.chunks.range((q.id, 0u64)..=(q.id, u64::MAX))?.next() {
                 Some(item) => {
-                    let (_, v) = item?;
-                    let enqueued = decode_message(v.value())?.enqueued_ms;
-                    Some(Duration::from_millis(now.saturating_sub(enqueued)))
+                    let (k, v) = item?;
+                    let chunk = ChunkView::new(v.value())?;
+                    let first_live = match t.settled.get(k.value())? {
+                        Some(g) => Settled::decode(g.value())?.first_unsettled(),
+                        None => Some(0),
+                    };
+                    match first_live {
+                        Some(i) => {
+                            let enqueued = decode_message(chunk.record(i)?)?.enqueued_ms;
+                            Some(Duration::from_millis(now.saturating_sub(enqueued)))
+                        }
+                        None => None,
+                    }
                 }
                 None => None,
             };
@@ -1505,7 +1671,6 @@ impl Writer {
         queue: &str,
         selection: &Selection,
         redrive: bool,
-        now: u64,
     ) -> Result<Result<u64, QueueError>, Fail> {
         let qid = match self.known_queue(queue) {
             Ok(id) => id,
@@ -1546,10 +1711,9 @@ impl Writer {
                 batch.changed = true;
                 moved += 1;
                 if redrive {
-                    let d = decode_dead(&v)?;
-                    t.messages.insert((qid, seq), d.message)?;
-                    // Through the schedule (due now), so redriving many stays bounded in memory.
-                    self.schedule(t, qid, seq, now)?;
+                    // Back at the tail of the queue (a new seq), with a fresh attempt count.
+                    let message = decode_dead(&v)?.message;
+                    self.append(t, qid, message.len(), |out| out.extend_from_slice(message))?;
                 }
             }
             match last.checked_add(1) {
@@ -1559,9 +1723,6 @@ impl Writer {
         }
         if let Some(q) = self.qstate(qid) {
             q.dead = q.dead.saturating_sub(moved);
-            if redrive {
-                q.live += moved;
-            }
             q.row_dirty = true;
         }
         Ok(Ok(moved))
@@ -1618,13 +1779,23 @@ fn refuse(cmd: Cmd, err: &QueueError) {
     }
 }
 
-/// Moves the earlier layout's retry schedule into `SCHEDULE`/`SCHEDULED` and drops its ready
-/// and in-flight indexes (both now live in memory). A no-op on a current database.
+/// Converts the earlier layout: its retry schedule moves to `SCHEDULE`/`SCHEDULED`, its ready
+/// and in-flight indexes are dropped (both now live in memory), and each message becomes a
+/// chunk of one. A no-op on a current database.
 fn migrate_legacy_tables(txn: &WriteTransaction, now: u64) -> Result<(), Fail> {
-    let legacy = txn
+    let legacy: Vec<String> = txn
         .list_tables()?
-        .any(|h| h.name() == LEGACY_READY.name() || h.name() == LEGACY_INFLIGHT.name());
-    if !legacy {
+        .map(|h| h.name().to_owned())
+        .filter(|n| {
+            [
+                LEGACY_READY.name(),
+                LEGACY_INFLIGHT.name(),
+                LEGACY_MESSAGES.name(),
+            ]
+            .contains(&n.as_str())
+        })
+        .collect();
+    if legacy.is_empty() {
         return Ok(());
     }
     {
@@ -1639,9 +1810,19 @@ fn migrate_legacy_tables(txn: &WriteTransaction, now: u64) -> Result<(), Fail> {
                 scheduled.insert((qid, seq), at)?;
             }
         }
+        let messages = txn.open_table(LEGACY_MESSAGES)?;
+        let mut chunks = txn.open_table(CHUNKS)?;
+        for item in messages.range((0u32, 0u64)..)? {
+            let (k, v) = item?;
+            let (qid, seq) = k.value();
+            let mut chunk = ChunkBuilder::new(seq);
+            chunk.push(v.value());
+            chunks.insert((qid, seq), chunk.encode().as_slice())?;
+        }
     }
     txn.delete_table(LEGACY_READY)?;
     txn.delete_table(LEGACY_INFLIGHT)?;
+    txn.delete_table(LEGACY_MESSAGES)?;
     Ok(())
 }
 
