@@ -239,8 +239,13 @@ impl QueueService {
         CallInfo::of(request, self.default_timeout)
     }
 
-    /// Turns one `SubmitRequest` into a backend message, or the reason it is rejected.
-    fn prepare(call: &CallInfo, request: SubmitRequest) -> Result<(String, NewMessage), String> {
+    /// Turns one `SubmitRequest` into a backend message, or the reason it is rejected;
+    /// `received_at` becomes its `created_at` if it has none.
+    fn prepare(
+        call: &CallInfo,
+        request: SubmitRequest,
+        received_at: &prost_types::Timestamp,
+    ) -> Result<(String, NewMessage), String> {
         if request.queue.is_empty() {
             return Err("queue is required".into());
         }
@@ -258,7 +263,7 @@ impl QueueService {
             envelope.correlation_id = call.correlation_id.clone();
         }
         if envelope.created_at.is_none() {
-            envelope.created_at = Some(timestamp(SystemTime::now()));
+            envelope.created_at = Some(*received_at);
         }
         envelope.attempt = 0;
         let size = envelope.encoded_len();
@@ -302,6 +307,7 @@ impl QueueService {
                 }
                 item = input.next(), if !ended && in_flight.len() < SUBMIT_PIPELINE => {
                     let mut item = item;
+                    let received_at = timestamp(SystemTime::now());
                     loop {
                         match item {
                             None => {
@@ -317,7 +323,7 @@ impl QueueService {
                                     )));
                                 }
                                 let index = slots.len() as u32;
-                                match Self::prepare(&call, request) {
+                                match Self::prepare(&call, request, &received_at) {
                                     Ok((queue, message)) => {
                                         slots.push(Slot::Pending);
                                         let entry = chunk.entry(queue).or_default();
@@ -601,6 +607,15 @@ fn decode_result(body: &Bytes) -> Result<Envelope, Status> {
         .map_err(|e| Status::data_loss(format!("the stored result is not an Envelope: {e}")))
 }
 
+/// The frames of one `Consume` call, as the consumer task queues them.
+pub type ConsumeFrames = futures::stream::FlatMap<
+    ReceiverStream<Vec<Result<ConsumeResponse, Status>>>,
+    futures::stream::Iter<std::vec::IntoIter<Result<ConsumeResponse, Status>>>,
+    fn(
+        Vec<Result<ConsumeResponse, Status>>,
+    ) -> futures::stream::Iter<std::vec::IntoIter<Result<ConsumeResponse, Status>>>,
+>;
+
 /// A delivery the consumer holds.
 struct Held {
     expires: Instant,
@@ -616,7 +631,8 @@ struct Settled {
     result: Result<(), Status>,
 }
 
-type Outbox = mpsc::Sender<Result<ConsumeResponse, Status>>;
+/// Frames for the consumer, a run at a time (one channel operation per run, not per frame).
+type Outbox = mpsc::Sender<Vec<Result<ConsumeResponse, Status>>>;
 type Receiving = Pin<Box<dyn Future<Output = Result<Vec<Leased>, QueueError>> + Send>>;
 
 /// One `Consume` call.
@@ -648,6 +664,9 @@ impl Consumer {
     /// Hands leased messages to the consumer; false once it is gone.
     async fn deliver(&mut self, leased: Vec<Leased>) -> bool {
         let now = Instant::now();
+        let wall_now = SystemTime::now();
+        // One receive hands out leases with one expiry: convert it once.
+        let mut expiry: Option<(SystemTime, Instant, prost_types::Timestamp)> = None;
         let mut responses = Vec::with_capacity(leased.len());
         for m in leased {
             let mut envelope = match Envelope::decode(m.body.clone()) {
@@ -660,10 +679,20 @@ impl Consumer {
                 }
             };
             envelope.attempt = m.attempt;
-            let expires = now
-                + m.lease_expires_at
-                    .duration_since(SystemTime::now())
-                    .unwrap_or(self.lease);
+            let (expires, expires_at) = match &expiry {
+                Some((at, expires, stamp)) if *at == m.lease_expires_at => {
+                    (*expires, stamp.clone())
+                }
+                _ => {
+                    let expires = now
+                        + m.lease_expires_at
+                            .duration_since(wall_now)
+                            .unwrap_or(self.lease);
+                    let stamp = timestamp(m.lease_expires_at);
+                    expiry = Some((m.lease_expires_at, expires, stamp.clone()));
+                    (expires, stamp)
+                }
+            };
             self.held.insert(
                 m.receipt.clone(),
                 Held {
@@ -672,22 +701,17 @@ impl Consumer {
                     correlation_id: m.correlation_id,
                 },
             );
-            responses.push(ConsumeResponse {
+            responses.push(Ok(ConsumeResponse {
                 event: Some(Event::Delivery(Delivery {
                     receipt: m.receipt,
                     queue: self.queue.to_string(),
                     envelope: Some(envelope),
                     attempt: m.attempt,
-                    lease_expires_at: Some(timestamp(m.lease_expires_at)),
+                    lease_expires_at: Some(expires_at),
                 })),
-            });
+            }));
         }
-        for response in responses {
-            if self.out.send(Ok(response)).await.is_err() {
-                return false;
-            }
-        }
-        true
+        responses.is_empty() || self.out.send(responses).await.is_ok()
     }
 
     /// Starts settling a run of acks with one backend call; the future reports each.
@@ -864,15 +888,9 @@ impl Consumer {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some(settled) = settling.next(), if !settling.is_empty() => {
-                    let mut gone = false;
-                    for settled in settled {
-                        let receipt = self.settled(settled);
-                        if self.out.send(Ok(receipt)).await.is_err() {
-                            gone = true;
-                            break;
-                        }
-                    }
-                    if gone {
+                    let receipts: Vec<_> =
+                        settled.into_iter().map(|s| Ok(self.settled(s))).collect();
+                    if self.out.send(receipts).await.is_err() {
                         break;
                     }
                 }
@@ -951,10 +969,8 @@ impl Consumer {
         // Let acks already sent finish before releasing, so nothing acked is handed out again.
         let drain = async {
             while let Some(settled) = settling.next().await {
-                for settled in settled {
-                    let receipt = self.settled(settled);
-                    let _ = self.out.try_send(Ok(receipt));
-                }
+                let receipts: Vec<_> = settled.into_iter().map(|s| Ok(self.settled(s))).collect();
+                let _ = self.out.try_send(receipts);
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
@@ -977,7 +993,7 @@ impl Consumer {
             }
         }
         if let Some(status) = failure {
-            let _ = self.out.send(Err(status)).await;
+            let _ = self.out.send(vec![Err(status)]).await;
         }
     }
 }
@@ -993,7 +1009,7 @@ impl queue_service_server::QueueService for QueueService {
         Ok(Response::new(response))
     }
 
-    type ConsumeStream = ReceiverStream<Result<ConsumeResponse, Status>>;
+    type ConsumeStream = ConsumeFrames;
 
     async fn consume(
         &self,
@@ -1038,7 +1054,8 @@ impl queue_service_server::QueueService for QueueService {
         } else {
             consumer_id
         };
-        let (out, rx) = mpsc::channel(prefetch * 2 + 64);
+        // Runs of frames: a receive's deliveries, or the receipts of one settle call.
+        let (out, rx) = mpsc::channel(64);
         let consumer = Consumer {
             backend: self.backend.clone(),
             queue: queue.into(),
@@ -1049,7 +1066,9 @@ impl queue_service_server::QueueService for QueueService {
             out,
         };
         tokio::spawn(consumer.run(inbound, self.shutdown.clone()));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(
+            ReceiverStream::new(rx).flat_map(futures::stream::iter),
+        ))
     }
 
     async fn list_queues(
@@ -1202,6 +1221,7 @@ mod tests {
 
     #[test]
     fn stamps_messages_and_rejects_bad_ones() {
+        let now = timestamp(SystemTime::now());
         let (queue, message) = QueueService::prepare(
             &call(),
             SubmitRequest {
@@ -1214,6 +1234,7 @@ mod tests {
                     ..Default::default()
                 }),
             },
+            &now,
         )
         .unwrap();
         assert_eq!(queue, "jobs");
@@ -1234,6 +1255,7 @@ mod tests {
                     queue: queue.into(),
                     envelope,
                 },
+                &now,
             )
             .unwrap_err()
         };
