@@ -689,7 +689,7 @@ impl Consumer {
                             .duration_since(wall_now)
                             .unwrap_or(self.lease);
                     let stamp = timestamp(m.lease_expires_at);
-                    expiry = Some((m.lease_expires_at, expires, stamp.clone()));
+                    expiry = Some((m.lease_expires_at, expires, stamp));
                     (expires, stamp)
                 }
             };
