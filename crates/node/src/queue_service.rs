@@ -680,9 +680,7 @@ impl Consumer {
             };
             envelope.attempt = m.attempt;
             let (expires, expires_at) = match &expiry {
-                Some((at, expires, stamp)) if *at == m.lease_expires_at => {
-                    (*expires, stamp.clone())
-                }
+                Some((at, expires, stamp)) if *at == m.lease_expires_at => (*expires, *stamp),
                 _ => {
                     let expires = now
                         + m.lease_expires_at
