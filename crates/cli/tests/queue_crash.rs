@@ -2,7 +2,8 @@
 //! killed with SIGKILL in the middle of a submit storm and restarted on the
 //! same data directory; every message whose submit was acknowledged must be
 //! delivered afterwards. Also: a data directory that cannot be used stops
-//! `serve` with a clear error.
+//! `serve` with a clear error, and a full disk fails submits with a clear error
+//! while the node keeps serving, and is used again once space is freed.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -46,14 +47,17 @@ impl NodeProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let node = Self { child, address };
-        let client = node.client();
+        Self { child, address }.wait_up().await
+    }
+
+    async fn wait_up(self) -> Self {
+        let client = self.client();
         let until = Instant::now() + Duration::from_secs(20);
         while client.list_queues().await.is_err() {
             assert!(Instant::now() < until, "node did not come up");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        node
+        self
     }
 
     fn client(&self) -> MeshClient {
@@ -244,4 +248,131 @@ impl Drop for Guard {
 
 fn scopeguard(child: Child) -> Guard {
     Guard(child)
+}
+
+/// Path of util-linux `unshare`: runs a node on a small tmpfs in a user and mount namespace of
+/// its own, so the disk really fills up (no privileges needed beyond user namespaces).
+const UNSHARE_ENV: &str = "AGENTMESH_TEST_UNSHARE";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn full_disk_fails_submits_clearly_and_freed_space_is_used_again() {
+    let Some(unshare) = std::env::var_os(UNSHARE_ENV) else {
+        eprintln!(
+            "SKIPPED full_disk_fails_submits_clearly_and_freed_space_is_used_again: \
+             set {UNSHARE_ENV} to the path of `unshare` (util-linux) to run it"
+        );
+        return;
+    };
+    let mount = tempfile::tempdir().unwrap();
+    let address = format!("127.0.0.1:{}", free_port());
+    // A 4 MiB tmpfs, 1 MiB of it taken by a ballast file, and the node's data dir on it.
+    let script = r#"mount -t tmpfs -o size=4m tmpfs "$0" && head -c 1048576 /dev/zero > "$0/ballast" && exec "$1" serve --listen "$2" --data-dir "$0/queue""#;
+    let child = Command::new(unshare)
+        .args(["--user", "--map-root-user", "--mount", "sh", "-c", script])
+        .arg(mount.path())
+        .arg(BIN)
+        .arg(&address)
+        .env("AGENTMESH_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let node = NodeProcess { child, address }.wait_up().await;
+    // `unshare` and `sh` exec, so the child is the node; its mounts show under /proc/<pid>/root.
+    let ballast = std::path::PathBuf::from(format!("/proc/{}/root", node.child.id()))
+        .join(mount.path().strip_prefix("/").unwrap())
+        .join("ballast");
+    assert!(ballast.exists(), "no ballast at {}", ballast.display());
+
+    let client = node.client();
+    let pad = "x".repeat(1000);
+    let mut accepted = HashSet::new();
+    let full = loop {
+        let envelopes =
+            (0..100).map(|i| Envelope::json("fill", serde_json::json!({ "i": i, "pad": pad })));
+        match client.submit("fill", envelopes).await {
+            Ok(response) => {
+                for o in response.outcomes {
+                    if o.status == SubmitStatus::Accepted as i32 {
+                        accepted.insert(o.message_id);
+                    } else {
+                        // Part of the call was stored: the rest is rejected with the reason.
+                        assert!(o.reason.contains("full"), "{o:?}");
+                    }
+                }
+            }
+            Err(status) => break status,
+        }
+        assert!(accepted.len() < 20_000, "the 4 MiB disk never filled up");
+    };
+    assert_eq!(full.code(), tonic::Code::ResourceExhausted, "{full:?}");
+    assert!(
+        full.message().contains("full") && full.message().contains("No space left"),
+        "{full:?}"
+    );
+    let info = tonic_types::StatusExt::get_error_details(&full)
+        .error_info()
+        .cloned()
+        .expect("ErrorInfo");
+    assert_eq!(info.reason, "QUEUE_STORAGE_FULL");
+    // Over HTTP: 507 Insufficient Storage, with the same reason. (Space a failed commit had
+    // taken is free again after it, so a small message may still fit: send until one fails.)
+    let http = reqwest::Client::new();
+    let big_pad = "y".repeat(20_000);
+    let mut tries = 0;
+    let body: serde_json::Value = loop {
+        let response = http
+            .post(format!("http://{}/v1/queues/fill/messages", node.address))
+            .json(&serde_json::json!({ "json": { "pad": big_pad } }))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().await.unwrap();
+        if status == 507 {
+            break body;
+        }
+        assert_eq!(status, 201, "{body}");
+        for o in body["outcomes"].as_array().unwrap() {
+            if o["status"] == "SUBMIT_STATUS_ACCEPTED" {
+                accepted.insert(o["messageId"].as_str().unwrap().to_owned());
+            }
+        }
+        tries += 1;
+        assert!(tries < 200, "HTTP submits never hit the full disk");
+    };
+    assert_eq!(body["error"]["code"], "RESOURCE_EXHAUSTED", "{body}");
+    assert_eq!(
+        body["error"]["details"][0]["reason"], "QUEUE_STORAGE_FULL",
+        "{body}"
+    );
+    // The node keeps serving, and everything accepted is there.
+    let queues = client.list_queues().await.unwrap();
+    let fill = queues.iter().find(|q| q.name == "fill").unwrap();
+    assert_eq!(fill.depth, accepted.len() as u64, "{fill:?}");
+
+    // Freed space is used again, without a restart.
+    std::fs::remove_file(&ballast).unwrap();
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let envelope = Envelope::json("fill", serde_json::json!({ "after": "space freed" }));
+        match client.submit("fill", [envelope]).await {
+            Ok(response) if response.accepted == 1 => {
+                accepted.insert(response.outcomes[0].message_id.clone());
+                break;
+            }
+            other => {
+                assert!(Instant::now() < until, "still failing: {other:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let seen = drain(&client, "fill", Duration::from_secs(2)).await;
+    let missing = accepted.iter().filter(|id| !seen.contains_key(*id)).count();
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} accepted messages were not delivered",
+        accepted.len()
+    );
 }

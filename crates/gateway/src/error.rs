@@ -97,13 +97,21 @@ impl From<Status> for ApiError {
     }
 }
 
+/// `ErrorInfo` reason of a queue store that is out of disk space: answered with
+/// 507 Insufficient Storage rather than RESOURCE_EXHAUSTED's 429, which means "slow down".
+pub(crate) const QUEUE_STORAGE_FULL: &str = "QUEUE_STORAGE_FULL";
+
 impl From<&Status> for ApiError {
     fn from(status: &Status) -> Self {
+        let details = status.get_error_details();
+        let full = details
+            .error_info()
+            .is_some_and(|info| info.reason == QUEUE_STORAGE_FULL);
         Self {
             code: status.code(),
             message: status.message().to_owned(),
-            details: details_json(&status.get_error_details()),
-            http: None,
+            details: details_json(&details),
+            http: full.then_some(StatusCode::INSUFFICIENT_STORAGE),
         }
     }
 }

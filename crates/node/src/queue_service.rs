@@ -164,11 +164,15 @@ pub fn queue_error_status(error: QueueError) -> Status {
         QueueError::LeaseLost(_) => (Code::FailedPrecondition, "LEASE_LOST"),
         QueueError::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
         QueueError::Storage(_) => (Code::Unavailable, "QUEUE_STORAGE_UNAVAILABLE"),
+        QueueError::StorageFull(_) => (Code::ResourceExhausted, "QUEUE_STORAGE_FULL"),
         QueueError::Closed => (Code::Unavailable, "QUEUE_CLOSED"),
     };
     let message = match error {
         QueueError::NotFound(m) | QueueError::LeaseLost(m) | QueueError::InvalidArgument(m) => m,
         QueueError::Storage(m) => format!("queue storage unavailable: {m}"),
+        QueueError::StorageFull(m) => {
+            format!("queue storage is full; nothing was stored (free disk space and retry): {m}")
+        }
         QueueError::Closed => "the queue is closed (the node is shutting down)".to_owned(),
     };
     Status::with_error_details(
@@ -295,14 +299,31 @@ impl QueueService {
         let mut chunk: HashMap<String, (Vec<u32>, Vec<NewMessage>)> = HashMap::new();
         let mut chunk_len = 0usize;
         let mut ended = false;
+        let mut storage_error: Option<QueueError> = None;
         loop {
             // Settle what the backend finished first, then read on while the pipeline has room.
             tokio::select! {
                 biased;
                 Some((indices, fates)) = in_flight.next(), if !in_flight.is_empty() => {
-                    let fates = fates.map_err(queue_error_status)?;
-                    for (index, fate) in indices.into_iter().zip(fates) {
-                        slots[index as usize] = Slot::Ready(outcome(index, fate));
+                    match fates {
+                        Ok(fates) => {
+                            for (index, fate) in indices.into_iter().zip(fates) {
+                                slots[index as usize] = Slot::Ready(outcome(index, fate));
+                            }
+                        }
+                        // Other chunks may be stored already: say which messages were not.
+                        Err(error) => {
+                            let reason = queue_error_status(error.clone()).message().to_owned();
+                            for index in indices {
+                                slots[index as usize] = Slot::Ready(SubmitOutcome {
+                                    index,
+                                    status: SubmitStatus::Rejected as i32,
+                                    message_id: String::new(),
+                                    reason: reason.clone(),
+                                });
+                            }
+                            storage_error.get_or_insert(error);
+                        }
                     }
                 }
                 item = input.next(), if !ended && in_flight.len() < SUBMIT_PIPELINE => {
@@ -381,7 +402,14 @@ impl QueueService {
             }
             response.outcomes.push(outcome);
         }
-        Ok(response)
+        // Nothing stored: the storage error is the answer (with its code); otherwise the
+        // outcomes tell which messages were stored and which may be sent again.
+        match storage_error {
+            Some(error) if response.accepted == 0 && response.duplicates == 0 => {
+                Err(queue_error_status(error))
+            }
+            _ => Ok(response),
+        }
     }
 
     async fn list_queues_inner(&self) -> Result<ListQueuesResponse, Status> {
@@ -1195,8 +1223,12 @@ mod tests {
                 Code::InvalidArgument,
             ),
             (
-                QueueError::Storage("disk full at /d".into()),
+                QueueError::Storage("read-only file system at /d".into()),
                 Code::Unavailable,
+            ),
+            (
+                QueueError::StorageFull("no space at /d".into()),
+                Code::ResourceExhausted,
             ),
             (QueueError::Closed, Code::Unavailable),
         ];
@@ -1204,8 +1236,8 @@ mod tests {
             let status = queue_error_status(error);
             assert_eq!(status.code(), code);
         }
-        let status = queue_error_status(QueueError::Storage("disk full at /d".into()));
-        assert!(status.message().contains("disk full at /d"), "{status:?}");
+        let status = queue_error_status(QueueError::StorageFull("no space at /d".into()));
+        assert!(status.message().contains("no space at /d"), "{status:?}");
     }
 
     fn call() -> CallInfo {

@@ -16,6 +16,10 @@ pub enum QueueError {
     /// (gRPC `UNAVAILABLE` or `INTERNAL`).
     #[error("storage error: {0}")]
     Storage(String),
+    /// The storage is out of space (disk or quota full); nothing was written. Reads, and
+    /// writes once space is freed, keep working (gRPC `RESOURCE_EXHAUSTED`).
+    #[error("storage full: {0}")]
+    StorageFull(String),
     /// The backend has been shut down (gRPC `UNAVAILABLE`).
     #[error("queue backend is closed")]
     Closed,

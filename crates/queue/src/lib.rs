@@ -167,7 +167,9 @@ pub trait QueueBackend: Send + Sync + 'static {
         let mut outcomes = Vec::with_capacity(acks.len());
         for (receipt, result) in acks {
             outcomes.push(match self.ack(&receipt, result).await {
-                Err(e @ (QueueError::Storage(_) | QueueError::Closed)) => return Err(e),
+                Err(
+                    e @ (QueueError::Storage(_) | QueueError::StorageFull(_) | QueueError::Closed),
+                ) => return Err(e),
                 other => other,
             });
         }

@@ -81,6 +81,9 @@ pub(crate) struct Counters {
 #[derive(Default)]
 pub(crate) struct Shared {
     pub(crate) counters: Counters,
+    /// The open database, for readers outside the writer thread; `None` while the writer
+    /// reopens it (after an I/O error) and after close.
+    pub(crate) db: parking_lot::RwLock<Option<Arc<redb::Database>>>,
     /// `wait_result` callers, by correlation id.
     pub(crate) result_waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Bytes>>>>,
 }
@@ -92,8 +95,6 @@ pub(crate) struct Shared {
 pub struct EmbeddedBackend {
     tx: Mutex<Option<mpsc::Sender<Cmd>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    /// Read handle for `get_result`; dropped on close so the file is released.
-    db: Mutex<Option<Arc<redb::Database>>>,
     shared: Arc<Shared>,
     path: PathBuf,
 }
@@ -134,18 +135,15 @@ impl EmbeddedBackend {
             ))
         })?;
         let path = dir.join(DATABASE_FILE);
-        let db = redb::Builder::new()
-            .set_cache_size(options.cache_bytes)
-            .create(&path)
-            .map_err(|e| {
-                QueueError::Storage(format!(
-                    "cannot open queue database {}: {e}",
-                    path.display()
-                ))
-            })?;
-        let db = Arc::new(db);
+        let db = writer::open_database(&path, options.cache_bytes).map_err(|e| {
+            QueueError::Storage(format!(
+                "cannot open queue database {}: {e}",
+                path.display()
+            ))
+        })?;
         let shared = Arc::new(Shared::default());
-        let writer = Writer::recover(db.clone(), path.clone(), config, options, shared.clone())?;
+        *shared.db.write() = Some(db.clone());
+        let writer = Writer::recover(db, path.clone(), config, options, shared.clone())?;
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("agentmesh-queue-writer".into())
@@ -159,7 +157,6 @@ impl EmbeddedBackend {
         Ok(Self {
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
-            db: Mutex::new(Some(db)),
             shared,
             path,
         })
@@ -192,7 +189,7 @@ impl EmbeddedBackend {
                 tracing::error!(path = %self.path.display(), "queue writer thread panicked");
             }
         }
-        self.db.lock().take();
+        self.shared.db.write().take();
     }
 
     async fn call<T>(&self, make: impl FnOnce(Tx<T>) -> Cmd) -> Result<T, QueueError> {
@@ -362,7 +359,15 @@ impl QueueBackend for EmbeddedBackend {
     }
 
     async fn get_result(&self, correlation_id: &str) -> Result<Option<Bytes>, QueueError> {
-        let db = self.db.lock().clone().ok_or(QueueError::Closed)?;
+        if self.tx.lock().is_none() {
+            return Err(QueueError::Closed);
+        }
+        let db = self.shared.db.read().clone().ok_or_else(|| {
+            QueueError::Storage(format!(
+                "queue database {} is being reopened after an I/O error",
+                self.path.display()
+            ))
+        })?;
         let corr = correlation_id.to_owned();
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {

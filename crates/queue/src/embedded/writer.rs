@@ -64,6 +64,10 @@ const NEXT_SEQ: &str = "next_seq";
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 const SWEEP_CHUNK: usize = 1024;
 const MAX_IDLE_WAIT: Duration = Duration::from_secs(1);
+/// How often a database that failed to reopen after an I/O error is tried again.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
+/// Least time between two log lines about failed batches.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// A reply channel.
 pub(crate) type Tx<T> = oneshot::Sender<Result<T, QueueError>>;
@@ -153,6 +157,23 @@ fail_from!(
     redb::CommitError,
     redb::SetDurabilityError
 );
+
+impl Fail {
+    /// The disk (or quota) is full: nothing was written, and freeing space fixes it.
+    fn is_out_of_space(&self) -> bool {
+        use std::io::ErrorKind;
+        matches!(self, Fail::Db(redb::Error::Io(e))
+            if matches!(e.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge))
+    }
+
+    /// After an I/O error redb refuses every later operation until the database is reopened.
+    fn needs_reopen(&self) -> bool {
+        matches!(
+            self,
+            Fail::Db(redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed)
+        )
+    }
+}
 
 impl From<Corrupt> for Fail {
     fn from(c: Corrupt) -> Self {
@@ -338,6 +359,8 @@ struct Batch {
     durable: Vec<Box<dyn Deliver>>,
     /// Results to hand to `wait_result` callers once committed.
     results: Vec<(String, Bytes)>,
+    /// Commands not applied because the batch failed before them.
+    unapplied: Vec<Cmd>,
     /// Messages were accepted: the commit must be durable before anyone hears of it.
     needs_sync: bool,
     /// Something was written.
@@ -353,7 +376,13 @@ impl Batch {
 
 /// State owned by the writer thread.
 pub(crate) struct Writer {
-    db: Arc<Database>,
+    /// `None` after an I/O error until the database is reopened.
+    db: Option<Arc<Database>>,
+    /// When reopening last failed (retried at most once per `REOPEN_EVERY`).
+    reopen_failed_at: Option<Instant>,
+    /// When a failed batch was last logged, and how many failed since without a log line.
+    failure_logged_at: Option<Instant>,
+    failures_not_logged: u64,
     path: PathBuf,
     config: BackendConfig,
     options: EmbeddedOptions,
@@ -415,7 +444,10 @@ impl Writer {
         shared: Arc<Shared>,
     ) -> Result<Self, QueueError> {
         let mut w = Self {
-            db,
+            db: Some(db),
+            reopen_failed_at: None,
+            failure_logged_at: None,
+            failures_not_logged: 0,
             path,
             config,
             options,
@@ -442,10 +474,68 @@ impl Writer {
     }
 
     fn storage(&self, what: &str, e: &Fail) -> QueueError {
-        QueueError::Storage(format!(
-            "{what} queue database {} failed: {e}",
-            self.path.display()
-        ))
+        let message = format!("{what} queue database {} failed: {e}", self.path.display());
+        if e.is_out_of_space() {
+            QueueError::StorageFull(message)
+        } else {
+            QueueError::Storage(message)
+        }
+    }
+
+    /// Logs a failed batch; while failures repeat (a full disk under load), at most one line
+    /// per `FAILURE_LOG_EVERY`, with the number left out.
+    fn log_failure(&mut self, err: &QueueError) {
+        if self
+            .failure_logged_at
+            .is_some_and(|at| at.elapsed() < FAILURE_LOG_EVERY)
+        {
+            self.failures_not_logged += 1;
+            return;
+        }
+        tracing::error!(
+            error = %err,
+            earlier_failures_not_logged = self.failures_not_logged,
+            "queue batch failed; its requests were answered with the error"
+        );
+        self.failure_logged_at = Some(Instant::now());
+        self.failures_not_logged = 0;
+    }
+
+    fn db(&self) -> Result<&Database, Fail> {
+        self.db
+            .as_deref()
+            .ok_or(Fail::Db(redb::Error::DatabaseClosed))
+    }
+
+    /// Closes and reopens the database after an I/O error (redb refuses every operation after
+    /// one), then reloads the state from disk. Leases are lost: their messages are ready again.
+    fn reopen(&mut self) {
+        self.shared.db.write().take();
+        if let Some(old) = self.db.take() {
+            // Readers (`get_result`) hold the database briefly; its file lock goes with the last.
+            let until = Instant::now() + Duration::from_secs(5);
+            while Arc::strong_count(&old) > 1 && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let reopened = open_database(&self.path, self.options.cache_bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|db| {
+                self.db = Some(db);
+                self.reload().map_err(|e| e.to_string())
+            });
+        match reopened {
+            Ok(()) => {
+                self.reopen_failed_at = None;
+                *self.shared.db.write() = self.db.clone();
+                tracing::debug!(path = %self.path.display(), "queue database reopened after an I/O error");
+            }
+            Err(error) => {
+                self.db = None;
+                self.reopen_failed_at = Some(Instant::now());
+                tracing::error!(path = %self.path.display(), %error, "reopening the queue database failed; retrying");
+            }
+        }
     }
 
     /// Rebuilds the in-memory state from disk (at open, or after a failed commit).
@@ -460,7 +550,7 @@ impl Writer {
         self.orphans.clear();
         self.open_chunks.clear();
         self.pending_settles.clear();
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         migrate_legacy_tables(&txn, now_ms())?;
         {
             let t = Tables::open(&txn)?;
@@ -563,6 +653,25 @@ impl Writer {
     }
 
     fn run_batch(&mut self, cmds: Vec<Cmd>, shutdown: bool) {
+        if self.db.is_none() {
+            if self
+                .reopen_failed_at
+                .is_none_or(|at| at.elapsed() >= REOPEN_EVERY)
+            {
+                self.reopen();
+            }
+            if self.db.is_none() {
+                let err = QueueError::Storage(format!(
+                    "queue database {} is unavailable after an I/O error; it is reopened every {} s",
+                    self.path.display(),
+                    REOPEN_EVERY.as_secs()
+                ));
+                for cmd in cmds {
+                    refuse(cmd, &err);
+                }
+                return;
+            }
+        }
         let mut batch = Batch::default();
         let mut outcome = self.apply_and_commit(cmds, &mut batch, shutdown);
         if matches!(outcome, Ok(true)) && answers_before_sync(&batch, shutdown) {
@@ -593,18 +702,23 @@ impl Writer {
             }
             Err(e) => {
                 let err = self.storage("writing to", &e);
-                tracing::error!(error = %err, "queue batch failed; reloading state from disk");
-                Some(err)
+                self.log_failure(&err);
+                Some((err, e.needs_reopen()))
             }
         };
         let mut release = Vec::new();
         for p in batch.pending.drain(..).chain(batch.durable.drain(..)) {
-            if let Some(keys) = p.deliver(failure.as_ref()) {
+            if let Some(keys) = p.deliver(failure.as_ref().map(|(e, _)| e)) {
                 release.extend(keys);
             }
         }
-        if failure.is_some() {
-            if let Err(e) = self.reload() {
+        if let Some((err, needs_reopen)) = failure {
+            for cmd in batch.unapplied.drain(..) {
+                refuse(cmd, &err);
+            }
+            if needs_reopen {
+                self.reopen();
+            } else if let Err(e) = self.reload() {
                 tracing::error!(error = %self.storage("reloading", &e), "queue reload failed");
             }
             return;
@@ -631,13 +745,18 @@ impl Writer {
         shutdown: bool,
     ) -> Result<bool, Fail> {
         let now = now_ms();
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.db()?.begin_write()?;
         {
             let mut t = Tables::open(&txn)?;
             self.release_orphans();
             self.expire_leases(&mut t, batch, now)?;
-            for cmd in cmds {
-                self.apply(&mut t, batch, cmd, now)?;
+            let mut cmds = cmds.into_iter();
+            while let Some(cmd) = cmds.next() {
+                if let Err(e) = self.apply(&mut t, batch, cmd, now) {
+                    // Answered with the batch's failure, like those applied before.
+                    batch.unapplied.extend(cmds);
+                    return Err(e);
+                }
             }
             self.serve_waiters(&mut t, batch, now)?;
             if self.last_sweep.elapsed() >= SWEEP_EVERY {
@@ -679,7 +798,7 @@ impl Writer {
 
     /// Makes every commit so far durable: an empty commit with an fsync.
     fn sync_now(&mut self) -> Result<(), Fail> {
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.db()?.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         txn.commit()?;
         self.unsynced = false;
@@ -1824,6 +1943,17 @@ fn migrate_legacy_tables(txn: &WriteTransaction, now: u64) -> Result<(), Fail> {
     txn.delete_table(LEGACY_INFLIGHT)?;
     txn.delete_table(LEGACY_MESSAGES)?;
     Ok(())
+}
+
+/// Opens (or creates) the database file with a page cache of `cache_bytes`.
+pub(crate) fn open_database(
+    path: &std::path::Path,
+    cache_bytes: usize,
+) -> Result<Arc<Database>, redb::DatabaseError> {
+    redb::Builder::new()
+        .set_cache_size(cache_bytes)
+        .create(path)
+        .map(Arc::new)
 }
 
 /// Reads a stored, unexpired result (used by readers outside the writer thread).
