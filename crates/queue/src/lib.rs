@@ -23,46 +23,59 @@
 //! * [`QueueBackend::nack`] schedules a retry (explicit delay, or exponential backoff with full
 //!   jitter); after `max_attempts` failed attempts the message moves to the queue's dead-letter
 //!   set with its whole attempt history.
-//! * Leases live in memory: after a restart every un-acked message is ready again.
+//! * Leases live in memory: after a restart every un-acked message is ready again, and one that
+//!   was waiting for a retry still waits until its retry time. A delivery in flight when the
+//!   process died is not counted as a failed attempt.
+//! * A full disk fails the writes of that batch with [`QueueError::StorageFull`] (nothing of
+//!   the batch is stored); reads go on, and writes work again as soon as space is freed. After
+//!   any I/O error the embedded backend reopens its file (redb refuses every operation after
+//!   one) and reloads its state; leases handed out before are lost, so their messages are
+//!   delivered again.
 //!
-//! # The embedded engine, and why redb
+//! # The embedded engine
 //!
 //! [`EmbeddedBackend`] keeps everything in one [redb](https://docs.rs/redb) file (redb 4,
-//! copy-on-write B-trees, checksummed commit slots). The alternative was a hand-written segment
-//! log with CRC-checked records. Measured on the development machine (2 cores, virtual disk,
-//! fdatasync ≈ 160–210 µs), with ~300-byte records and one sync per batch:
+//! copy-on-write B-trees, checksummed commit slots), written by one thread that commits each
+//! batch of requests in one transaction. The layout keeps storage operations per message to a
+//! minimum, because the writer thread is what limits throughput:
 //!
-//! | batch per sync | raw append + fdatasync | redb `Durability::Immediate` commit |
-//! |---------------:|-----------------------:|------------------------------------:|
-//! | 1              | 4.7k rec/s             | 2.9k rec/s                          |
-//! | 64             | 185k rec/s             | 81k rec/s                           |
-//! | 256            | 478k rec/s             | 158k rec/s                          |
-//! | 1024           | 1.18M rec/s            | 265k rec/s                          |
+//! * **Chunks.** The messages one batch appends to a queue are stored as one value (a chunk of
+//!   up to 31 KiB), so a submit costs one B-tree insert per chunk, not per message. Settling a
+//!   message (ack or dead letter) sets its bit in the chunk's settled bitmap, written once per
+//!   chunk and batch; the chunk is deleted when its last message is settled.
+//! * **Ready and leased messages are not indexed on disk.** Each queue has a cursor: messages
+//!   past it are ready, in order, and a receive reads them straight from the chunks. Leases,
+//!   and messages ready again (released, lease lapsed), live in memory; neither grows with the
+//!   queue depth, only with what consumers hold. Only nacked messages waiting for a retry are
+//!   indexed on disk (`schedule`), and that index is what a restart consults.
+//! * Dedup keys, results, dead letters and attempt histories are tables of their own, with
+//!   expiry indexes swept a bounded chunk at a time.
 //!
-//! (Reproduce with `cargo bench -p agentmesh-queue --bench queue_throughput -- --engine`.)
+//! Memory stays bounded whatever the queue depth (redb's page cache, 32 MiB by default): with
+//! 400k queued 1-KiB messages (a 544 MiB file), peak RSS was 38 MiB (`-- --depth`). Chunks stay
+//! under 32 KiB because redb rounds larger values up to page runs (60 KiB chunks made that file
+//! 784 MiB, 256 KiB chunks 1092 MiB).
 //!
-//! A raw log writes faster: with batches of 256, redb gets about a third of the log's rate
-//! (two runs: 158k vs 478k, 144k vs 527k rec/s).
-//! It was still chosen, because redb keeps every index on disk: the ready schedule, the
-//! dedup window, dead letters, results and their expiry. Memory then stays bounded (a fixed
-//! page cache, 32 MiB by default) whatever the queue depth: with 400k queued 1-KiB messages
-//! (a 544 MiB file), peak RSS was 38 MiB (`-- --depth`). A log would need an in-memory index
-//! of every live message, or a compactor and an on-disk index of its own. redb also makes a
-//! submit, an ack and its reply atomic, and its crash recovery is tested. At batch 256, redb
-//! still writes 140k+ durable messages/s.
-//! Acks, leases and other bookkeeping use `Durability::None` commits (≈400k ops/s). They are
-//! persisted by the next `Immediate` commit.
+//! Why redb rather than a hand-written segment log: a log writes faster per sync (raw append +
+//! fdatasync of ~300-byte records: 478k rec/s vs redb's 158k rec/s at 256 records per sync,
+//! `-- --engine`), but would need a compactor and on-disk indexes of its own for the retry
+//! schedule, dedup window, dead letters and results to keep memory bounded. With chunks, redb's
+//! per-message cost is no longer the limit: end to end through a node, the queue outruns Redis
+//! Streams (see the `queue_throughput` bench of the `agentmesh` crate).
 //!
 //! Whole-queue numbers (`cargo bench -p agentmesh-queue --bench queue_throughput`, 256-byte
-//! bodies, same machine; the shared disk's fdatasync latency swung between 0.2 and 3 ms
-//! between runs, so ranges over several runs are given):
+//! bodies, 2 cores, virtual disk with fdatasync ≈ 160 µs; one run):
 //!
-//! | workload                                         | msgs/s     | msgs per fsync |
-//! |--------------------------------------------------|-----------:|---------------:|
-//! | durable submit, 64 tasks × 1 msg per call        | 19k – 32k  | 33 – 40        |
-//! | durable submit, 256 tasks × 1 msg per call       | 61k – 98k  | 134 – 157      |
-//! | durable submit, 8 tasks × 64 msgs per call       | 99k – 138k | 256 – 404      |
-//! | submit → receive → ack (16 producers, 4 consumers)| 40k – 52k | 131 – 149      |
+//! | workload                                          | msgs/s | msgs per fsync |
+//! |---------------------------------------------------|-------:|---------------:|
+//! | durable submit, 64 tasks × 1 msg per call         | 64k    | 32             |
+//! | durable submit, 256 tasks × 1 msg per call        | 209k   | 129            |
+//! | durable submit, 8 tasks × 64 msgs per call        | 407k   | 256            |
+//! | submit → receive → ack (16 producers, 4 consumers)| 181k   | 130            |
+//!
+//! The layout before chunks (one entry per message, ready and in-flight indexes on disk) did
+//! 62k, 152k, 246k and 107k on the same workloads; stores in that layout are converted when
+//! opened.
 //!
 //! # Conformance suite
 //!
