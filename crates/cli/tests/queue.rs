@@ -827,6 +827,63 @@ async fn worker_drains_in_flight_work_on_shutdown() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_draining_worker_takes_no_new_messages() {
+    let node = queue_node().await;
+    let client = node.client();
+    client.submit("late", (1..=2).map(job)).await.unwrap();
+    let started = Arc::new(AtomicUsize::new(0));
+    let worker = {
+        let started = started.clone();
+        // Room for more than it is working on: without a drain, the node would keep
+        // handing this worker new messages while it finishes.
+        Worker::new(client.clone(), "late")
+            .prefetch(16)
+            .concurrency(2)
+            .start(move |_ctx, _envelope| {
+                let started = started.clone();
+                async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    Ok(None)
+                }
+            })
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            started.load(Ordering::SeqCst) == 2
+        })
+        .await
+    );
+    let draining = tokio::spawn(worker.shutdown());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Another consumer is waiting too; what arrives now is its, while the worker drains.
+    let mut other = RawConsumer::open(&node, "late", 16, Duration::from_secs(30)).await;
+    client.submit("late", (3..=5).map(job)).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let d = other
+            .delivery(Duration::from_millis(700))
+            .await
+            .expect("a message submitted during the drain went to the draining worker");
+        assert_eq!(d.attempt, 1);
+        got.push(n_of(d.envelope.as_ref().unwrap()));
+    }
+    got.sort();
+    assert_eq!(got, [3, 4, 5]);
+    assert!(
+        !draining.is_finished(),
+        "the drain was over before the check"
+    );
+    let stats_ = draining.await.unwrap();
+    assert_eq!((stats_.succeeded, stats_.settle_errors), (2, 0));
+    assert_eq!(
+        stats_.delivered, 2,
+        "the draining worker was handed new messages"
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn worker_hands_back_unstarted_messages_and_extends_long_work() {
     let node = queue_node().await;
     let client = node.client();

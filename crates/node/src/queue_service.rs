@@ -672,6 +672,8 @@ struct Consumer {
     lease: Duration,
     held: HashMap<String, Held>,
     out: Outbox,
+    /// The consumer sent `drain`: nothing more is handed out.
+    draining: bool,
 }
 
 impl Consumer {
@@ -802,6 +804,7 @@ impl Consumer {
                     "subscribe may only be the first frame of a Consume call",
                 ));
             }
+            Action::Drain(_) => return Ok(Box::pin(async { Vec::new() })),
             Action::Ack(ack) => return Ok(self.settle_acks(vec![ack])),
             Action::Nack(ConsumeNack {
                 receipt,
@@ -907,7 +910,11 @@ impl Consumer {
         let mut failure: Option<Status> = None;
         loop {
             let credit = self.prefetch.saturating_sub(self.held.len());
-            if receiving.is_none() && credit > 0 && (credit >= low_water || self.held.is_empty()) {
+            if !self.draining
+                && receiving.is_none()
+                && credit > 0
+                && (credit >= low_water || self.held.is_empty())
+            {
                 receiving = Some(self.receive(credit));
             }
             tokio::select! {
@@ -930,6 +937,11 @@ impl Consumer {
                         match frame {
                             Some(Ok(ConsumeRequest { action: Some(Action::Ack(ack)) })) => {
                                 acks.push(ack);
+                            }
+                            Some(Ok(ConsumeRequest { action: Some(Action::Drain(_)) })) => {
+                                // A fetch still pending puts back what it gets by itself.
+                                self.draining = true;
+                                receiving = None;
                             }
                             Some(Ok(ConsumeRequest { action: Some(action) })) => {
                                 if !acks.is_empty() {
@@ -1090,6 +1102,7 @@ impl queue_service_server::QueueService for QueueService {
             lease,
             held: HashMap::with_capacity(prefetch),
             out,
+            draining: false,
         };
         tokio::spawn(consumer.run(inbound, self.shutdown.clone()));
         Ok(Response::new(

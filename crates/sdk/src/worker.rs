@@ -35,8 +35,8 @@ use std::{
 use agentmesh_proto::{
     metadata::{CORRELATION_ID, GRPC_TIMEOUT, TRACEPARENT},
     v1::{
-        ConsumeAck, ConsumeExtend, ConsumeNack, ConsumeRequest, ConsumeResponse, ConsumeSubscribe,
-        Delivery, Envelope, consume_request::Action, consume_response::Event,
+        ConsumeAck, ConsumeDrain, ConsumeExtend, ConsumeNack, ConsumeRequest, ConsumeResponse,
+        ConsumeSubscribe, Delivery, Envelope, consume_request::Action, consume_response::Event,
     },
 };
 use agentmesh_resilience::Backoff;
@@ -192,9 +192,10 @@ impl RunningWorker {
         self.counters.snapshot()
     }
 
-    /// Stops taking messages, lets the handlers in progress finish (up to the drain timeout),
-    /// acks or nacks their messages, and returns once the node confirmed it. Messages received
-    /// but not started are handed back to the queue at once.
+    /// Stops taking messages (the node is told to send no more: `drain`), lets the handlers in
+    /// progress finish (up to the drain timeout), acks or nacks their messages, and returns
+    /// once the node confirmed it. Messages received but not started are handed back to the
+    /// queue at once, so other consumers get them.
     pub async fn shutdown(self) -> WorkerStats {
         self.stop.cancel();
         let _ = self.task.await;
@@ -400,11 +401,11 @@ impl Session {
                         |left| Instant::now() + left,
                     );
                 self.held.insert(delivery.receipt.clone(), Held { expires });
-                // While draining, what arrives is only kept (its lease extended) until the
-                // stream closes, which hands it back; releasing it now would only bring it
-                // straight back to this consumer.
-                if !stopping {
-                    self.queued.push_back(delivery);
+                self.queued.push_back(delivery);
+                // While draining, something the node sent before it saw the drain goes back
+                // at once, to other consumers.
+                if stopping {
+                    self.hand_back_queued();
                 }
             }
             Some(Event::Receipt(receipt)) => {
@@ -426,6 +427,15 @@ impl Session {
                 }
             }
             None => {}
+        }
+    }
+
+    /// Asks the node to stop deliveries on this stream (not confirmed by a receipt).
+    fn send_drain(&mut self) {
+        if let (Some(tx), Some(_)) = (&self.tx, &self.inbound) {
+            let _ = tx.send(ConsumeRequest {
+                action: Some(Action::Drain(ConsumeDrain {})),
+            });
         }
     }
 
@@ -505,6 +515,7 @@ impl Session {
                 _ = self.stop.cancelled(), if !stopping => {
                     stopping = true;
                     drain_deadline = Some(tokio::time::Instant::now() + self.config.drain_timeout);
+                    self.send_drain();
                     self.hand_back_queued();
                 }
                 _ = sleep_until(drain_deadline) => {}
@@ -522,6 +533,9 @@ impl Session {
                             self.connected_once = true;
                             self.inbound = Some(inbound);
                             self.backoff.reset();
+                            if stopping {
+                                self.send_drain();
+                            }
                             for frame in std::mem::take(&mut self.unsent) {
                                 self.send(frame);
                             }
