@@ -152,7 +152,7 @@ impl RawConsumer {
     async fn ack(&mut self, receipt: &str, result: Option<Envelope>) -> ConsumeReceipt {
         self.send(Action::Ack(ConsumeAck {
             receipt: receipt.into(),
-            result,
+            result: result.map(Box::new),
         }))
         .await;
         self.receipt(receipt).await
@@ -321,11 +321,11 @@ async fn submit_rejects_bad_messages_and_keeps_the_rest() {
     let requests = vec![
         SubmitRequest {
             queue: "good".into(),
-            envelope: Some(job(1)),
+            envelope: Some(Box::new(job(1))),
         },
         SubmitRequest {
             queue: "".into(),
-            envelope: Some(job(2)),
+            envelope: Some(Box::new(job(2))),
         },
         SubmitRequest {
             queue: "good".into(),
@@ -333,11 +333,11 @@ async fn submit_rejects_bad_messages_and_keeps_the_rest() {
         },
         SubmitRequest {
             queue: "bad\u{7}name".into(),
-            envelope: Some(job(3)),
+            envelope: Some(Box::new(job(3))),
         },
         SubmitRequest {
             queue: "other".into(),
-            envelope: Some(job(4)),
+            envelope: Some(Box::new(job(4))),
         },
     ];
     let mut request = tonic::Request::new(futures::stream::iter(requests));

@@ -195,7 +195,7 @@ async fn submit(
         .into_iter()
         .map(|envelope| SubmitRequest {
             queue: queue.clone(),
-            envelope: Some(envelope),
+            envelope: Some(Box::new(envelope)),
         })
         .collect();
     let response = api.submit(call.request(requests)).await?;

@@ -733,7 +733,7 @@ impl Consumer {
                 event: Some(Event::Delivery(Delivery {
                     receipt: m.receipt,
                     queue: self.queue.to_string(),
-                    envelope: Some(envelope),
+                    envelope: Some(Box::new(envelope)),
                     attempt: m.attempt,
                     lease_expires_at: Some(expires_at),
                 })),
@@ -1269,13 +1269,13 @@ mod tests {
             &call(),
             SubmitRequest {
                 queue: "jobs".into(),
-                envelope: Some(Envelope {
+                envelope: Some(Box::new(Envelope {
                     idempotency_key: "k".into(),
                     reply_to: "replies".into(),
                     attempt: 7,
                     r#type: "t".into(),
                     ..Default::default()
-                }),
+                })),
             },
             &now,
         )
@@ -1296,7 +1296,7 @@ mod tests {
                 &call(),
                 SubmitRequest {
                     queue: queue.into(),
-                    envelope,
+                    envelope: envelope.map(Box::new),
                 },
                 &now,
             )
@@ -1314,5 +1314,22 @@ mod tests {
             ..Default::default()
         };
         assert!(reject("q", Some(huge)).contains("limit"));
+    }
+}
+#[cfg(test)]
+mod frame_size {
+    use agentmesh_proto::v1::{ConsumeRequest, ConsumeResponse, SubmitRequest};
+
+    /// Queue frames move by value through every stream layer, once per message: their
+    /// envelopes are boxed (see `build.rs`), which keeps each frame small.
+    #[test]
+    fn queue_frames_stay_small() {
+        for (name, size) in [
+            ("SubmitRequest", size_of::<SubmitRequest>()),
+            ("ConsumeRequest", size_of::<ConsumeRequest>()),
+            ("ConsumeResponse", size_of::<ConsumeResponse>()),
+        ] {
+            assert!(size <= 160, "{name} is {size} bytes");
+        }
     }
 }

@@ -110,7 +110,7 @@ impl MeshClient {
                 }
                 SubmitRequest {
                     queue: queue.to_owned(),
-                    envelope: Some(envelope),
+                    envelope: Some(Box::new(envelope)),
                 }
             })
             .collect();

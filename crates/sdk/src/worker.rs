@@ -332,7 +332,7 @@ impl Session {
                 break;
             };
             let receipt = delivery.receipt.clone();
-            let envelope = delivery.envelope.unwrap_or_default();
+            let envelope = delivery.envelope.map(|e| *e).unwrap_or_default();
             let ctx = context_for(&envelope, self.config.client.clone());
             let cancel = ctx.cancellation();
             let handler = self.handler.clone();
@@ -367,7 +367,10 @@ impl Session {
         let action = match result {
             Ok(result) => {
                 self.counters.succeeded.fetch_add(1, Ordering::Relaxed);
-                Action::Ack(ConsumeAck { receipt, result })
+                Action::Ack(ConsumeAck {
+                    receipt,
+                    result: result.map(Box::new),
+                })
             }
             Err(status) => {
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
