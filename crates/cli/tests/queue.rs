@@ -1474,3 +1474,44 @@ async fn large_prefetch_gets_a_receipt_for_every_ack() {
     assert_eq!((s.depth, s.in_flight), (0, 0));
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_report_each_queue_and_the_store() {
+    let node = queue_node().await;
+    let client = node.client();
+    client.submit("metered", (1..=3).map(job)).await.unwrap();
+    let mut consumer = RawConsumer::open(&node, "metered", 1, Duration::from_secs(30)).await;
+    let held = consumer.delivery(Duration::from_secs(5)).await.unwrap();
+    let metrics = reqwest::get(format!("http://{}/metrics", node.addr()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "agentmesh_queue_store_up 1",
+        "agentmesh_queue_depth{queue=\"metered\"} 2",
+        "agentmesh_queue_in_flight{queue=\"metered\"} 1",
+        "agentmesh_queue_dead_letters{queue=\"metered\"} 0",
+        "# TYPE agentmesh_queue_store_fsyncs_total counter",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no line {line:?} in:\n{metrics}"
+        );
+    }
+    let accepted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("agentmesh_queue_store_accepted_messages_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("accepted messages counter");
+    assert!(accepted >= 3, "{accepted}");
+    let age: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("agentmesh_queue_oldest_age_seconds{queue=\"metered\"} "))
+        .and_then(|v| v.parse().ok())
+        .expect("oldest age gauge");
+    assert!((0.0..60.0).contains(&age), "{age}");
+    consumer.ack(&held.receipt, None).await;
+    node.stop().await;
+}

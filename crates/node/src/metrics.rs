@@ -1,5 +1,6 @@
-//! `GET /metrics`: Prometheus text exposition of the router's counters and
-//! every instance's load and breaker state.
+//! `GET /metrics`: Prometheus text exposition of the router's counters, every
+//! instance's load and breaker state, and every queue's depth, in-flight count,
+//! dead letters and oldest message (plus the embedded store's write counters).
 
 use std::{
     fmt::Write,
@@ -13,7 +14,7 @@ use agentmesh_proto::v1::{AgentFilter, BreakerState};
 use axum::{extract::State, http::header, response::IntoResponse, routing::get};
 use tonic::Code;
 
-use crate::registry::Registry;
+use crate::{queue_service::QueueHandle, registry::Registry};
 
 /// Counters the router updates on its hot path (relaxed atomics).
 #[derive(Debug, Default)]
@@ -39,13 +40,94 @@ impl RouterMetrics {
 struct MetricsState {
     registry: Arc<Registry>,
     router: crate::router::Router,
+    queue: QueueHandle,
 }
 
 /// The `/metrics` route.
-pub fn routes(registry: Arc<Registry>, router: crate::router::Router) -> axum::Router {
+pub fn routes(
+    registry: Arc<Registry>,
+    router: crate::router::Router,
+    queue: QueueHandle,
+) -> axum::Router {
     axum::Router::new()
         .route("/metrics", get(render))
-        .with_state(MetricsState { registry, router })
+        .with_state(MetricsState {
+            registry,
+            router,
+            queue,
+        })
+}
+
+/// Reads one gauge's value off a queue's stats.
+type QueueGauge = fn(&agentmesh_queue::QueueStats) -> f64;
+
+/// Appends the queue gauges; a queue store that cannot answer is reported by
+/// `agentmesh_queue_store_up 0` rather than failing the whole scrape.
+async fn render_queues(out: &mut String, queue: &QueueHandle) {
+    let stats = queue.backend().stats().await;
+    let _ = writeln!(
+        out,
+        "# HELP agentmesh_queue_store_up Whether the queue store answered (1) or failed (0)."
+    );
+    let _ = writeln!(out, "# TYPE agentmesh_queue_store_up gauge");
+    let _ = writeln!(out, "agentmesh_queue_store_up {}", u8::from(stats.is_ok()));
+    let stats = stats.unwrap_or_default();
+    let gauges: [(&str, &str, QueueGauge); 4] = [
+        (
+            "depth",
+            "Messages waiting in a queue (ready or delayed for a retry).",
+            |s| s.depth as f64,
+        ),
+        (
+            "in_flight",
+            "Messages of a queue leased to consumers.",
+            |s| s.in_flight as f64,
+        ),
+        ("dead_letters", "Dead letters of a queue.", |s| {
+            s.dead_letters as f64
+        }),
+        (
+            "oldest_age_seconds",
+            "Age of a queue's oldest message not yet acked (0 when empty).",
+            |s| s.oldest_age.map_or(0.0, |a| a.as_secs_f64()),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP agentmesh_queue_{name} {help}");
+        let _ = writeln!(out, "# TYPE agentmesh_queue_{name} gauge");
+        for s in &stats {
+            let _ = writeln!(
+                out,
+                "agentmesh_queue_{name}{{queue=\"{}\"}} {}",
+                escape(&s.name),
+                value(s)
+            );
+        }
+    }
+    if let Some(io) = queue.io_stats() {
+        let counters = [
+            (
+                "commits",
+                "Transactions the embedded queue store committed.",
+                io.commits,
+            ),
+            (
+                "fsyncs",
+                "Commits made durable with an fsync (group commits).",
+                io.durable_commits,
+            ),
+            (
+                "accepted_messages",
+                "Messages the embedded queue store accepted.",
+                io.accepted_messages,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(out, "# HELP agentmesh_queue_store_{name}_total {help}");
+            let _ = writeln!(out, "# TYPE agentmesh_queue_store_{name}_total counter");
+            let _ = writeln!(out, "agentmesh_queue_store_{name}_total {value}");
+        }
+    }
 }
 
 async fn render(State(state): State<MetricsState>) -> impl IntoResponse {
@@ -129,6 +211,7 @@ async fn render(State(state): State<MetricsState>) -> impl IntoResponse {
         );
         let _ = writeln!(out, "agentmesh_breaker_state{{{labels}}} {breaker}");
     }
+    render_queues(&mut out, &state.queue).await;
     (
         [(
             header::CONTENT_TYPE,

@@ -148,6 +148,11 @@ impl QueueHandle {
         &self.backend
     }
 
+    /// Write counters of the embedded store, if this handle opened one.
+    pub fn io_stats(&self) -> Option<agentmesh_queue::IoStats> {
+        self.embedded.as_ref().map(|e| e.io_stats())
+    }
+
     /// Flushes and closes an embedded store opened by [`QueueHandle::open`] (releasing its
     /// directory); does nothing for a backend given with [`QueueHandle::from_backend`].
     pub async fn close(&self) {

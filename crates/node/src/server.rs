@@ -144,6 +144,7 @@ impl Node {
         let gateway = gateway.merge(crate::metrics::routes(
             Arc::clone(&self.registry),
             self.router.clone(),
+            queue.clone(),
         ));
         let app = routes.routes().into_axum_router().merge(gateway).layer(
             ServiceBuilder::new()
