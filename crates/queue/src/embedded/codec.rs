@@ -120,7 +120,7 @@ impl<'a> Dec<'a> {
 const MESSAGE_V1: u8 = 1;
 const DEAD_V1: u8 = 1;
 
-/// The immutable part of a live message (`messages` table).
+/// A message record as stored in a chunk (see `chunk`).
 pub(crate) struct MessageView<'a> {
     pub(crate) enqueued_ms: u64,
     pub(crate) id: &'a str,

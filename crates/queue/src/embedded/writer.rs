@@ -1,6 +1,8 @@
 //! The single writer thread: owns every mutation, batches them into one redb transaction per
 //! loop turn, and commits with `Durability::Immediate` whenever the batch holds a submit (group
-//! commit) or unflushed acks are older than the flush interval.
+//! commit) or unflushed acks are older than the flush interval. The layout (chunks, settled
+//! bitmaps, the retry schedule; ready and leased messages tracked in memory) is described in
+//! the crate documentation.
 
 use super::chunk::{ChunkBuilder, ChunkView, Settled};
 use super::codec::{
@@ -221,8 +223,9 @@ struct Pick {
 /// In-memory state of one queue.
 ///
 /// Where each live message is, without a write per move:
-/// * `seq > cursor`: ready, found by scanning `MESSAGES` from the cursor (after a restart, also
-///   waiting ones: the scan skips those listed in `SCHEDULED` while `seq <= recovered_max`);
+/// * `seq > cursor`: ready, found by scanning `CHUNKS` from the cursor (after a restart, also
+///   settled and waiting ones: while `seq <= recovered_max` the scan skips those set in the
+///   chunk's `SETTLED` bitmap or listed in `SCHEDULED`);
 /// * `seq <= cursor` (or in `ahead`): leased, queued in `redeliver`, or waiting in `SCHEDULE`.
 ///
 /// Memory stays bounded: `redeliver` and `ahead` only hold messages that were leased or just
