@@ -1192,12 +1192,13 @@ impl Writer {
             let chunk = ChunkView::new(v.value())?;
             // Below `recovered_max` a message may have been delivered before a restart: it may
             // be settled, waiting for a retry (the schedule delivers it) or already promoted.
-            let settled = match first <= q.recovered_max {
-                true => match t.settled.get((qid, first))? {
-                    Some(g) => Some(Settled::decode(g.value())?),
-                    None => None,
-                },
-                false => None,
+            let settled = if first <= q.recovered_max {
+                t.settled
+                    .get((qid, first))?
+                    .map(|g| Settled::decode(g.value()))
+                    .transpose()?
+            } else {
+                None
             };
             for i in start.saturating_sub(first) as usize..chunk.count() {
                 let seq = first + i as u64;
