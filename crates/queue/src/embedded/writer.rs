@@ -207,8 +207,6 @@ struct Lease {
     delivered_ms: u64,
     expires_ms: u64,
     attempt: u32,
-    correlation_id: String,
-    reply_to: Option<String>,
 }
 
 /// A message chosen for delivery.
@@ -1327,8 +1325,6 @@ impl Writer {
                     delivered_ms: now,
                     expires_ms,
                     attempt,
-                    correlation_id: m.correlation_id.to_owned(),
-                    reply_to: m.reply_to.map(str::to_owned),
                 },
             );
             self.lease_heap.push(Reverse((expires_ms, qid, seq, token)));
@@ -1377,15 +1373,27 @@ impl Writer {
         if lease.attempt > 1 {
             t.history.remove((qid, seq))?;
         }
-        let qname = self.names.get(&qid).cloned().unwrap_or_default();
-        if let Some(q) = self.queues.get_mut(&qname) {
+        if let Some(q) = self.qstate(qid) {
             q.in_flight = q.in_flight.saturating_sub(1);
             q.live = q.live.saturating_sub(1);
             q.row_dirty = true;
         }
         if let Some(body) = result {
-            let ttl = dur_ms(self.config.for_queue(&qname).result_ttl);
-            let corr = lease.correlation_id;
+            // Where the result goes is in the message record (its chunk is settled at the end
+            // of the batch, so it is still there).
+            let Some((_, record)) = Self::read_record(t, qid, seq)? else {
+                tracing::warn!(
+                    qid,
+                    seq,
+                    "acked message has no record; its result is dropped"
+                );
+                return Ok(Ok(()));
+            };
+            let message = decode_message(&record)?;
+            let corr = message.correlation_id.to_owned();
+            let reply_to = message.reply_to.map(str::to_owned);
+            let qname = self.names.get(&qid).map_or("", String::as_str);
+            let ttl = dur_ms(self.config.for_queue(qname).result_ttl);
             if !corr.is_empty() {
                 let expires = now.saturating_add(ttl);
                 t.results
@@ -1393,7 +1401,7 @@ impl Writer {
                 t.results_exp.insert((expires, corr.as_str()), ())?;
                 batch.results.push((corr.clone(), body.clone()));
             }
-            if let Some(reply_to) = lease.reply_to {
+            if let Some(reply_to) = reply_to {
                 let reply = NewMessage {
                     id: uuid::Uuid::now_v7().to_string(),
                     idempotency_key: None,
