@@ -28,8 +28,9 @@ use std::{
 };
 
 use agentmesh_proto::v1::{
-    ConsumeAck, ConsumeRequest, ConsumeSubscribe, Envelope, consume_request::Action,
-    consume_response::Event, envelope::Payload, queue_service_client::QueueServiceClient,
+    ConsumeAck, ConsumeAckBatch, ConsumeRequest, ConsumeSubscribe, Envelope,
+    consume_request::Action, consume_response::Event, envelope::Payload,
+    queue_service_client::QueueServiceClient,
 };
 use agentmesh_sdk::MeshClient;
 use futures::StreamExt;
@@ -57,6 +58,7 @@ struct Workload {
     batch: u64,
     consumers: u64,
     prefetch: u64,
+    max_batch: u64,
 }
 
 impl Workload {
@@ -67,6 +69,8 @@ impl Workload {
             batch: env_or("AGENTMESH_BENCH_BATCH", 500).max(1),
             consumers: env_or("AGENTMESH_BENCH_CONSUMERS", 4).max(1),
             prefetch: env_or("AGENTMESH_BENCH_PREFETCH", 1024).max(1),
+            // Like XREADGROUP COUNT + one XACK: a fetch's deliveries in one frame, acked in one.
+            max_batch: env_or("AGENTMESH_BENCH_MAX_BATCH", 1024).max(1),
         }
     }
 
@@ -194,6 +198,7 @@ async fn agentmesh_consumers(
                 prefetch: w.prefetch as u32,
                 lease: prost_types::Duration::try_from(Duration::from_secs(60)).ok(),
                 consumer_id: format!("bench-{c}"),
+                max_batch: w.max_batch as u32,
             })),
         })
         .unwrap();
@@ -214,9 +219,28 @@ async fn agentmesh_consumers(
                             })),
                         });
                     }
+                    Some(Event::Deliveries(batch)) => {
+                        let acks = batch
+                            .deliveries
+                            .into_iter()
+                            .map(|d| ConsumeAck {
+                                receipt: d.receipt,
+                                result: None,
+                            })
+                            .collect();
+                        let _ = tx.send(ConsumeRequest {
+                            action: Some(Action::Acks(ConsumeAckBatch { acks })),
+                        });
+                    }
                     Some(Event::Receipt(r)) => {
                         assert!(r.error.is_none(), "ack refused: {r:?}");
                         acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(Event::Receipts(batch)) => {
+                        for r in &batch.receipts {
+                            assert!(r.error.is_none(), "ack refused: {r:?}");
+                        }
+                        acked.fetch_add(batch.receipts.len() as u64, Ordering::Relaxed);
                     }
                     None => {}
                 }
@@ -531,8 +555,8 @@ fn main() {
     let wants = |name: &str| only.is_empty() || only == name;
     println!(
         "queue throughput: {} messages of {BODY_BYTES} bytes, {} producers x batches of {}, \
-         {} consumers x prefetch {}, best of {rounds}",
-        w.messages, w.producers, w.batch, w.consumers, w.prefetch
+         {} consumers x prefetch {} (agentmesh: up to {} deliveries per frame), best of {rounds}",
+        w.messages, w.producers, w.batch, w.consumers, w.prefetch, w.max_batch
     );
     let report = |name: &str, m: Measured| {
         println!(

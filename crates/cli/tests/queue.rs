@@ -78,6 +78,17 @@ struct RawConsumer {
 
 impl RawConsumer {
     async fn open(node: &TestNode, queue: &str, prefetch: u32, lease: Duration) -> Self {
+        Self::open_batched(node, queue, prefetch, lease, 0).await
+    }
+
+    /// A consumer that takes deliveries in frames of up to `max_batch`.
+    async fn open_batched(
+        node: &TestNode,
+        queue: &str,
+        prefetch: u32,
+        lease: Duration,
+        max_batch: u32,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(256);
         tx.send(ConsumeRequest {
             action: Some(Action::Subscribe(ConsumeSubscribe {
@@ -85,6 +96,7 @@ impl RawConsumer {
                 prefetch,
                 lease: prost_types::Duration::try_from(lease).ok(),
                 consumer_id: format!("raw-{}", uuid::Uuid::now_v7()),
+                max_batch,
             })),
         })
         .await
@@ -108,7 +120,9 @@ impl RawConsumer {
             Ok(Ok(Some(response))) => {
                 match response.event {
                     Some(Event::Delivery(d)) => self.deliveries.push(d),
+                    Some(Event::Deliveries(batch)) => self.deliveries.extend(batch.deliveries),
                     Some(Event::Receipt(r)) => self.receipts.push(r),
+                    Some(Event::Receipts(batch)) => self.receipts.extend(batch.receipts),
                     None => {}
                 }
                 true
@@ -1466,6 +1480,7 @@ async fn large_prefetch_gets_a_receipt_for_every_ack() {
                 assert!(r.error.is_none(), "{r:?}");
                 confirmed += 1;
             }
+            Some(other) => panic!("a batch frame without max_batch: {other:?}"),
             None => {}
         }
     }
@@ -1513,5 +1528,75 @@ async fn metrics_report_each_queue_and_the_store() {
         .expect("oldest age gauge");
     assert!((0.0..60.0).contains(&age), "{age}");
     consumer.ack(&held.receipt, None).await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batched_consumer_gets_deliveries_and_receipts_a_frame_at_a_time() {
+    let node = queue_node().await;
+    let client = node.client();
+    client.submit("batched", (1..=10).map(job)).await.unwrap();
+    let mut consumer =
+        RawConsumer::open_batched(&node, "batched", 16, Duration::from_secs(30), 4).await;
+    // Frames of at most 4 deliveries.
+    let mut deliveries = Vec::new();
+    while deliveries.len() < 10 {
+        let response = tokio::time::timeout(Duration::from_secs(5), consumer.inbound.message())
+            .await
+            .expect("deliveries")
+            .unwrap()
+            .unwrap();
+        match response.event {
+            Some(Event::Deliveries(batch)) => {
+                assert!((1..=4).contains(&batch.deliveries.len()), "{batch:?}");
+                deliveries.extend(batch.deliveries);
+            }
+            other => panic!("expected a deliveries frame, got {other:?}"),
+        }
+    }
+    let mut ns: Vec<u64> = deliveries
+        .iter()
+        .map(|d| n_of(d.envelope.as_ref().unwrap()))
+        .collect();
+    ns.sort();
+    assert_eq!(ns, (1..=10).collect::<Vec<_>>());
+    // One `acks` frame, one `receipts` frame back, in the same order; a stale receipt fails
+    // on its own.
+    let mut acks: Vec<ConsumeAck> = deliveries
+        .iter()
+        .map(|d| ConsumeAck {
+            receipt: d.receipt.clone(),
+            result: None,
+        })
+        .collect();
+    acks.insert(
+        3,
+        ConsumeAck {
+            receipt: "1.999999.1".into(),
+            result: None,
+        },
+    );
+    let expected: Vec<String> = acks.iter().map(|a| a.receipt.clone()).collect();
+    consumer
+        .send(Action::Acks(agentmesh_proto::v1::ConsumeAckBatch { acks }))
+        .await;
+    let response = tokio::time::timeout(Duration::from_secs(5), consumer.inbound.message())
+        .await
+        .expect("receipts")
+        .unwrap()
+        .unwrap();
+    let Some(Event::Receipts(batch)) = response.event else {
+        panic!("expected a receipts frame, got {response:?}");
+    };
+    let got: Vec<String> = batch.receipts.iter().map(|r| r.receipt.clone()).collect();
+    assert_eq!(got, expected);
+    for (i, r) in batch.receipts.iter().enumerate() {
+        assert_eq!(r.error.is_some(), i == 3, "{r:?}");
+    }
+    let s = wait_for_stats(&client, "batched", Duration::from_secs(2), |s| {
+        s.in_flight == 0
+    })
+    .await;
+    assert_eq!(s.depth, 0, "{s:?}");
     node.stop().await;
 }

@@ -117,6 +117,7 @@ async fn drain(client: &MeshClient, queue: &str, idle: Duration) -> HashMap<Stri
             prefetch: 512,
             lease: prost_types::Duration::try_from(Duration::from_secs(60)).ok(),
             consumer_id: "drain".into(),
+            max_batch: 0,
         })),
     })
     .await

@@ -30,11 +30,12 @@ use agentmesh_gateway::{EventStream, QueueApi};
 use agentmesh_proto::v1::{
     AwaitResultRequest, AwaitResultResponse, ConsumeAck, ConsumeExtend, ConsumeNack,
     ConsumeReceipt, ConsumeRequest, ConsumeResponse, ConsumeSubscribe, DeadLetter, Delivery,
-    DeliveryAttempt, Envelope, ErrorStatus, GetResultRequest, GetResultResponse,
+    DeliveryAttempt, DeliveryBatch, Envelope, ErrorStatus, GetResultRequest, GetResultResponse,
     ListDeadLettersRequest, ListDeadLettersResponse, ListQueuesRequest, ListQueuesResponse,
-    PurgeDeadLettersRequest, PurgeDeadLettersResponse, QueueStats, RedriveDeadLettersRequest,
-    RedriveDeadLettersResponse, SubmitOutcome, SubmitRequest, SubmitResponse, SubmitStatus,
-    consume_request::Action, consume_response::Event, queue_service_server,
+    PurgeDeadLettersRequest, PurgeDeadLettersResponse, QueueStats, ReceiptBatch,
+    RedriveDeadLettersRequest, RedriveDeadLettersResponse, SubmitOutcome, SubmitRequest,
+    SubmitResponse, SubmitStatus, consume_request::Action, consume_response::Event,
+    queue_service_server,
 };
 use agentmesh_queue::{
     BackendConfig, EmbeddedBackend, Leased, MAX_BODY_BYTES, NewMessage, QueueBackend, QueueError,
@@ -677,6 +678,8 @@ struct Consumer {
     lease: Duration,
     held: HashMap<String, Held>,
     out: Outbox,
+    /// Most deliveries per frame (1: one `delivery` frame each).
+    max_batch: usize,
     /// The consumer sent `drain`: nothing more is handed out.
     draining: bool,
 }
@@ -702,7 +705,7 @@ impl Consumer {
         let wall_now = SystemTime::now();
         // One receive hands out leases with one expiry: convert it once.
         let mut expiry: Option<(SystemTime, Instant, prost_types::Timestamp)> = None;
-        let mut responses = Vec::with_capacity(leased.len());
+        let mut deliveries = Vec::with_capacity(leased.len());
         for m in leased {
             let mut envelope = match Envelope::decode(m.body.clone()) {
                 Ok(envelope) => envelope,
@@ -734,17 +737,38 @@ impl Consumer {
                     correlation_id: m.correlation_id,
                 },
             );
-            responses.push(Ok(ConsumeResponse {
-                event: Some(Event::Delivery(Delivery {
-                    receipt: m.receipt,
-                    queue: self.queue.to_string(),
-                    envelope: Some(Box::new(envelope)),
-                    attempt: m.attempt,
-                    lease_expires_at: Some(expires_at),
-                })),
-            }));
+            deliveries.push(Delivery {
+                receipt: m.receipt,
+                queue: self.queue.to_string(),
+                envelope: Some(Box::new(envelope)),
+                attempt: m.attempt,
+                lease_expires_at: Some(expires_at),
+            });
         }
-        responses.is_empty() || self.out.send(responses).await.is_ok()
+        if deliveries.is_empty() {
+            return true;
+        }
+        let frames: Vec<_> = if self.max_batch > 1 {
+            let mut frames = Vec::with_capacity(deliveries.len().div_ceil(self.max_batch));
+            let mut rest = deliveries.into_iter().peekable();
+            while rest.peek().is_some() {
+                let deliveries = rest.by_ref().take(self.max_batch).collect();
+                frames.push(Ok(ConsumeResponse {
+                    event: Some(Event::Deliveries(DeliveryBatch { deliveries })),
+                }));
+            }
+            frames
+        } else {
+            deliveries
+                .into_iter()
+                .map(|d| {
+                    Ok(ConsumeResponse {
+                        event: Some(Event::Delivery(d)),
+                    })
+                })
+                .collect()
+        };
+        self.out.send(frames).await.is_ok()
     }
 
     /// Starts settling a run of acks with one backend call; the future reports each.
@@ -811,6 +835,7 @@ impl Consumer {
             }
             Action::Drain(_) => return Ok(Box::pin(async { Vec::new() })),
             Action::Ack(ack) => return Ok(self.settle_acks(vec![ack])),
+            Action::Acks(batch) => return Ok(self.settle_acks(batch.acks)),
             Action::Nack(ConsumeNack {
                 receipt,
                 error,
@@ -870,8 +895,33 @@ impl Consumer {
         })
     }
 
-    /// Applies a settled frame to the held set; returns the receipt frame for the consumer.
-    fn settled(&mut self, settled: Settled) -> ConsumeResponse {
+    /// Applies settled frames to the held set; returns the receipt frames for the consumer:
+    /// one per frame, or one for them all when they answer an `acks` frame.
+    fn receipt_frames(
+        &mut self,
+        settled: Vec<Settled>,
+        batched: bool,
+    ) -> Vec<Result<ConsumeResponse, Status>> {
+        let receipts = settled.into_iter().map(|s| self.settled(s));
+        if batched {
+            vec![Ok(ConsumeResponse {
+                event: Some(Event::Receipts(ReceiptBatch {
+                    receipts: receipts.collect(),
+                })),
+            })]
+        } else {
+            receipts
+                .map(|r| {
+                    Ok(ConsumeResponse {
+                        event: Some(Event::Receipt(r)),
+                    })
+                })
+                .collect()
+        }
+    }
+
+    /// Applies a settled frame to the held set; returns its receipt.
+    fn settled(&mut self, settled: Settled) -> ConsumeReceipt {
         match (&settled.result, settled.extended) {
             (Ok(()), Some(expires)) => {
                 if let Some(held) = self.held.get_mut(&settled.receipt) {
@@ -887,11 +937,9 @@ impl Consumer {
             }
             (Err(_), _) => {}
         }
-        ConsumeResponse {
-            event: Some(Event::Receipt(ConsumeReceipt {
-                receipt: settled.receipt,
-                error: settled.result.err().as_ref().map(error_status),
-            })),
+        ConsumeReceipt {
+            receipt: settled.receipt,
+            error: settled.result.err().as_ref().map(error_status),
         }
     }
 
@@ -904,8 +952,13 @@ impl Consumer {
     /// Serves the consumer until it goes away, the node shuts down or the backend fails.
     async fn run(mut self, mut inbound: Streaming<ConsumeRequest>, shutdown: CancellationToken) {
         let mut receiving: Option<Receiving> = None;
-        let mut settling: FuturesUnordered<BoxFuture<'static, Vec<Settled>>> =
+        // Each settles some frames; `true` when they answer one `acks` frame.
+        let mut settling: FuturesUnordered<BoxFuture<'static, (Vec<Settled>, bool)>> =
             FuturesUnordered::new();
+        let single =
+            |f: BoxFuture<'static, Vec<Settled>>| -> BoxFuture<'static, (Vec<Settled>, bool)> {
+                Box::pin(futures::FutureExt::map(f, |settled| (settled, false)))
+            };
         // Ask the backend for more only once a good share of the prefetch is free, so each
         // long-poll fetches a batch rather than a message or two.
         let low_water = (self.prefetch / 4).max(1);
@@ -925,9 +978,8 @@ impl Consumer {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(settled) = settling.next(), if !settling.is_empty() => {
-                    let receipts: Vec<_> =
-                        settled.into_iter().map(|s| Ok(self.settled(s))).collect();
+                Some((settled, batched)) = settling.next(), if !settling.is_empty() => {
+                    let receipts = self.receipt_frames(settled, batched);
                     if self.out.send(receipts).await.is_err() {
                         break;
                     }
@@ -943,6 +995,13 @@ impl Consumer {
                             Some(Ok(ConsumeRequest { action: Some(Action::Ack(ack)) })) => {
                                 acks.push(ack);
                             }
+                            Some(Ok(ConsumeRequest { action: Some(Action::Acks(batch)) })) => {
+                                if !acks.is_empty() {
+                                    settling.push(single(self.settle_acks(std::mem::take(&mut acks))));
+                                }
+                                let future = self.settle_acks(batch.acks);
+                                settling.push(Box::pin(futures::FutureExt::map(future, |settled| (settled, true))));
+                            }
                             Some(Ok(ConsumeRequest { action: Some(Action::Drain(_)) })) => {
                                 // A fetch still pending puts back what it gets by itself.
                                 self.draining = true;
@@ -950,10 +1009,10 @@ impl Consumer {
                             }
                             Some(Ok(ConsumeRequest { action: Some(action) })) => {
                                 if !acks.is_empty() {
-                                    settling.push(self.settle_acks(std::mem::take(&mut acks)));
+                                    settling.push(single(self.settle_acks(std::mem::take(&mut acks))));
                                 }
                                 match self.settle(action) {
-                                    Ok(future) => settling.push(future),
+                                    Ok(future) => settling.push(single(future)),
                                     Err(status) => {
                                         failure = Some(status);
                                         ended = true;
@@ -978,7 +1037,7 @@ impl Consumer {
                         }
                     }
                     if !acks.is_empty() {
-                        settling.push(self.settle_acks(acks));
+                        settling.push(single(self.settle_acks(acks)));
                     }
                     if ended {
                         break;
@@ -1011,8 +1070,8 @@ impl Consumer {
         drop(receiving);
         // Let acks already sent finish before releasing, so nothing acked is handed out again.
         let drain = async {
-            while let Some(settled) = settling.next().await {
-                let receipts: Vec<_> = settled.into_iter().map(|s| Ok(self.settled(s))).collect();
+            while let Some((settled, batched)) = settling.next().await {
+                let receipts = self.receipt_frames(settled, batched);
                 let _ = self.out.try_send(receipts);
             }
         };
@@ -1077,6 +1136,7 @@ impl queue_service_server::QueueService for QueueService {
             prefetch,
             lease,
             consumer_id,
+            max_batch,
         })) = first.action
         else {
             return Err(Status::invalid_argument(
@@ -1107,6 +1167,8 @@ impl queue_service_server::QueueService for QueueService {
             lease,
             held: HashMap::with_capacity(prefetch),
             out,
+            // A batch never holds more than the prefetch allows out at once.
+            max_batch: (max_batch as usize).clamp(1, prefetch),
             draining: false,
         };
         tokio::spawn(consumer.run(inbound, self.shutdown.clone()));

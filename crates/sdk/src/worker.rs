@@ -35,8 +35,9 @@ use std::{
 use agentmesh_proto::{
     metadata::{CORRELATION_ID, GRPC_TIMEOUT, TRACEPARENT},
     v1::{
-        ConsumeAck, ConsumeDrain, ConsumeExtend, ConsumeNack, ConsumeRequest, ConsumeResponse,
-        ConsumeSubscribe, Delivery, Envelope, consume_request::Action, consume_response::Event,
+        ConsumeAck, ConsumeDrain, ConsumeExtend, ConsumeNack, ConsumeReceipt, ConsumeRequest,
+        ConsumeResponse, ConsumeSubscribe, Delivery, Envelope, consume_request::Action,
+        consume_response::Event,
     },
 };
 use agentmesh_resilience::Backoff;
@@ -269,6 +270,8 @@ impl Session {
                 prefetch: self.config.prefetch,
                 lease: prost_types::Duration::try_from(self.config.lease).ok(),
                 consumer_id: self.config.consumer_id.clone(),
+                // Whatever one fetch found comes in one frame.
+                max_batch: self.config.prefetch,
             })),
         }
     }
@@ -393,43 +396,57 @@ impl Session {
 
     fn received(&mut self, response: ConsumeResponse, stopping: bool) {
         match response.event {
-            Some(Event::Delivery(delivery)) => {
-                self.counters.delivered.fetch_add(1, Ordering::Relaxed);
-                let expires = delivery
-                    .lease_expires_at
-                    .and_then(|t| SystemTime::try_from(t).ok())
-                    .and_then(|t| t.duration_since(SystemTime::now()).ok())
-                    .map_or_else(
-                        || Instant::now() + self.config.lease,
-                        |left| Instant::now() + left,
-                    );
-                self.held.insert(delivery.receipt.clone(), Held { expires });
-                self.queued.push_back(delivery);
-                // While draining, something the node sent before it saw the drain goes back
-                // at once, to other consumers.
-                if stopping {
-                    self.hand_back_queued();
+            Some(Event::Delivery(delivery)) => self.delivered(delivery, stopping),
+            Some(Event::Deliveries(batch)) => {
+                for delivery in batch.deliveries {
+                    self.delivered(delivery, stopping);
                 }
             }
-            Some(Event::Receipt(receipt)) => {
-                if let Some(count) = self.unconfirmed.get_mut(&receipt.receipt) {
-                    *count -= 1;
-                    if *count == 0 {
-                        self.unconfirmed.remove(&receipt.receipt);
-                    }
-                }
-                if let Some(error) = receipt.error {
-                    self.counters.settle_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(
-                        queue = %self.config.queue,
-                        receipt = %receipt.receipt,
-                        code = error.code,
-                        error = %error.message,
-                        "the node refused an ack, nack or extend"
-                    );
+            Some(Event::Receipt(receipt)) => self.confirmed(receipt),
+            Some(Event::Receipts(batch)) => {
+                for receipt in batch.receipts {
+                    self.confirmed(receipt);
                 }
             }
             None => {}
+        }
+    }
+
+    fn delivered(&mut self, delivery: Delivery, stopping: bool) {
+        self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+        let expires = delivery
+            .lease_expires_at
+            .and_then(|t| SystemTime::try_from(t).ok())
+            .and_then(|t| t.duration_since(SystemTime::now()).ok())
+            .map_or_else(
+                || Instant::now() + self.config.lease,
+                |left| Instant::now() + left,
+            );
+        self.held.insert(delivery.receipt.clone(), Held { expires });
+        self.queued.push_back(delivery);
+        // While draining, something the node sent before it saw the drain goes back at once,
+        // to other consumers.
+        if stopping {
+            self.hand_back_queued();
+        }
+    }
+
+    fn confirmed(&mut self, receipt: ConsumeReceipt) {
+        if let Some(count) = self.unconfirmed.get_mut(&receipt.receipt) {
+            *count -= 1;
+            if *count == 0 {
+                self.unconfirmed.remove(&receipt.receipt);
+            }
+        }
+        if let Some(error) = receipt.error {
+            self.counters.settle_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                queue = %self.config.queue,
+                receipt = %receipt.receipt,
+                code = error.code,
+                error = %error.message,
+                "the node refused an ack, nack or extend"
+            );
         }
     }
 
