@@ -336,22 +336,28 @@ async fn submit_rejects_bad_messages_and_keeps_the_rest() {
         SubmitRequest {
             queue: "good".into(),
             envelope: Some(Box::new(job(1))),
+            envelopes: Vec::new(),
         },
         SubmitRequest {
             queue: "".into(),
             envelope: Some(Box::new(job(2))),
+            envelopes: Vec::new(),
         },
         SubmitRequest {
             queue: "good".into(),
             envelope: None,
+            envelopes: Vec::new(),
         },
         SubmitRequest {
             queue: "bad\u{7}name".into(),
             envelope: Some(Box::new(job(3))),
+            envelopes: Vec::new(),
         },
         SubmitRequest {
             queue: "other".into(),
             envelope: Some(Box::new(job(4))),
+            // More messages in the same frame: each gets its own outcome, in order.
+            envelopes: vec![job(5), job(6)],
         },
     ];
     let mut request = tonic::Request::new(futures::stream::iter(requests));
@@ -361,11 +367,14 @@ async fn submit_rejects_bad_messages_and_keeps_the_rest() {
     let response = client.submit(request).await.unwrap().into_inner();
     assert_eq!(
         (response.accepted, response.duplicates, response.rejected),
-        (2, 0, 3)
+        (4, 0, 3)
     );
     let statuses: Vec<i32> = response.outcomes.iter().map(|o| o.status).collect();
     let (a, r) = (SubmitStatus::Accepted as i32, SubmitStatus::Rejected as i32);
-    assert_eq!(statuses, vec![a, r, r, r, a]);
+    assert_eq!(statuses, vec![a, r, r, r, a, a, a]);
+    let indices: Vec<u32> = response.outcomes.iter().map(|o| o.index).collect();
+    assert_eq!(indices, (0..7).collect::<Vec<_>>());
+    assert_eq!(stats(&node.client(), "other").await.depth, 3);
     assert!(
         response.outcomes[1].reason.contains("queue"),
         "{response:?}"

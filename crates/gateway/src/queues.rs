@@ -175,7 +175,8 @@ fn parse_messages(body: &[u8]) -> Result<(Vec<Envelope>, bool), ApiError> {
         (status = 200, description = "Nothing new accepted (duplicates or rejections)", body = openapi::SubmitResponse),
         (status = 400, description = "Invalid JSON, or a single message rejected", body = ErrorBody),
         (status = 413, description = "Body over the limit", body = ErrorBody),
-        (status = 503, description = "The queue store failed (e.g. disk full)", body = ErrorBody),
+        (status = 503, description = "The queue store failed", body = ErrorBody),
+        (status = 507, description = "The queue store is out of disk space; nothing was stored", body = ErrorBody),
     )
 )]
 async fn submit(
@@ -191,13 +192,16 @@ async fn submit(
             call.stamp(envelope);
         }
     }
-    let requests = envelopes
-        .into_iter()
-        .map(|envelope| SubmitRequest {
+    // One frame for the whole batch (an empty batch sends none).
+    let requests = if envelopes.is_empty() {
+        Vec::new()
+    } else {
+        vec![SubmitRequest {
             queue: queue.clone(),
-            envelope: Some(Box::new(envelope)),
-        })
-        .collect();
+            envelope: None,
+            envelopes,
+        }]
+    };
     let response = api.submit(call.request(requests)).await?;
     if !batch && response.rejected == 1 {
         let reason = response

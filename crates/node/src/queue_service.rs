@@ -249,23 +249,50 @@ impl QueueService {
         CallInfo::of(request, self.default_timeout)
     }
 
-    /// Turns one `SubmitRequest` into a backend message, or the reason it is rejected;
-    /// `received_at` becomes its `created_at` if it has none.
+    /// Turns the messages of one `SubmitRequest` (`envelope`, then `envelopes`) into backend
+    /// messages for its queue, or the reason each is rejected; `received_at` becomes the
+    /// `created_at` of those without one. A frame without any message counts as one, rejected.
     fn prepare(
         call: &CallInfo,
         request: SubmitRequest,
         received_at: &prost_types::Timestamp,
-    ) -> Result<(String, NewMessage), String> {
-        if request.queue.is_empty() {
-            return Err("queue is required".into());
-        }
-        agentmesh_queue::validate_queue_name(&request.queue).map_err(|e| match e {
-            QueueError::InvalidArgument(m) => m,
-            other => other.to_string(),
-        })?;
-        let mut envelope = request
+    ) -> (String, Vec<Result<NewMessage, String>>) {
+        let bad_queue = if request.queue.is_empty() {
+            Some("queue is required".to_owned())
+        } else {
+            agentmesh_queue::validate_queue_name(&request.queue)
+                .map_err(|e| match e {
+                    QueueError::InvalidArgument(m) => m,
+                    other => other.to_string(),
+                })
+                .err()
+        };
+        let envelopes: Vec<Envelope> = request
             .envelope
-            .ok_or_else(|| "envelope is required".to_owned())?;
+            .map(|e| *e)
+            .into_iter()
+            .chain(request.envelopes)
+            .collect();
+        let messages = if envelopes.is_empty() {
+            vec![Err("envelope is required".to_owned())]
+        } else {
+            envelopes
+                .into_iter()
+                .map(|envelope| match &bad_queue {
+                    Some(reason) => Err(reason.clone()),
+                    None => Self::prepare_envelope(call, envelope, received_at),
+                })
+                .collect()
+        };
+        (request.queue, messages)
+    }
+
+    /// Stamps one envelope (id, correlation id, `created_at`) and encodes it for storage.
+    fn prepare_envelope(
+        call: &CallInfo,
+        mut envelope: Envelope,
+        received_at: &prost_types::Timestamp,
+    ) -> Result<NewMessage, String> {
         if envelope.id.is_empty() {
             envelope.id = uuid::Uuid::now_v7().to_string();
         }
@@ -290,7 +317,7 @@ impl QueueService {
             reply_to: (!envelope.reply_to.is_empty()).then(|| envelope.reply_to.clone()),
             body: Bytes::from(envelope.encode_to_vec()),
         };
-        Ok((request.queue, message))
+        Ok(message)
     }
 
     /// Reads `input` to its end, submitting chunks to the backend as they fill while it
@@ -343,27 +370,31 @@ impl QueueService {
                             }
                             Some(Err(status)) => return Err(status),
                             Some(Ok(request)) => {
-                                if slots.len() >= MAX_SUBMIT_MESSAGES {
+                                let (queue, messages) =
+                                    Self::prepare(&call, request, &received_at);
+                                if slots.len() + messages.len() > MAX_SUBMIT_MESSAGES {
                                     return Err(Status::resource_exhausted(format!(
                                         "a Submit call takes at most {MAX_SUBMIT_MESSAGES} messages; \
                                          send the rest in another call"
                                     )));
                                 }
-                                let index = slots.len() as u32;
-                                match Self::prepare(&call, request, &received_at) {
-                                    Ok((queue, message)) => {
-                                        slots.push(Slot::Pending);
-                                        let entry = chunk.entry(queue).or_default();
-                                        entry.0.push(index);
-                                        entry.1.push(message);
-                                        chunk_len += 1;
+                                let entry = chunk.entry(queue).or_default();
+                                for message in messages {
+                                    let index = slots.len() as u32;
+                                    match message {
+                                        Ok(message) => {
+                                            slots.push(Slot::Pending);
+                                            entry.0.push(index);
+                                            entry.1.push(message);
+                                            chunk_len += 1;
+                                        }
+                                        Err(reason) => slots.push(Slot::Ready(SubmitOutcome {
+                                            index,
+                                            status: SubmitStatus::Rejected as i32,
+                                            message_id: String::new(),
+                                            reason,
+                                        })),
                                     }
-                                    Err(reason) => slots.push(Slot::Ready(SubmitOutcome {
-                                        index,
-                                        status: SubmitStatus::Rejected as i32,
-                                        message_id: String::new(),
-                                        reason,
-                                    })),
                                 }
                             }
                         }
@@ -377,6 +408,9 @@ impl QueueService {
                         }
                     }
                     for (queue, (indices, messages)) in chunk.drain() {
+                        if messages.is_empty() {
+                            continue;
+                        }
                         let backend = self.backend.clone();
                         in_flight.push(Box::pin(async move {
                             let fates = backend.submit(&queue, messages).await;
@@ -1332,7 +1366,7 @@ mod tests {
     #[test]
     fn stamps_messages_and_rejects_bad_ones() {
         let now = timestamp(SystemTime::now());
-        let (queue, message) = QueueService::prepare(
+        let (queue, messages) = QueueService::prepare(
             &call(),
             SubmitRequest {
                 queue: "jobs".into(),
@@ -1343,31 +1377,39 @@ mod tests {
                     r#type: "t".into(),
                     ..Default::default()
                 })),
+                envelopes: vec![Envelope::default(), Envelope::default()],
             },
             &now,
-        )
-        .unwrap();
+        );
         assert_eq!(queue, "jobs");
+        // `envelope` first, then `envelopes`, each stamped on its own.
+        assert_eq!(messages.len(), 3);
+        let messages: Vec<NewMessage> = messages.into_iter().map(Result::unwrap).collect();
+        let message = &messages[0];
         assert_eq!(message.correlation_id, "corr-1");
         assert_eq!(message.idempotency_key.as_deref(), Some("k"));
         assert_eq!(message.reply_to.as_deref(), Some("replies"));
-        let envelope = Envelope::decode(message.body).unwrap();
+        let envelope = Envelope::decode(message.body.clone()).unwrap();
         assert_eq!(envelope.id, message.id);
         assert!(uuid::Uuid::parse_str(&envelope.id).is_ok());
         assert_eq!(envelope.correlation_id, "corr-1");
         assert!(envelope.created_at.is_some());
         assert_eq!(envelope.attempt, 0);
+        assert!(messages[1].id != messages[0].id && messages[2].id != messages[1].id);
+        assert_eq!(messages[2].idempotency_key, None);
 
         let reject = |queue: &str, envelope: Option<Envelope>| {
-            QueueService::prepare(
+            let (_, mut messages) = QueueService::prepare(
                 &call(),
                 SubmitRequest {
                     queue: queue.into(),
                     envelope: envelope.map(Box::new),
+                    envelopes: Vec::new(),
                 },
                 &now,
-            )
-            .unwrap_err()
+            );
+            assert_eq!(messages.len(), 1);
+            messages.remove(0).unwrap_err()
         };
         assert!(reject("", Some(Envelope::default())).contains("queue"));
         assert!(reject("bad\nname", Some(Envelope::default())).contains("control"));

@@ -22,6 +22,9 @@ use crate::{client::MeshClient, context::Context};
 /// Messages sent per `Submit` call by [`MeshClient::submit`] (the node takes at most 50 000).
 pub const SUBMIT_CALL_MESSAGES: usize = 10_000;
 
+/// Messages per `SubmitRequest` frame sent by [`MeshClient::submit`].
+const SUBMIT_FRAME_MESSAGES: usize = 64;
+
 /// Which dead letters a redrive or purge applies to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeadLetterSelection {
@@ -88,7 +91,7 @@ impl MeshClient {
         envelopes: impl IntoIterator<Item = Envelope>,
     ) -> Result<SubmitResponse, Status> {
         let ctx = Context::current();
-        let requests: Vec<SubmitRequest> = envelopes
+        let envelopes: Vec<Envelope> = envelopes
             .into_iter()
             .map(|mut envelope| {
                 if envelope.id.is_empty() {
@@ -108,21 +111,28 @@ impl MeshClient {
                 if envelope.correlation_id.is_empty() {
                     envelope.correlation_id = envelope.id.clone();
                 }
-                SubmitRequest {
-                    queue: queue.to_owned(),
-                    envelope: Some(Box::new(envelope)),
-                }
+                envelope
             })
             .collect();
         let mut total = SubmitResponse::default();
         let mut client = self.queues();
         let mut offset = 0u32;
-        let mut requests = requests.into_iter().peekable();
-        while requests.peek().is_some() {
-            let batch: Vec<SubmitRequest> = requests.by_ref().take(SUBMIT_CALL_MESSAGES).collect();
-            let sent = batch.len() as u32;
+        let mut envelopes = envelopes.into_iter().peekable();
+        while envelopes.peek().is_some() {
+            let call: Vec<Envelope> = envelopes.by_ref().take(SUBMIT_CALL_MESSAGES).collect();
+            let sent = call.len() as u32;
+            // Several messages a frame: less per-frame work on both ends.
+            let mut call = call.into_iter().peekable();
+            let mut frames = Vec::new();
+            while call.peek().is_some() {
+                frames.push(SubmitRequest {
+                    queue: queue.to_owned(),
+                    envelope: None,
+                    envelopes: call.by_ref().take(SUBMIT_FRAME_MESSAGES).collect(),
+                });
+            }
             let response = client
-                .submit(request(futures::stream::iter(batch), None))
+                .submit(request(futures::stream::iter(frames), None))
                 .await?
                 .into_inner();
             total.accepted += response.accepted;
