@@ -544,6 +544,13 @@ fn best(runs: &[Measured]) -> Option<Measured> {
         .max_by(|a, b| a.end_to_end.total_cmp(&b.end_to_end))
 }
 
+/// Flushes what the previous system left to write back (`sync`) and lets the disk go quiet,
+/// so no system's run pays for another's writes: the three share one disk.
+fn settle_disk() {
+    let _ = Command::new("sync").status();
+    std::thread::sleep(Duration::from_millis(500));
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -571,6 +578,7 @@ fn main() {
     let nats_addr = std::env::var("AGENTMESH_TEST_NATS").ok();
     for round in 0..rounds {
         if wants("agentmesh") {
+            settle_disk();
             let m = runtime.block_on(agentmesh(w));
             report(&format!("agentmesh #{}", round + 1), m);
             ours.push(m);
@@ -578,6 +586,7 @@ fn main() {
         if wants("redis") {
             match &redis_url {
                 Some(url) => {
+                    settle_disk();
                     let m = runtime.block_on(redis_streams(url, w));
                     report(&format!("redis #{}", round + 1), m);
                     redis.push(m);
@@ -592,6 +601,7 @@ fn main() {
         if wants("nats") {
             match &nats_addr {
                 Some(address) => {
+                    settle_disk();
                     let m = runtime.block_on(nats_jetstream(address, w));
                     report(&format!("nats #{}", round + 1), m);
                     nats.push(m);
