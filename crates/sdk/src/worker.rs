@@ -35,9 +35,9 @@ use std::{
 use agentmesh_proto::{
     metadata::{CORRELATION_ID, GRPC_TIMEOUT, TRACEPARENT},
     v1::{
-        ConsumeAck, ConsumeDrain, ConsumeExtend, ConsumeNack, ConsumeReceipt, ConsumeRequest,
-        ConsumeResponse, ConsumeSubscribe, Delivery, Envelope, consume_request::Action,
-        consume_response::Event,
+        ConsumeAck, ConsumeAckBatch, ConsumeDrain, ConsumeExtend, ConsumeNack, ConsumeReceipt,
+        ConsumeRequest, ConsumeResponse, ConsumeSubscribe, Delivery, Envelope,
+        consume_request::Action, consume_response::Event,
     },
 };
 use agentmesh_resilience::Backoff;
@@ -221,6 +221,8 @@ struct Session {
     held: HashMap<String, Held>,
     /// Deliveries waiting for a handler slot.
     queued: VecDeque<Delivery>,
+    /// Acks of handlers that finished this turn, sent together by `send_acks`.
+    acks: Vec<ConsumeAck>,
     running: JoinSet<Outcome>,
     tasks: HashMap<Id, (String, CancellationToken)>,
     /// Acks and nacks not sent yet (the connection was down when they were ready).
@@ -250,6 +252,7 @@ impl Session {
             counters,
             held: HashMap::new(),
             queued: VecDeque::new(),
+            acks: Vec::new(),
             running: JoinSet::new(),
             tasks: HashMap::new(),
             unsent: VecDeque::new(),
@@ -290,15 +293,18 @@ impl Session {
     }
 
     fn send(&mut self, frame: ConsumeRequest) {
-        let receipt = match &frame.action {
-            Some(Action::Ack(a)) => a.receipt.clone(),
-            Some(Action::Nack(n)) => n.receipt.clone(),
-            Some(Action::Extend(e)) => e.receipt.clone(),
-            _ => String::new(),
+        let receipts: Vec<String> = match &frame.action {
+            Some(Action::Ack(a)) => vec![a.receipt.clone()],
+            Some(Action::Acks(batch)) => batch.acks.iter().map(|a| a.receipt.clone()).collect(),
+            Some(Action::Nack(n)) => vec![n.receipt.clone()],
+            Some(Action::Extend(e)) => vec![e.receipt.clone()],
+            _ => Vec::new(),
         };
         match (&self.tx, &self.inbound) {
             (Some(tx), Some(_)) if tx.send(frame.clone()).is_ok() => {
-                *self.unconfirmed.entry(receipt).or_default() += 1;
+                for receipt in receipts {
+                    *self.unconfirmed.entry(receipt).or_default() += 1;
+                }
             }
             _ => {
                 if !matches!(frame.action, Some(Action::Extend(_))) {
@@ -370,10 +376,12 @@ impl Session {
         let action = match result {
             Ok(result) => {
                 self.counters.succeeded.fetch_add(1, Ordering::Relaxed);
-                Action::Ack(ConsumeAck {
+                // Sent with the others that finished in this turn, in one frame.
+                self.acks.push(ConsumeAck {
                     receipt,
                     result: result.map(Box::new),
-                })
+                });
+                return;
             }
             Err(status) => {
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
@@ -448,6 +456,20 @@ impl Session {
                 "the node refused an ack, nack or extend"
             );
         }
+    }
+
+    /// Sends the acks collected this turn: one `ack` frame, or one `acks` frame for several.
+    fn send_acks(&mut self) {
+        let action = match self.acks.len() {
+            0 => return,
+            1 => Action::Ack(self.acks.remove(0)),
+            _ => Action::Acks(ConsumeAckBatch {
+                acks: std::mem::take(&mut self.acks),
+            }),
+        };
+        self.send(ConsumeRequest {
+            action: Some(action),
+        });
     }
 
     /// Asks the node to stop deliveries on this stream (not confirmed by a receipt).
@@ -541,6 +563,10 @@ impl Session {
                 _ = sleep_until(drain_deadline) => {}
                 Some(joined) = self.running.join_next_with_id(), if !self.running.is_empty() => {
                     self.finished(joined);
+                    while let Some(joined) = self.running.try_join_next_with_id() {
+                        self.finished(joined);
+                    }
+                    self.send_acks();
                 }
                 connected = poll_some(&mut self.connecting) => {
                     self.connecting = None;
