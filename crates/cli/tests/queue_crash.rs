@@ -347,10 +347,15 @@ async fn full_disk_fails_submits_clearly_and_freed_space_is_used_again() {
         body["error"]["details"][0]["reason"], "QUEUE_STORAGE_FULL",
         "{body}"
     );
-    // The node keeps serving, and everything accepted is there.
+    // The node keeps serving, and everything accepted is there (a commit that failed may have
+    // stored a message it did not acknowledge: at least once, never less).
     let queues = client.list_queues().await.unwrap();
     let fill = queues.iter().find(|q| q.name == "fill").unwrap();
-    assert_eq!(fill.depth, accepted.len() as u64, "{fill:?}");
+    assert!(
+        fill.depth >= accepted.len() as u64,
+        "{fill:?} < {}",
+        accepted.len()
+    );
 
     // Freed space is used again, without a restart.
     std::fs::remove_file(&ballast).unwrap();

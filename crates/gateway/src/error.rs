@@ -99,7 +99,7 @@ impl From<Status> for ApiError {
 
 /// `ErrorInfo` reason of a queue store that is out of disk space: answered with
 /// 507 Insufficient Storage rather than RESOURCE_EXHAUSTED's 429, which means "slow down".
-pub(crate) const QUEUE_STORAGE_FULL: &str = "QUEUE_STORAGE_FULL";
+pub const QUEUE_STORAGE_FULL: &str = "QUEUE_STORAGE_FULL";
 
 impl From<&Status> for ApiError {
     fn from(status: &Status) -> Self {

@@ -27,7 +27,7 @@ mod routes;
 mod sse;
 
 pub use config::GatewayConfig;
-pub use error::{ApiError, code_name, http_status};
+pub use error::{ApiError, QUEUE_STORAGE_FULL, code_name, http_status};
 pub use mesh::{EventStream, Mesh};
 pub use queues::{QueueApi, queue_routes};
 pub use routes::{openapi_document, router, router_with_queues};

@@ -176,7 +176,7 @@ fn parse_messages(body: &[u8]) -> Result<(Vec<Envelope>, bool), ApiError> {
         (status = 400, description = "Invalid JSON, or a single message rejected", body = ErrorBody),
         (status = 413, description = "Body over the limit", body = ErrorBody),
         (status = 503, description = "The queue store failed", body = ErrorBody),
-        (status = 507, description = "The queue store is out of disk space; nothing was stored", body = ErrorBody),
+        (status = 507, description = "The queue store is out of disk space; the message was not acknowledged", body = ErrorBody),
     )
 )]
 async fn submit(

@@ -170,14 +170,19 @@ pub fn queue_error_status(error: QueueError) -> Status {
         QueueError::LeaseLost(_) => (Code::FailedPrecondition, "LEASE_LOST"),
         QueueError::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
         QueueError::Storage(_) => (Code::Unavailable, "QUEUE_STORAGE_UNAVAILABLE"),
-        QueueError::StorageFull(_) => (Code::ResourceExhausted, "QUEUE_STORAGE_FULL"),
+        QueueError::StorageFull(_) => (
+            Code::ResourceExhausted,
+            agentmesh_gateway::QUEUE_STORAGE_FULL,
+        ),
         QueueError::Closed => (Code::Unavailable, "QUEUE_CLOSED"),
     };
     let message = match error {
         QueueError::NotFound(m) | QueueError::LeaseLost(m) | QueueError::InvalidArgument(m) => m,
         QueueError::Storage(m) => format!("queue storage unavailable: {m}"),
         QueueError::StorageFull(m) => {
-            format!("queue storage is full; nothing was stored (free disk space and retry): {m}")
+            format!(
+                "queue storage is full; the messages were not acknowledged (free disk space and send them again): {m}"
+            )
         }
         QueueError::Closed => "the queue is closed (the node is shutting down)".to_owned(),
     };

@@ -16,7 +16,8 @@ pub enum QueueError {
     /// (gRPC `UNAVAILABLE` or `INTERNAL`).
     #[error("storage error: {0}")]
     Storage(String),
-    /// The storage is out of space (disk or quota full); nothing was written. Reads, and
+    /// The storage is out of space (disk or quota full); the batch was not acknowledged (a
+    /// failed commit may still have stored part of it, so resend with idempotency keys). Reads, and
     /// writes once space is freed, keep working (gRPC `RESOURCE_EXHAUSTED`).
     #[error("storage full: {0}")]
     StorageFull(String),

@@ -26,8 +26,8 @@
 //! * Leases live in memory: after a restart every un-acked message is ready again, and one that
 //!   was waiting for a retry still waits until its retry time. A delivery in flight when the
 //!   process died is not counted as a failed attempt.
-//! * A full disk fails the writes of that batch with [`QueueError::StorageFull`] (nothing of
-//!   the batch is stored); reads go on, and writes work again as soon as space is freed. After
+//! * A full disk fails the writes of that batch with [`QueueError::StorageFull`] (none of it
+//!   is acknowledged, though a failed commit may have stored part of it); reads go on, and writes work again as soon as space is freed. After
 //!   any I/O error the embedded backend reopens its file (redb refuses every operation after
 //!   one) and reloads its state; leases handed out before are lost, so their messages are
 //!   delivered again.

@@ -161,7 +161,7 @@ fail_from!(
 );
 
 impl Fail {
-    /// The disk (or quota) is full: nothing was written, and freeing space fixes it.
+    /// The disk (or quota) is full: freeing space fixes it.
     fn is_out_of_space(&self) -> bool {
         use std::io::ErrorKind;
         matches!(self, Fail::Db(redb::Error::Io(e))
