@@ -16,7 +16,8 @@
 //! `AGENTMESH_BENCH_BATCH` (500 per submit), `AGENTMESH_BENCH_CONSUMERS` (4),
 //! `AGENTMESH_BENCH_PREFETCH` (1024), `AGENTMESH_BENCH_ROUNDS` (1; the best round counts),
 //! `AGENTMESH_BENCH_ONLY` (agentmesh|redis|nats), `AGENTMESH_BENCH_SPLIT` (set: also time
-//! agentmesh's submit and consume halves on their own first).
+//! agentmesh's submit and consume halves on their own first), `AGENTMESH_BENCH_IDLE_SECS` (10:
+//! after each agentmesh run, the node's CPU-seconds over this many idle seconds; 0 skips it).
 
 use std::{
     process::{Child, Command, Stdio},
@@ -126,7 +127,7 @@ async fn agentmesh(w: Workload) -> Measured {
         .unwrap()
         .port();
     let address = format!("127.0.0.1:{port}");
-    let _node = NodeProcess(
+    let node = NodeProcess(
         Command::new(env!("CARGO_BIN_EXE_agentmesh"))
             .args(["serve", "--listen", &address, "--data-dir"])
             .arg(data.path())
@@ -169,9 +170,40 @@ async fn agentmesh(w: Workload) -> Measured {
     for c in consumers {
         c.abort();
     }
+    idle_cpu_after_load(node.0.id()).await;
     Measured {
         end_to_end: w.messages as f64 / elapsed.as_secs_f64(),
         submit: w.messages as f64 / submitted.as_secs_f64(),
+    }
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat` (in `USER_HZ`,
+/// 100 per second on Linux).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// Prints the CPU the node uses while idle after the load run (its clients gone): an idle
+/// node must not spin (target: under 0.01 s over 10 s).
+async fn idle_cpu_after_load(pid: u32) {
+    let secs = env_or("AGENTMESH_BENCH_IDLE_SECS", 10);
+    if secs == 0 {
+        return;
+    }
+    // Let the consumers' streams close and the last acks flush.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let Some(before) = cpu_seconds(pid) else {
+        return;
+    };
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    if let Some(after) = cpu_seconds(pid) {
+        println!(
+            "agentmesh idle after load: {:.3} CPU-seconds over {secs} s (target < 0.01)",
+            after - before
+        );
     }
 }
 

@@ -382,3 +382,117 @@ async fn full_disk_fails_submits_clearly_and_freed_space_is_used_again() {
         accepted.len()
     );
 }
+
+/// The unlabelled samples of one scrape of the node's `/metrics`.
+async fn scrape(address: &str) -> HashMap<String, f64> {
+    let body = reqwest::get(format!("http://{address}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.split_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Consumes `count` messages of `queue`, acks each, and waits until every ack is confirmed.
+async fn consume_and_ack(client: &MeshClient, queue: &str, count: usize) {
+    let (tx, rx) = mpsc::channel(4096);
+    tx.send(ConsumeRequest {
+        action: Some(Action::Subscribe(ConsumeSubscribe {
+            queue: queue.into(),
+            prefetch: 64,
+            lease: prost_types::Duration::try_from(Duration::from_secs(60)).ok(),
+            consumer_id: "acker".into(),
+            max_batch: 0,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = QueueServiceClient::new(client.channel())
+        .consume(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut delivered, mut confirmed) = (0, 0);
+    while confirmed < count {
+        let frame = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .expect("consume stalled")
+            .unwrap()
+            .expect("stream ended");
+        match frame.event {
+            Some(Event::Delivery(d)) => {
+                delivered += 1;
+                tx.send(ConsumeRequest {
+                    action: Some(Action::Ack(ConsumeAck {
+                        receipt: d.receipt,
+                        result: None,
+                    })),
+                })
+                .await
+                .unwrap();
+            }
+            Some(Event::Receipt(r)) => {
+                assert!(r.error.is_none(), "ack failed: {r:?}");
+                confirmed += 1;
+            }
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+    assert_eq!(delivered, count);
+}
+
+/// After submit → consume → ack the node goes quiet: the store's writer begins no
+/// transaction and wakes on no timer while nothing happens, the process uses next to no CPU,
+/// and the acks were made durable by the flush interval (a SIGKILL then loses none of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_node_stays_idle_and_flushes_acks_durably() {
+    let data = tempfile::tempdir().unwrap();
+    let mut node = NodeProcess::start(data.path()).await;
+    let client = node.client();
+    let count = 200;
+    let envelopes = (0..count).map(|i| Envelope::json("idle", serde_json::json!({ "i": i })));
+    client.submit("idle", envelopes).await.unwrap();
+    // A duplicate submit (same idempotency key twice) takes the same un-fsync'd path as an ack.
+    for _ in 0..2 {
+        let mut dup = Envelope::json("idle", serde_json::json!({ "dup": true }));
+        dup.idempotency_key = "k1".into();
+        client.submit("idle", [dup]).await.unwrap();
+    }
+    consume_and_ack(&client, "idle", count + 1).await;
+
+    // Well past the 100 ms ack flush interval: the one flush has happened.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before = scrape(&node.address).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = scrape(&node.address).await;
+    let delta = |name: &str| after[name] - before[name];
+    assert_eq!(
+        delta("agentmesh_queue_store_timer_wakeups_total"),
+        0.0,
+        "the idle writer woke on a timer"
+    );
+    // The second scrape reads the queue stats once (one transaction); nothing else runs.
+    let transactions = delta("agentmesh_queue_store_transactions_total");
+    assert!(
+        transactions <= 1.0,
+        "the idle writer began {transactions} transactions"
+    );
+    let cpu = delta("process_cpu_seconds_total");
+    assert!(cpu < 0.15, "the idle node used {cpu} s of CPU in 1.5 s");
+
+    node.kill();
+    let node = NodeProcess::start(data.path()).await;
+    let again = drain(&node.client(), "idle", Duration::from_millis(1500)).await;
+    assert!(
+        again.is_empty(),
+        "{} acked messages were delivered again after SIGKILL",
+        again.len()
+    );
+}

@@ -14,6 +14,8 @@
 //! - [`queue_service`] is the durable queue (`QueueService`) over the
 //!   embedded store, and its HTTP face;
 //! - [`error`] maps every failure to a gRPC status once;
+//! - [`metrics`] renders `/metrics`, with [`process_metrics`] for the process's
+//!   own CPU, memory and descriptors;
 //! - [`config`] holds the settings and their defaults.
 
 pub mod config;
@@ -26,6 +28,7 @@ pub mod fanout;
 pub mod idempotency;
 pub mod mesh;
 pub mod metrics;
+pub mod process_metrics;
 pub mod queue_service;
 pub mod registry;
 pub mod replay;

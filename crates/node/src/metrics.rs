@@ -14,7 +14,7 @@ use agentmesh_proto::v1::{AgentFilter, BreakerState};
 use axum::{extract::State, http::header, response::IntoResponse, routing::get};
 use tonic::Code;
 
-use crate::{queue_service::QueueHandle, registry::Registry};
+use crate::{process_metrics::ProcessSample, queue_service::QueueHandle, registry::Registry};
 
 /// Counters the router updates on its hot path (relaxed atomics).
 #[derive(Debug, Default)]
@@ -121,6 +121,16 @@ async fn render_queues(out: &mut String, queue: &QueueHandle) {
                 "Messages the embedded queue store accepted.",
                 io.accepted_messages,
             ),
+            (
+                "transactions",
+                "Write transactions the embedded queue store began (an idle store begins none).",
+                io.transactions,
+            ),
+            (
+                "timer_wakeups",
+                "Turns of the queue store's writer woken by a timer rather than a request.",
+                io.timer_wakeups,
+            ),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP agentmesh_queue_store_{name}_total {help}");
@@ -212,6 +222,7 @@ async fn render(State(state): State<MetricsState>) -> impl IntoResponse {
         let _ = writeln!(out, "agentmesh_breaker_state{{{labels}}} {breaker}");
     }
     render_queues(&mut out, &state.queue).await;
+    render_process(&mut out);
     (
         [(
             header::CONTENT_TYPE,
@@ -219,6 +230,58 @@ async fn render(State(state): State<MetricsState>) -> impl IntoResponse {
         )],
         out,
     )
+}
+
+/// Appends the standard `process_*` families.
+fn render_process(out: &mut String) {
+    let Some(p) = ProcessSample::read() else {
+        return;
+    };
+    let mut family = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        let _ = writeln!(out, "{name} {value}");
+    };
+    family(
+        "process_cpu_seconds_total",
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+        p.cpu_seconds,
+    );
+    family(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+        p.resident_memory_bytes as f64,
+    );
+    family(
+        "process_virtual_memory_bytes",
+        "gauge",
+        "Virtual memory size in bytes.",
+        p.virtual_memory_bytes as f64,
+    );
+    family(
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+        p.open_fds as f64,
+    );
+    if let Some(max) = p.max_fds {
+        family(
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            max as f64,
+        );
+    }
+    if let Some(start) = p.start_time_seconds {
+        family(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            start,
+        );
+    }
 }
 
 fn escape(value: &str) -> String {

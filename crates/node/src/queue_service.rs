@@ -1101,7 +1101,8 @@ impl Consumer {
                         }
                     }
                 }
-                _ = ticker.tick() => self.expire(),
+                // Only while something is held: an idle consumer costs the node no wake-ups.
+                _ = ticker.tick(), if !self.held.is_empty() => self.expire(),
                 _ = self.out.closed() => break,
             }
         }

@@ -117,8 +117,18 @@ struct State {
 pub struct Registry {
     state: RwLock<State>,
     events: broadcast::Sender<WatchResponse>,
+    /// Wakes the reaper when a lease may now expire sooner than it planned for (a new
+    /// registration) or when the registry is dropped.
+    reaper_wake: Arc<tokio::sync::Notify>,
     config: LeaseConfig,
     breaker: BreakerConfig,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        // Lets the reaper see that the registry is gone and end.
+        self.reaper_wake.notify_one();
+    }
 }
 
 impl Registry {
@@ -128,6 +138,7 @@ impl Registry {
         Self {
             state: RwLock::new(State::default()),
             events,
+            reaper_wake: Arc::new(tokio::sync::Notify::new()),
             config,
             breaker,
         }
@@ -178,6 +189,7 @@ impl Registry {
         };
         tracing::info!(agent = %card.name, instance = %card.instance_id, endpoint = %card.endpoint, ttl_ms = ttl.as_millis() as u64, "agent registered");
         let _ = self.events.send(event);
+        self.reaper_wake.notify_one();
         Ok((lease, card))
     }
 
@@ -243,19 +255,39 @@ impl Registry {
         expired.len()
     }
 
-    /// Runs [`Registry::expire`] periodically until the registry is dropped.
+    /// The earliest time a lease lapses, if any instance is registered.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.state
+            .read()
+            .instances
+            .values()
+            .map(|entry| entry.expires_at)
+            .min()
+    }
+
+    /// Runs [`Registry::expire`] whenever the earliest lease falls due, until the registry
+    /// is dropped. With no instance registered it sleeps until one registers: an idle node
+    /// does not wake. A heartbeat only pushes expiries later, so the reaper at worst wakes
+    /// once at the old time and plans again.
     pub fn spawn_reaper(self: &Arc<Self>) {
         let registry = Arc::downgrade(self);
-        let period = (self.config.min_ttl / 2).max(Duration::from_millis(20));
+        let wake = Arc::clone(&self.reaper_wake);
         tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(period);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                ticker.tick().await;
-                let Some(registry) = registry.upgrade() else {
-                    return;
+                let next = {
+                    let Some(registry) = registry.upgrade() else {
+                        return;
+                    };
+                    registry.expire(Instant::now());
+                    registry.next_expiry()
                 };
-                registry.expire(Instant::now());
+                match next {
+                    Some(at) => tokio::select! {
+                        _ = tokio::time::sleep_until(at.into()) => {}
+                        _ = wake.notified() => {}
+                    },
+                    None => wake.notified().await,
+                }
             }
         });
     }

@@ -327,3 +327,58 @@ async fn kill_9_mid_storm_loses_no_accepted_message() {
         drop(b);
     }
 }
+
+/// The writer sleeps when nothing is due: after submit → receive → ack it flushes the acks
+/// once (a timer turn) and then begins no transaction; a dedup key that expires wakes it once
+/// to sweep, with no request needed.
+#[tokio::test]
+async fn idle_writer_begins_no_transactions() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut config = BackendConfig::default();
+    config.defaults.dedup_window = Duration::from_millis(300);
+    let b = EmbeddedBackend::open(tmp.path(), config).expect("open");
+    let msgs: Vec<NewMessage> = (0..50)
+        .map(|i| NewMessage::new(format!("m{i}"), vec![b'x'; 64]))
+        .collect();
+    b.submit("q", msgs).await.expect("submit");
+    let keyed = NewMessage::new("k", vec![b'k'; 8]).with_idempotency_key("key");
+    b.submit("q", vec![keyed.clone()]).await.expect("submit");
+    let leased = b
+        .receive("q", "c", 64, Duration::from_secs(30), Duration::ZERO)
+        .await
+        .expect("receive");
+    assert_eq!(leased.len(), 51);
+    for l in &leased {
+        b.ack(&l.receipt, None).await.expect("ack");
+    }
+    let acked = b.io_stats();
+    // The flush interval (100 ms) passes: one timer turn makes the acks durable.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let flushed = b.io_stats();
+    assert_eq!(
+        flushed.durable_commits,
+        acked.durable_commits + 1,
+        "{flushed:?}"
+    );
+    // The dedup key expired at 300 ms; the sweep may run once a second after the last one.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let swept = b.io_stats();
+    let again = b.submit("q", vec![keyed]).await.expect("submit");
+    assert!(
+        matches!(again[0], SubmitFate::Accepted { .. }),
+        "expired key still held: {again:?}"
+    );
+    // The new key expires too and is swept (at most a second after the last sweep), then its
+    // removal is flushed; from there on nothing is due: no timer turn, no transaction.
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    let quiet = b.io_stats();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let later = b.io_stats();
+    assert_eq!(later, quiet, "idle writer did work");
+    assert!(
+        swept.timer_wakeups - flushed.timer_wakeups <= 2,
+        "sweeping took {} timer turns",
+        swept.timer_wakeups - flushed.timer_wakeups
+    );
+    b.close();
+}

@@ -552,7 +552,11 @@ impl Session {
                 self.retry_at = None;
                 self.connect();
             }
-            let retry_at = self.retry_at.filter(|_| self.tx.is_none());
+            // The retry timer only matters while a reconnect would be attempted; once passed
+            // and not acted on it must not stay armed, or the loop would spin on it.
+            let retry_at = self
+                .retry_at
+                .filter(|at| self.tx.is_none() && *at > tokio::time::Instant::now());
             tokio::select! {
                 _ = self.stop.cancelled(), if !stopping => {
                     stopping = true;
@@ -595,7 +599,8 @@ impl Session {
                     Err(status) => self.link_down(status.message()),
                 },
                 _ = sleep_until(retry_at) => {}
-                _ = ticker.tick() => self.extend_leases(),
+                // Only while messages are held: an idle worker does not wake.
+                _ = ticker.tick(), if !self.held.is_empty() => self.extend_leases(),
             }
         }
         // Out of time: cancel what still runs; the node hands its messages back when we close.

@@ -56,6 +56,11 @@ pub struct IoStats {
     pub submit_commits: u64,
     /// Messages accepted by submit.
     pub accepted_messages: u64,
+    /// Write transactions begun, committed or not (an idle store begins none).
+    pub transactions: u64,
+    /// Turns of the writer loop woken by a timer (a lease expiry, an ack flush, a sweep)
+    /// rather than by a request.
+    pub timer_wakeups: u64,
 }
 
 impl IoStats {
@@ -75,6 +80,10 @@ pub(crate) struct Counters {
     pub(crate) durable_commits: AtomicU64,
     pub(crate) submit_commits: AtomicU64,
     pub(crate) accepted: AtomicU64,
+    /// Write transactions begun (committed or aborted).
+    pub(crate) transactions: AtomicU64,
+    /// Turns of the writer loop woken by a timer rather than by a request.
+    pub(crate) timer_wakeups: AtomicU64,
 }
 
 /// State shared between the handle and the writer thread.
@@ -175,6 +184,8 @@ impl EmbeddedBackend {
             durable_commits: c.durable_commits.load(Ordering::Relaxed),
             submit_commits: c.submit_commits.load(Ordering::Relaxed),
             accepted_messages: c.accepted.load(Ordering::Relaxed),
+            transactions: c.transactions.load(Ordering::Relaxed),
+            timer_wakeups: c.timer_wakeups.load(Ordering::Relaxed),
         }
     }
 

@@ -63,9 +63,9 @@ pub(crate) const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("r
 const RESULTS_EXP: TableDefinition<(u64, &str), ()> = TableDefinition::new("results_exp");
 
 const NEXT_SEQ: &str = "next_seq";
+/// Least time between two sweeps of expired dedup keys and results, so expiries batch up.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 const SWEEP_CHUNK: usize = 1024;
-const MAX_IDLE_WAIT: Duration = Duration::from_secs(1);
 /// How often a database that failed to reopen after an I/O error is tried again.
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
 /// Least time between two log lines about failed batches.
@@ -400,7 +400,10 @@ pub(crate) struct Writer {
     next_token: u64,
     unsynced: bool,
     last_sync: Instant,
-    last_sweep: Instant,
+    /// When the last sweep ran (ms since the epoch).
+    last_sweep_ms: u64,
+    /// Earliest expiry of a dedup key or result still on disk; `None` when there is none.
+    next_expiry_ms: Option<u64>,
     /// Earliest time a delayed message of a queue with waiters becomes ready.
     next_ready_ms: Option<u64>,
     /// Chunks being filled by this batch, by queue id; written before anything reads them.
@@ -465,7 +468,8 @@ impl Writer {
             next_token: rand::random::<u32>() as u64,
             unsynced: false,
             last_sync: Instant::now(),
-            last_sweep: Instant::now(),
+            last_sweep_ms: 0,
+            next_expiry_ms: None,
             next_ready_ms: None,
             open_chunks: HashMap::new(),
             pending_settles: HashMap::new(),
@@ -575,6 +579,7 @@ impl Writer {
                 }
                 self.queues.insert(k.value().to_owned(), q);
             }
+            self.next_expiry_ms = first_expiry(&t)?;
             for item in t.scheduled.iter()? {
                 let (k, _) = item?;
                 let qid = k.value().0;
@@ -592,12 +597,21 @@ impl Writer {
     /// The writer loop; returns when the backend shuts down or every sender is gone.
     pub(crate) fn run(mut self, rx: Receiver<Cmd>) {
         loop {
-            let timeout = self.time_to_next_wake();
             let mut cmds = Vec::new();
             let mut shutdown = false;
-            match rx.recv_timeout(timeout) {
+            // With nothing due, block until a request arrives: an idle store does no work.
+            let received = match self.time_to_next_wake() {
+                Some(timeout) => rx.recv_timeout(timeout),
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match received {
                 Ok(cmd) => cmds.push(cmd),
-                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    self.shared
+                        .counters
+                        .timer_wakeups
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 Err(RecvTimeoutError::Disconnected) => shutdown = true,
             }
             while cmds.len() < self.options.max_batch_commands {
@@ -625,32 +639,55 @@ impl Writer {
         }
     }
 
-    fn time_to_next_wake(&self) -> Duration {
-        let now = now_ms();
-        let mut wake = now.saturating_add(dur_ms(MAX_IDLE_WAIT));
+    /// How long the loop may sleep before something falls due: a lease expiry, a waiter's
+    /// deadline, a delayed message a waiter wants, an expired dedup key or result, a pending
+    /// ack flush or a reopen attempt. `None` when nothing is due at all.
+    ///
+    /// Every deadline here is cleared by the turn it wakes, so a timeout of zero is never
+    /// returned twice for the same reason: the loop cannot spin.
+    fn time_to_next_wake(&self) -> Option<Duration> {
+        if self.db.is_none() {
+            let since = self
+                .reopen_failed_at
+                .map_or(REOPEN_EVERY, |at| at.elapsed());
+            return Some(REOPEN_EVERY.saturating_sub(since));
+        }
         if !self.orphans.is_empty() {
-            return Duration::ZERO;
+            return Some(Duration::ZERO);
         }
+        let mut wake: Option<u64> = None;
+        let mut at = |t: u64| wake = Some(wake.map_or(t, |w| w.min(t)));
         if let Some(Reverse((exp, ..))) = self.lease_heap.peek() {
-            wake = wake.min(*exp);
+            at(*exp);
         }
-        if let Some(at) = self.next_ready_ms {
-            wake = wake.min(at);
+        if let Some(ready) = self.next_ready_ms {
+            at(ready);
         }
-        for ws in self.waiters.values() {
-            for w in ws {
-                wake = wake.min(w.deadline_ms);
-            }
+        for w in self.waiters.values().flatten() {
+            at(w.deadline_ms);
         }
-        let mut timeout = Duration::from_millis(wake.saturating_sub(now));
+        if let Some(expiry) = self.next_expiry_ms {
+            at(expiry.max(self.next_sweep_allowed_ms()));
+        }
+        let now = now_ms();
+        let mut timeout = wake.map(|w| Duration::from_millis(w.saturating_sub(now)));
         if self.unsynced {
             let flush_in = self
                 .options
                 .ack_flush_interval
                 .saturating_sub(self.last_sync.elapsed());
-            timeout = timeout.min(flush_in);
+            timeout = Some(timeout.map_or(flush_in, |t| t.min(flush_in)));
         }
         timeout
+    }
+
+    fn next_sweep_allowed_ms(&self) -> u64 {
+        self.last_sweep_ms.saturating_add(dur_ms(SWEEP_EVERY))
+    }
+
+    /// Whether un-fsync'd commits (acks, releases) have waited their flush interval.
+    fn flush_due(&self) -> bool {
+        self.unsynced && self.last_sync.elapsed() >= self.options.ack_flush_interval
     }
 
     fn run_batch(&mut self, cmds: Vec<Cmd>, shutdown: bool) {
@@ -747,6 +784,10 @@ impl Writer {
     ) -> Result<bool, Fail> {
         let now = now_ms();
         let mut txn = self.db()?.begin_write()?;
+        self.shared
+            .counters
+            .transactions
+            .fetch_add(1, Ordering::Relaxed);
         {
             let mut t = Tables::open(&txn)?;
             self.release_orphans();
@@ -760,21 +801,26 @@ impl Writer {
                 }
             }
             self.serve_waiters(&mut t, batch, now)?;
-            if self.last_sweep.elapsed() >= SWEEP_EVERY {
-                self.last_sweep = Instant::now();
+            if self.next_expiry_ms.is_some_and(|at| at <= now)
+                && now >= self.next_sweep_allowed_ms()
+            {
+                self.last_sweep_ms = now;
                 self.sweep(&mut t, batch, now)?;
+                self.next_expiry_ms = first_expiry(&t)?;
             }
             self.maybe_compact_heap();
             self.flush_pending(&mut t)?;
             self.write_rows(&mut t)?;
         }
-        if !(batch.changed || shutdown && self.unsynced) {
+        // An idle turn still makes pending acks durable once their interval has passed;
+        // otherwise they would stay un-fsync'd (and the flush timer due) for as long as no
+        // new request arrives.
+        let flush_due = self.flush_due();
+        if !(batch.changed || (shutdown || flush_due) && self.unsynced) {
             txn.abort()?;
             return Ok(false);
         }
-        let sync = batch.needs_sync
-            || shutdown
-            || (self.unsynced && self.last_sync.elapsed() >= self.options.ack_flush_interval);
+        let sync = batch.needs_sync || shutdown || flush_due;
         // A batch with submits and other replies commits without an fsync first; `run_batch`
         // answers the others, then makes it durable with `sync_now`.
         let sync = sync && !answers_before_sync(batch, shutdown);
@@ -800,6 +846,10 @@ impl Writer {
     /// Makes every commit so far durable: an empty commit with an fsync.
     fn sync_now(&mut self) -> Result<(), Fail> {
         let mut txn = self.db()?.begin_write()?;
+        self.shared
+            .counters
+            .transactions
+            .fetch_add(1, Ordering::Relaxed);
         txn.set_durability(Durability::Immediate)?;
         txn.commit()?;
         self.unsynced = false;
@@ -1028,6 +1078,7 @@ impl Writer {
                 encode_expiring(expires, m.id.as_bytes()).as_slice(),
             )?;
             t.dedup_exp.insert((expires, qid, key), ())?;
+            self.expires_at(expires);
         }
         let view = MessageView {
             enqueued_ms: now,
@@ -1399,6 +1450,7 @@ impl Writer {
                 t.results
                     .insert(corr.as_str(), encode_expiring(expires, &body).as_slice())?;
                 t.results_exp.insert((expires, corr.as_str()), ())?;
+                self.expires_at(expires);
                 batch.results.push((corr.clone(), body.clone()));
             }
             if let Some(reply_to) = reply_to {
@@ -1615,12 +1667,19 @@ impl Writer {
         Ok(())
     }
 
+    /// Notes that a dedup key or result expires at `at`, so the loop wakes to sweep it.
+    fn expires_at(&mut self, at: u64) {
+        self.next_expiry_ms = Some(self.next_expiry_ms.map_or(at, |n| n.min(at)));
+    }
+
     /// Deletes expired dedup keys and results, a bounded chunk at a time.
     fn sweep(&mut self, t: &mut Tables<'_>, batch: &mut Batch, now: u64) -> Result<(), Fail> {
+        // An entry is live while `expires > now`, so everything up to `now` inclusive goes.
+        let expired_before = now.saturating_add(1);
         let mut expired = Vec::new();
         for item in t
             .dedup_exp
-            .range((0u64, 0u32, "")..(now, 0u32, ""))?
+            .range((0u64, 0u32, "")..(expired_before, 0u32, ""))?
             .take(SWEEP_CHUNK)
         {
             let (k, _) = item?;
@@ -1641,7 +1700,7 @@ impl Writer {
         let mut expired = Vec::new();
         for item in t
             .results_exp
-            .range((0u64, "")..(now, ""))?
+            .range((0u64, "")..(expired_before, ""))?
             .take(SWEEP_CHUNK)
         {
             let (k, _) = item?;
@@ -1889,6 +1948,16 @@ fn reject_reason(m: &NewMessage) -> Option<String> {
 
 /// Whether a batch is committed without an fsync first, its non-submit replies sent, and then
 /// made durable (it holds submits and something else to answer).
+/// The earliest expiry among the dedup keys and results on disk.
+fn first_expiry(t: &Tables<'_>) -> Result<Option<u64>, Fail> {
+    let dedup = t.dedup_exp.first()?.map(|(k, _)| k.value().0);
+    let result = t.results_exp.first()?.map(|(k, _)| k.value().0);
+    Ok(match (dedup, result) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    })
+}
+
 fn answers_before_sync(batch: &Batch, shutdown: bool) -> bool {
     batch.needs_sync && !shutdown && !batch.pending.is_empty()
 }
