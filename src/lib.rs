@@ -5,8 +5,18 @@
 //! descriptor set used by server reflection ([`FILE_DESCRIPTOR_SET`]), and the
 //! proto3 canonical JSON mapping of every message ([`json`]), which the HTTP
 //! gateway and the CLI speak.
+//!
+//! Beside the generated code sit the rules every hop shares:
+//! - [`context`]: the [`CallContext`] of a call (correlation id, deadline, trace context,
+//!   idempotency key, caller), built once at the edge or from an envelope;
+//! - [`envelope`]: filling an envelope from a context, answering one, its metadata, and
+//!   [`v1::ErrorStatus`] from a `tonic::Status`;
+//! - [`metadata`]: the names of the headers that carry them;
+//! - [`codec`]: the gRPC codec that reports undecodable messages as `INVALID_ARGUMENT`.
 
 pub mod codec;
+pub mod context;
+pub mod envelope;
 pub mod json;
 pub mod metadata;
 mod payload;
@@ -21,4 +31,6 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/agentmesh_descriptor.bin"));
 
+pub use context::{CallContext, Deadline, DeadlinePolicy, Principal, new_id};
+pub use envelope::ERROR_DOMAIN;
 pub use payload::{json_to_value, value_to_json};

@@ -73,7 +73,7 @@ enum Command {
         #[arg(long, env = "AGENTMESH_DEFAULT_TIMEOUT_MS")]
         default_timeout_ms: Option<u64>,
         /// Directory of the durable queue store (created if missing).
-        #[arg(long, env = "AGENTMESH_DATA_DIR", default_value = agentmesh_node::queue_service::DEFAULT_DATA_DIR)]
+        #[arg(long, env = "AGENTMESH_DATA_DIR", default_value = agentmesh_node::DEFAULT_DATA_DIR)]
         data_dir: std::path::PathBuf,
     },
     #[command(flatten)]
@@ -327,7 +327,7 @@ async fn serve(
     data_dir: std::path::PathBuf,
 ) -> anyhow::Result<()> {
     config.queue.data_dir = data_dir;
-    let queue = agentmesh_node::queue_service::QueueHandle::open(&config.queue)
+    let queue = agentmesh_node::QueueHandle::open(&config.queue)
         .await
         .with_context(|| {
             format!(

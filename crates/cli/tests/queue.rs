@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentmesh_node::{NodeConfig, queue_service::QueueHandle};
+use agentmesh_node::{NodeConfig, QueueHandle};
 use agentmesh_proto::v1::{
     AwaitResultRequest, ConsumeAck, ConsumeExtend, ConsumeNack, ConsumeReceipt, ConsumeRequest,
     ConsumeResponse, ConsumeSubscribe, Delivery, Envelope, GetResultRequest, SubmitRequest,
@@ -1517,7 +1517,7 @@ async fn metrics_report_each_queue_and_the_store() {
         "agentmesh_queue_depth{queue=\"metered\"} 2",
         "agentmesh_queue_in_flight{queue=\"metered\"} 1",
         "agentmesh_queue_dead_letters{queue=\"metered\"} 0",
-        "# TYPE agentmesh_queue_store_fsyncs_total counter",
+        "# TYPE agentmesh_queue_store_fsyncs counter",
     ] {
         assert!(
             metrics.lines().any(|l| l == line),

@@ -12,10 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentmesh_node::{
-    NodeConfig,
-    router::{RetryConfig, RouterConfig},
-};
+use agentmesh_node::{NodeConfig, RetryConfig, RouterConfig};
 use agentmesh_proto::v1::{
     AgentFilter, BreakerState, Envelope, FanOutPolicy, FanOutRequest, PayloadType, Skill,
     fan_out_result::Outcome,
@@ -159,7 +156,9 @@ async fn dead_agent_opens_the_breaker_then_a_probe_closes_it() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("agentmesh_routed_calls_total{code=\"Unavailable\"} 3"),
+        metrics.contains(
+            "agentmesh_routed_calls_seconds_count{target=\"fragile\",style=\"unary\",code=\"UNAVAILABLE\"} 3"
+        ),
         "{metrics}"
     );
 

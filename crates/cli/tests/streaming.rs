@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use agentmesh_node::{NodeConfig, replay::ReplayConfig};
+use agentmesh_node::{NodeConfig, ReplayConfig};
 use agentmesh_proto::v1::{
     ConverseOpen, ConverseRequest, ConverseResponse, Envelope, InvokeRequest, InvokeResponse,
     StreamEventKind, StreamRequest, StreamResponse,

@@ -1,23 +1,18 @@
-//! An HTTP request as a mesh call: its headers become gRPC metadata and its
-//! extensions (the correlation id and deadline the node's layers put there)
-//! travel along, so a call through the gateway is routed, stamped and timed
-//! out exactly like the same call over gRPC.
+//! An HTTP request as a mesh call: the [`CallContext`] the node's edge layer built from its
+//! headers (or, when the gateway runs without that layer, one built here the same way), and
+//! the headers themselves for the few routes that read more of them.
 
-use agentmesh_proto::{
-    metadata::{IDEMPOTENCY_KEY, TRACEPARENT},
-    v1::Envelope,
-};
+use agentmesh_proto::{CallContext, DeadlinePolicy, v1::Envelope};
 use axum::{
     extract::FromRequestParts,
-    http::{Extensions, HeaderMap, request::Parts},
+    http::{HeaderMap, request::Parts},
 };
-use tonic::metadata::MetadataMap;
 
 /// The caller's context, taken from an HTTP request.
 #[derive(Debug, Clone)]
 pub(crate) struct Call {
     headers: HeaderMap,
-    extensions: Extensions,
+    ctx: CallContext,
 }
 
 impl Call {
@@ -30,14 +25,9 @@ impl Call {
             .filter(|v| !v.is_empty())
     }
 
-    /// A `tonic::Request` carrying `message` with this call's metadata and
-    /// extensions.
-    pub(crate) fn request<T>(&self, message: T) -> tonic::Request<T> {
-        tonic::Request::from_parts(
-            MetadataMap::from_headers(self.headers.clone()),
-            self.extensions.clone(),
-            message,
-        )
+    /// The call's context, for the core.
+    pub(crate) fn ctx(&self) -> CallContext {
+        self.ctx.clone()
     }
 
     /// Fills the envelope's idempotency key and trace context from the
@@ -45,22 +35,18 @@ impl Call {
     /// empty: HTTP clients set them as headers, the mesh reads the envelope.
     pub(crate) fn stamp(&self, envelope: &mut Envelope) {
         if envelope.idempotency_key.is_empty() {
-            if let Some(key) = self.header(IDEMPOTENCY_KEY) {
-                envelope.idempotency_key = key.to_owned();
+            if let Some(key) = &self.ctx.idempotency_key {
+                envelope.idempotency_key = key.clone();
             }
         }
-        self.stamp_trace(envelope);
+        envelope.fill_trace(&self.ctx);
     }
 
     /// Fills only the trace context: for the messages of a conversation,
     /// which share the handshake's headers but must not share its
     /// idempotency key (they would be deduplicated as one).
     pub(crate) fn stamp_trace(&self, envelope: &mut Envelope) {
-        if envelope.traceparent.is_empty() {
-            if let Some(traceparent) = self.header(TRACEPARENT) {
-                envelope.traceparent = traceparent.to_owned();
-            }
-        }
+        envelope.fill_trace(&self.ctx);
     }
 }
 
@@ -68,9 +54,16 @@ impl<S: Send + Sync> FromRequestParts<S> for Call {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let ctx = parts
+            .extensions
+            .get::<CallContext>()
+            .cloned()
+            .unwrap_or_else(|| {
+                CallContext::from_headers(&parts.headers, &DeadlinePolicy::default())
+            });
         Ok(Self {
             headers: parts.headers.clone(),
-            extensions: parts.extensions.clone(),
+            ctx,
         })
     }
 }

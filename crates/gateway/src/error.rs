@@ -4,6 +4,9 @@
 
 use std::collections::HashMap;
 
+use agentmesh_core::queue::QUEUE_STORAGE_FULL;
+use agentmesh_proto::{ERROR_DOMAIN, envelope::code_name};
+
 use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
@@ -11,10 +14,6 @@ use axum::{
 use serde_json::{Value, json};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
-
-/// Domain of the `google.rpc.ErrorInfo` the gateway itself produces (the
-/// node uses the same one).
-pub(crate) const ERROR_DOMAIN: &str = "agentmesh.dev";
 
 /// A failed request: a gRPC code, a message and google.rpc details.
 #[derive(Debug, Clone)]
@@ -97,10 +96,6 @@ impl From<Status> for ApiError {
     }
 }
 
-/// `ErrorInfo` reason of a queue store that is out of disk space: answered with
-/// 507 Insufficient Storage rather than RESOURCE_EXHAUSTED's 429, which means "slow down".
-pub const QUEUE_STORAGE_FULL: &str = "QUEUE_STORAGE_FULL";
-
 impl From<&Status> for ApiError {
     fn from(status: &Status) -> Self {
         let details = status.get_error_details();
@@ -155,29 +150,6 @@ pub fn http_status(code: Code) -> StatusCode {
         Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         Code::Internal | Code::Unknown | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-/// The canonical name of a gRPC code, as in google.rpc.Code (`NOT_FOUND`).
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

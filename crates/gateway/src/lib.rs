@@ -1,13 +1,11 @@
 //! The HTTP gateway: HTTP/JSON, Server-Sent Events and WebSocket onto the
 //! same services the node serves over gRPC, on the same port.
 //!
-//! The gateway does not depend on the node: it talks to it through the
-//! [`Mesh`] trait, which the node implements over its router and registry.
-//! Requests become `tonic::Request`s carrying the HTTP request's headers as
-//! metadata and its extensions (correlation id and deadline, set by the
-//! node's layers), so a call through the gateway behaves exactly like the
-//! same call over gRPC. JSON bodies are the proto3 canonical JSON mapping of
-//! the same messages.
+//! The gateway is a face over the core, like the node's gRPC services: each
+//! route takes the call's `CallContext` (set by the node's edge layer), calls
+//! the core's [`Mesh`] or [`QueueApi`], and writes the answer, so a call
+//! through the gateway behaves exactly like the same call over gRPC. JSON
+//! bodies are the proto3 canonical JSON mapping of the same messages.
 //!
 //! - [`routes`](router) assembles one module per resource (agents, streams,
 //!   conversations, health) and generates `/openapi.json` from them;
@@ -21,13 +19,12 @@ mod config;
 mod error;
 mod fastjson;
 mod json;
-mod mesh;
 mod queues;
 mod routes;
 mod sse;
 
+pub use agentmesh_core::{EventStream, Mesh, QueueApi};
 pub use config::GatewayConfig;
-pub use error::{ApiError, QUEUE_STORAGE_FULL, code_name, http_status};
-pub use mesh::{EventStream, Mesh};
-pub use queues::{QueueApi, queue_routes};
+pub use error::{ApiError, http_status};
+pub use queues::queue_routes;
 pub use routes::{openapi_document, router, router_with_queues};

@@ -11,17 +11,14 @@
 //! | `GET /v1/results/{correlation_id}[?wait=true]` | `GetResultResponse`; 404 until the result is there |
 //! | `GET /v1/results/{correlation_id}/events` | SSE: keep-alive comments, then one `result` event |
 //!
-//! The gateway reaches the node's queue service through [`QueueApi`], in
-//! process, with the call's headers as metadata and its extensions
-//! (correlation id, deadline), exactly as a gRPC call would arrive.
+//! The gateway calls the core's [`QueueApi`] in process with the call's
+//! context, exactly as the gRPC face does.
 
 use std::{convert::Infallible, sync::Arc};
 
 use agentmesh_proto::v1::{
-    AwaitResultRequest, AwaitResultResponse, Envelope, GetResultRequest, GetResultResponse,
-    ListDeadLettersRequest, ListDeadLettersResponse, ListQueuesRequest, ListQueuesResponse,
-    PurgeDeadLettersRequest, PurgeDeadLettersResponse, RedriveDeadLettersRequest,
-    RedriveDeadLettersResponse, SubmitRequest, SubmitResponse,
+    AwaitResultRequest, AwaitResultResponse, Envelope, GetResultRequest, ListDeadLettersRequest,
+    ListQueuesRequest, PurgeDeadLettersRequest, RedriveDeadLettersRequest, SubmitRequest,
 };
 use axum::{
     Router,
@@ -35,10 +32,11 @@ use axum::{
 };
 use futures::StreamExt;
 use serde::Deserialize;
-use tonic::{Code, Request, Status};
+use tonic::Code;
+
+use agentmesh_core::QueueApi;
 
 use crate::{
-    EventStream,
     call::Call,
     error::ApiError,
     json::{self, Body},
@@ -47,49 +45,6 @@ use crate::{
 
 /// Largest request body the queue routes read (a batch of messages).
 const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
-
-/// The node's `QueueService`, as the gateway calls it in-process.
-#[tonic::async_trait]
-pub trait QueueApi: Send + Sync + 'static {
-    /// `QueueService.Submit` with the whole batch at once.
-    async fn submit(&self, request: Request<Vec<SubmitRequest>>) -> Result<SubmitResponse, Status>;
-
-    /// `QueueService.ListQueues`.
-    async fn list_queues(
-        &self,
-        request: Request<ListQueuesRequest>,
-    ) -> Result<ListQueuesResponse, Status>;
-
-    /// `QueueService.ListDeadLetters`.
-    async fn list_dead_letters(
-        &self,
-        request: Request<ListDeadLettersRequest>,
-    ) -> Result<ListDeadLettersResponse, Status>;
-
-    /// `QueueService.RedriveDeadLetters`.
-    async fn redrive_dead_letters(
-        &self,
-        request: Request<RedriveDeadLettersRequest>,
-    ) -> Result<RedriveDeadLettersResponse, Status>;
-
-    /// `QueueService.PurgeDeadLetters`.
-    async fn purge_dead_letters(
-        &self,
-        request: Request<PurgeDeadLettersRequest>,
-    ) -> Result<PurgeDeadLettersResponse, Status>;
-
-    /// `QueueService.GetResult` (with `wait`, until the call's deadline).
-    async fn get_result(
-        &self,
-        request: Request<GetResultRequest>,
-    ) -> Result<GetResultResponse, Status>;
-
-    /// `QueueService.AwaitResult`: keep-alive events, then the result.
-    async fn await_result(
-        &self,
-        request: Request<AwaitResultRequest>,
-    ) -> Result<EventStream<AwaitResultResponse>, Status>;
-}
 
 type Api = Arc<dyn QueueApi>;
 
@@ -202,7 +157,8 @@ async fn submit(
             envelopes,
         }]
     };
-    let response = api.submit(call.request(requests)).await?;
+    let frames = futures::stream::iter(requests.into_iter().map(Ok)).boxed();
+    let response = api.submit(call.ctx(), frames).await?;
     if !batch && response.rejected == 1 {
         let reason = response
             .outcomes
@@ -231,7 +187,7 @@ async fn submit(
     responses((status = 200, description = "The queues", body = openapi::ListQueuesResponse))
 )]
 async fn list_queues(State(api): State<Api>, call: Call) -> Result<Response, ApiError> {
-    let response = api.list_queues(call.request(ListQueuesRequest {})).await?;
+    let response = api.list_queues(call.ctx(), ListQueuesRequest {}).await?;
     json::ok(&response)
 }
 
@@ -269,7 +225,7 @@ async fn list_dead_letters(
         page_size: page.page_size.unwrap_or_default(),
         page_token: page.page_token.unwrap_or_default(),
     };
-    let response = api.list_dead_letters(call.request(request)).await?;
+    let response = api.list_dead_letters(call.ctx(), request).await?;
     json::ok(&response)
 }
 
@@ -293,7 +249,7 @@ async fn redrive(
 ) -> Result<Response, ApiError> {
     let mut request: RedriveDeadLettersRequest = body.parse()?;
     request.queue = queue;
-    let response = api.redrive_dead_letters(call.request(request)).await?;
+    let response = api.redrive_dead_letters(call.ctx(), request).await?;
     json::ok(&response)
 }
 
@@ -317,7 +273,7 @@ async fn purge(
 ) -> Result<Response, ApiError> {
     let mut request: PurgeDeadLettersRequest = body.parse()?;
     request.queue = queue;
-    let response = api.purge_dead_letters(call.request(request)).await?;
+    let response = api.purge_dead_letters(call.ctx(), request).await?;
     json::ok(&response)
 }
 
@@ -366,7 +322,7 @@ async fn get_result(
         correlation_id,
         wait: query.wait()?,
     };
-    let response = api.get_result(call.request(request)).await?;
+    let response = api.get_result(call.ctx(), request).await?;
     json::ok(&response)
 }
 
@@ -387,7 +343,7 @@ async fn result_events(
     let request = AwaitResultRequest {
         correlation_id: correlation_id.clone(),
     };
-    let events = api.await_result(call.request(request)).await?;
+    let events = api.await_result(call.ctx(), request).await?;
     let events = events
         // Nothing follows the result or an error.
         .scan(false, |ended, item| {

@@ -5,7 +5,9 @@ use std::time::Duration;
 use agentmesh_gateway::GatewayConfig;
 use agentmesh_resilience::BreakerConfig;
 
-use crate::{registry::LeaseConfig, replay::ReplayConfig, router::RouterConfig};
+use agentmesh_core::{
+    queue::QueueSettings, registry::LeaseConfig, replay::ReplayConfig, router::RouterConfig,
+};
 
 /// Everything a node can be configured with.
 #[derive(Debug, Clone)]
@@ -21,7 +23,7 @@ pub struct NodeConfig {
     /// HTTP gateway: body limit, CORS, SSE keep-alive.
     pub gateway: GatewayConfig,
     /// Durable queue: data directory and delivery policy.
-    pub queue: crate::queue_service::QueueSettings,
+    pub queue: QueueSettings,
     /// Upper bound on any deadline a caller asks for.
     pub max_timeout: Duration,
     /// Largest gRPC message accepted, in bytes.

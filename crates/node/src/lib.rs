@@ -1,40 +1,29 @@
-//! The agentmesh node.
+//! The agentmesh node: the core's faces and the server that puts them on one port.
 //!
-//! A request reads through the crate in one direction:
-//! - [`server`] puts every service on one port behind two tower layers,
-//!   [`correlation`] (the `x-correlation-id` of the call) and [`deadline`]
-//!   (the call's absolute deadline, 30 s by default);
-//! - [`discovery`] is the gRPC face of the [`registry`] of agent instances,
-//!   their cards and leases;
-//! - [`router`] is the node's own `AgentService`: it resolves an envelope's
-//!   target to the least-loaded live instance and forwards the call with a
-//!   strictly shorter deadline; streams go through [`replay`], which
-//!   numbers their events and lets callers resume;
-//! - [`mesh`] gives the HTTP gateway in-process access to the same services;
-//! - [`queue_service`] is the durable queue (`QueueService`) over the
-//!   embedded store, and its HTTP face;
-//! - [`error`] maps every failure to a gRPC status once;
-//! - [`metrics`] renders `/metrics`, with [`process_metrics`] for the process's
-//!   own CPU, memory and descriptors;
-//! - [`config`] holds the settings and their defaults.
+//! What the mesh does lives in `agentmesh-core` (registry, router, streams, fan-out,
+//! idempotency, the queue's operations). This crate assembles it:
+//! - [`edge`] builds each call's `CallContext` (correlation id, deadline, trace context,
+//!   idempotency key) once, for gRPC and HTTP alike;
+//! - [`grpc`] holds the gRPC services, each a thin face over the core;
+//! - [`server`] puts them, health, reflection, the HTTP gateway and `/metrics` on one port;
+//! - [`metrics`] renders `/metrics`, with [`process_metrics`] for the process's own CPU,
+//!   memory and descriptors;
+//! - [`config`] holds the settings and their defaults, [`config_file`] reads them from TOML.
 
 pub mod config;
 pub mod config_file;
-pub mod correlation;
-pub mod deadline;
-pub mod discovery;
-pub mod error;
-pub mod fanout;
-pub mod idempotency;
-pub mod mesh;
+pub mod edge;
+pub mod grpc;
 pub mod metrics;
 pub mod process_metrics;
-pub mod queue_service;
-pub mod registry;
-pub mod replay;
-pub mod router;
 pub mod server;
 
+pub use agentmesh_core::{
+    MeshError,
+    queue::{DEFAULT_DATA_DIR, QueueHandle, QueueSettings},
+    registry::LeaseConfig,
+    replay::ReplayConfig,
+    router::{RetryConfig, RouterConfig},
+};
 pub use config::NodeConfig;
-pub use error::NodeError;
 pub use server::Node;

@@ -1,54 +1,34 @@
-//! `GET /metrics`: Prometheus text exposition of the router's counters, every
-//! instance's load and breaker state, and every queue's depth, in-flight count,
-//! dead letters and oldest message (plus the embedded store's write counters).
+//! `GET /metrics`: the node's figures in the OpenMetrics text format (which Prometheus
+//! scrapes), as typed `prometheus-client` families: the router's calls with their latency
+//! by target, style and code, retries and calls shed; every instance's load and breaker;
+//! every queue's depth, in-flight count, dead letters and oldest message; the embedded
+//! store's write counters; and the standard `process_*` figures.
 
-use std::{
-    fmt::Write,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-};
+use std::sync::Arc;
 
+use agentmesh_core::{Router, queue::QueueHandle, registry::Registry};
 use agentmesh_proto::v1::{AgentFilter, BreakerState};
 use axum::{extract::State, http::header, response::IntoResponse, routing::get};
-use tonic::Code;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::{Registry as Families, Unit},
+};
 
-use crate::{process_metrics::ProcessSample, queue_service::QueueHandle, registry::Registry};
+use crate::process_metrics::ProcessSample;
 
-/// Counters the router updates on its hot path (relaxed atomics).
-#[derive(Debug, Default)]
-pub struct RouterMetrics {
-    /// Calls to agents, by gRPC code.
-    by_code: [AtomicU64; 17],
-    /// Retries made.
-    pub retries: AtomicU64,
-    /// Calls refused for overload.
-    pub shed: AtomicU64,
-}
-
-impl RouterMetrics {
-    /// Counts a finished call to an agent.
-    pub fn record(&self, code: Code) {
-        if let Some(counter) = self.by_code.get(code as usize) {
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
+/// The OpenMetrics content type.
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Clone)]
 struct MetricsState {
     registry: Arc<Registry>,
-    router: crate::router::Router,
+    router: Router,
     queue: QueueHandle,
 }
 
 /// The `/metrics` route.
-pub fn routes(
-    registry: Arc<Registry>,
-    router: crate::router::Router,
-    queue: QueueHandle,
-) -> axum::Router {
+pub fn routes(registry: Arc<Registry>, router: Router, queue: QueueHandle) -> axum::Router {
     axum::Router::new()
         .route("/metrics", get(render))
         .with_state(MetricsState {
@@ -58,52 +38,134 @@ pub fn routes(
         })
 }
 
-/// Reads one gauge's value off a queue's stats.
-type QueueGauge = fn(&agentmesh_queue::QueueStats) -> f64;
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct InstanceLabels {
+    agent: String,
+    instance: String,
+}
 
-/// Appends the queue gauges; a queue store that cannot answer is reported by
-/// `agentmesh_queue_store_up 0` rather than failing the whole scrape.
-async fn render_queues(out: &mut String, queue: &QueueHandle) {
-    let stats = queue.backend().stats().await;
-    let _ = writeln!(
-        out,
-        "# HELP agentmesh_queue_store_up Whether the queue store answered (1) or failed (0)."
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct QueueLabels {
+    queue: String,
+}
+
+/// A gauge holding `value` now.
+fn gauge(value: i64) -> Gauge {
+    let gauge = Gauge::default();
+    gauge.set(value);
+    gauge
+}
+
+/// A counter standing at `value` (read off a source that keeps its own count).
+fn counter(value: u64) -> Counter {
+    let counter = Counter::default();
+    counter.inc_by(value);
+    counter
+}
+
+/// Registers the figures read at this scrape; the router's own families are shared, the
+/// rest are built from the current state.
+async fn collect(state: &MetricsState) -> Families {
+    let mut families = Families::default();
+    state.router.metrics().register(&mut families);
+    families.register(
+        "agentmesh_agent_connections",
+        "Connections the node holds to agent endpoints.",
+        gauge(state.router.agent_connections() as i64),
     );
-    let _ = writeln!(out, "# TYPE agentmesh_queue_store_up gauge");
-    let _ = writeln!(out, "agentmesh_queue_store_up {}", u8::from(stats.is_ok()));
+    let instances = state.registry.lookup(&AgentFilter::default());
+    families.register(
+        "agentmesh_instances",
+        "Registered agent instances.",
+        gauge(instances.len() as i64),
+    );
+    let in_flight = Family::<InstanceLabels, Gauge>::default();
+    let breaker = Family::<InstanceLabels, Gauge>::default();
+    for instance in &instances {
+        let Some(card) = &instance.card else { continue };
+        let labels = InstanceLabels {
+            agent: card.name.clone(),
+            instance: card.instance_id.clone(),
+        };
+        in_flight
+            .get_or_create(&labels)
+            .set(i64::from(instance.in_flight));
+        breaker
+            .get_or_create(&labels)
+            .set(match BreakerState::try_from(instance.breaker) {
+                Ok(BreakerState::Open) => 2,
+                Ok(BreakerState::HalfOpen) => 1,
+                _ => 0,
+            });
+    }
+    families.register(
+        "agentmesh_instance_in_flight",
+        "Calls in flight to an instance.",
+        in_flight,
+    );
+    families.register(
+        "agentmesh_breaker_state",
+        "Circuit breaker of an instance: 0 closed, 1 half-open, 2 open.",
+        breaker,
+    );
+    collect_queues(&mut families, &state.queue).await;
+    collect_process(&mut families);
+    families
+}
+
+/// The queue gauges; a store that cannot answer is reported by `agentmesh_queue_store_up 0`
+/// rather than failing the whole scrape.
+async fn collect_queues(families: &mut Families, queue: &QueueHandle) {
+    let stats = queue.backend().stats().await;
+    families.register(
+        "agentmesh_queue_store_up",
+        "Whether the queue store answered (1) or failed (0).",
+        gauge(i64::from(stats.is_ok())),
+    );
     let stats = stats.unwrap_or_default();
-    let gauges: [(&str, &str, QueueGauge); 4] = [
+    type Read = fn(&agentmesh_queue::QueueStats) -> i64;
+    let gauges: [(&str, &str, Read); 3] = [
         (
-            "depth",
+            "agentmesh_queue_depth",
             "Messages waiting in a queue (ready or delayed for a retry).",
-            |s| s.depth as f64,
+            |s| s.depth as i64,
         ),
         (
-            "in_flight",
+            "agentmesh_queue_in_flight",
             "Messages of a queue leased to consumers.",
-            |s| s.in_flight as f64,
+            |s| s.in_flight as i64,
         ),
-        ("dead_letters", "Dead letters of a queue.", |s| {
-            s.dead_letters as f64
-        }),
         (
-            "oldest_age_seconds",
-            "Age of a queue's oldest message not yet acked (0 when empty).",
-            |s| s.oldest_age.map_or(0.0, |a| a.as_secs_f64()),
+            "agentmesh_queue_dead_letters",
+            "Dead letters of a queue.",
+            |s| s.dead_letters as i64,
         ),
     ];
-    for (name, help, value) in gauges {
-        let _ = writeln!(out, "# HELP agentmesh_queue_{name} {help}");
-        let _ = writeln!(out, "# TYPE agentmesh_queue_{name} gauge");
+    for (name, help, read) in gauges {
+        let family = Family::<QueueLabels, Gauge>::default();
         for s in &stats {
-            let _ = writeln!(
-                out,
-                "agentmesh_queue_{name}{{queue=\"{}\"}} {}",
-                escape(&s.name),
-                value(s)
-            );
+            family
+                .get_or_create(&QueueLabels {
+                    queue: s.name.clone(),
+                })
+                .set(read(s));
         }
+        families.register(name, help, family);
     }
+    let oldest = Family::<QueueLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    for s in &stats {
+        oldest
+            .get_or_create(&QueueLabels {
+                queue: s.name.clone(),
+            })
+            .set(s.oldest_age.map_or(0.0, |a| a.as_secs_f64()));
+    }
+    families.register_with_unit(
+        "agentmesh_queue_oldest_age",
+        "Age of a queue's oldest message not yet acked (0 when empty).",
+        Unit::Seconds,
+        oldest,
+    );
     if let Some(io) = queue.io_stats() {
         let counters = [
             (
@@ -133,160 +195,69 @@ async fn render_queues(out: &mut String, queue: &QueueHandle) {
             ),
         ];
         for (name, help, value) in counters {
-            let _ = writeln!(out, "# HELP agentmesh_queue_store_{name}_total {help}");
-            let _ = writeln!(out, "# TYPE agentmesh_queue_store_{name}_total counter");
-            let _ = writeln!(out, "agentmesh_queue_store_{name}_total {value}");
+            families.register(
+                format!("agentmesh_queue_store_{name}"),
+                help,
+                counter(value),
+            );
         }
     }
 }
 
-async fn render(State(state): State<MetricsState>) -> impl IntoResponse {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP agentmesh_routed_calls_total Calls routed to agents, by gRPC code."
-    );
-    let _ = writeln!(out, "# TYPE agentmesh_routed_calls_total counter");
-    for (index, counter) in state.router.metrics().by_code.iter().enumerate() {
-        let code = format!("{:?}", Code::from(index as i32));
-        let _ = writeln!(
-            out,
-            "agentmesh_routed_calls_total{{code=\"{code}\"}} {}",
-            counter.load(Ordering::Relaxed)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP agentmesh_retries_total Retries made by the router."
-    );
-    let _ = writeln!(out, "# TYPE agentmesh_retries_total counter");
-    let _ = writeln!(
-        out,
-        "agentmesh_retries_total {}",
-        state.router.metrics().retries.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP agentmesh_shed_total Calls refused with RESOURCE_EXHAUSTED for overload."
-    );
-    let _ = writeln!(out, "# TYPE agentmesh_shed_total counter");
-    let _ = writeln!(
-        out,
-        "agentmesh_shed_total {}",
-        state.router.metrics().shed.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP agentmesh_agent_connections Connections the node holds to agent endpoints."
-    );
-    let _ = writeln!(out, "# TYPE agentmesh_agent_connections gauge");
-    let _ = writeln!(
-        out,
-        "agentmesh_agent_connections {}",
-        state.router.agent_connections()
-    );
-    let instances = state.registry.lookup(&AgentFilter::default());
-    let _ = writeln!(
-        out,
-        "# HELP agentmesh_instances Registered agent instances."
-    );
-    let _ = writeln!(out, "# TYPE agentmesh_instances gauge");
-    let _ = writeln!(out, "agentmesh_instances {}", instances.len());
-    let _ = writeln!(
-        out,
-        "# HELP agentmesh_instance_in_flight Calls in flight to an instance."
-    );
-    let _ = writeln!(out, "# TYPE agentmesh_instance_in_flight gauge");
-    let _ = writeln!(
-        out,
-        "# HELP agentmesh_breaker_state Circuit breaker of an instance: 0 closed, 1 half-open, 2 open."
-    );
-    let _ = writeln!(out, "# TYPE agentmesh_breaker_state gauge");
-    for instance in &instances {
-        let Some(card) = &instance.card else { continue };
-        let labels = format!(
-            "agent=\"{}\",instance=\"{}\"",
-            escape(&card.name),
-            escape(&card.instance_id)
-        );
-        let breaker = match BreakerState::try_from(instance.breaker) {
-            Ok(BreakerState::Open) => 2,
-            Ok(BreakerState::HalfOpen) => 1,
-            _ => 0,
-        };
-        let _ = writeln!(
-            out,
-            "agentmesh_instance_in_flight{{{labels}}} {}",
-            instance.in_flight
-        );
-        let _ = writeln!(out, "agentmesh_breaker_state{{{labels}}} {breaker}");
-    }
-    render_queues(&mut out, &state.queue).await;
-    render_process(&mut out);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        out,
-    )
-}
-
-/// Appends the standard `process_*` families.
-fn render_process(out: &mut String) {
+/// The standard `process_*` families.
+fn collect_process(families: &mut Families) {
     let Some(p) = ProcessSample::read() else {
         return;
     };
-    let mut family = |name: &str, kind: &str, help: &str, value: f64| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        let _ = writeln!(out, "{name} {value}");
-    };
-    family(
-        "process_cpu_seconds_total",
-        "counter",
+    let cpu = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+    cpu.inc_by(p.cpu_seconds);
+    families.register_with_unit(
+        "process_cpu",
         "Total user and system CPU time spent in seconds.",
-        p.cpu_seconds,
+        Unit::Seconds,
+        cpu,
     );
-    family(
-        "process_resident_memory_bytes",
-        "gauge",
+    families.register_with_unit(
+        "process_resident_memory",
         "Resident memory size in bytes.",
-        p.resident_memory_bytes as f64,
+        Unit::Bytes,
+        gauge(p.resident_memory_bytes as i64),
     );
-    family(
-        "process_virtual_memory_bytes",
-        "gauge",
+    families.register_with_unit(
+        "process_virtual_memory",
         "Virtual memory size in bytes.",
-        p.virtual_memory_bytes as f64,
+        Unit::Bytes,
+        gauge(p.virtual_memory_bytes as i64),
     );
-    family(
+    families.register(
         "process_open_fds",
-        "gauge",
         "Number of open file descriptors.",
-        p.open_fds as f64,
+        gauge(p.open_fds as i64),
     );
     if let Some(max) = p.max_fds {
-        family(
+        families.register(
             "process_max_fds",
-            "gauge",
             "Maximum number of open file descriptors.",
-            max as f64,
+            gauge(max as i64),
         );
     }
     if let Some(start) = p.start_time_seconds {
-        family(
-            "process_start_time_seconds",
-            "gauge",
+        let started = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        started.set(start);
+        families.register_with_unit(
+            "process_start_time",
             "Start time of the process since unix epoch in seconds.",
-            start,
+            Unit::Seconds,
+            started,
         );
     }
 }
 
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+async fn render(State(state): State<MetricsState>) -> impl IntoResponse {
+    let families = collect(&state).await;
+    let mut body = String::with_capacity(8 * 1024);
+    if let Err(error) = prometheus_client::encoding::text::encode(&mut body, &families) {
+        tracing::error!(%error, "encoding /metrics failed");
+    }
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], body)
 }

@@ -13,9 +13,17 @@ use tonic::service::Routes;
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::ServiceBuilder;
 
+use agentmesh_core::{
+    MeshCore, Router,
+    queue::{QueueHandle, Queues},
+    registry::Registry,
+};
+use agentmesh_proto::DeadlinePolicy;
+
 use crate::{
-    config::NodeConfig, correlation::CorrelationLayer, deadline::DeadlineLayer,
-    discovery::Discovery, fanout::FanOut, mesh::NodeMesh, registry::Registry, router::Router,
+    config::NodeConfig,
+    edge::CallContextLayer,
+    grpc::{AgentFace, Discovery, FanOutFace, QueueFace},
 };
 
 /// gRPC services the node reports in `grpc.health.v1.Health`.
@@ -33,7 +41,7 @@ pub struct Node {
     registry: Arc<Registry>,
     router: Router,
     shutdown: CancellationToken,
-    queue: Option<crate::queue_service::QueueHandle>,
+    queue: Option<QueueHandle>,
 }
 
 impl Node {
@@ -56,7 +64,7 @@ impl Node {
 
     /// Serves `queue` instead of opening the embedded store in `config.queue.data_dir`
     /// when serving starts (the caller then closes it).
-    pub fn with_queue(mut self, queue: crate::queue_service::QueueHandle) -> Self {
+    pub fn with_queue(mut self, queue: QueueHandle) -> Self {
         self.queue = Some(queue);
         self
     }
@@ -77,18 +85,23 @@ impl Node {
         let (queue, own_queue) = match self.queue.clone() {
             Some(queue) => (queue, false),
             None => {
-                let queue = crate::queue_service::QueueHandle::open(&self.config.queue)
+                let queue = QueueHandle::open(&self.config.queue)
                     .await
                     .map_err(std::io::Error::other)?;
                 (queue, true)
             }
         };
-        let queue_service = crate::queue_service::QueueService::new(
+        let queues = Queues::new(
             queue.backend().clone(),
-            self.config.router.default_timeout,
             self.config.queue.keep_alive,
             self.shutdown.clone(),
         );
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mesh = Arc::new(MeshCore::new(
+            self.router.clone(),
+            Arc::clone(&self.registry),
+            ready.clone(),
+        ));
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::NotServing).await;
         self.registry.spawn_reaper();
@@ -104,7 +117,7 @@ impl Node {
         let mut routes = Routes::builder();
         routes
             .add_service(
-                AgentServiceServer::new(self.router.clone())
+                AgentServiceServer::new(AgentFace::new(Arc::clone(&mesh)))
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
             )
@@ -116,29 +129,23 @@ impl Node {
                 .max_decoding_message_size(max),
             )
             .add_service(
-                FanOutServiceServer::new(FanOut::new(self.router.clone()))
+                FanOutServiceServer::new(FanOutFace::new(Arc::clone(&mesh)))
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
             )
             .add_service(
-                agentmesh_proto::v1::queue_service_server::QueueServiceServer::new(
-                    queue_service.clone(),
-                )
+                agentmesh_proto::v1::queue_service_server::QueueServiceServer::new(QueueFace::new(
+                    queues.clone(),
+                ))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
             )
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha);
-        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mesh = NodeMesh::new(
-            self.router.clone(),
-            Arc::clone(&self.registry),
-            ready.clone(),
-        );
         let gateway = agentmesh_gateway::router_with_queues(
-            Arc::new(mesh),
-            Arc::new(queue_service),
+            mesh,
+            Arc::new(queues),
             self.config.gateway.clone(),
         );
         let gateway = gateway.merge(crate::metrics::routes(
@@ -146,14 +153,17 @@ impl Node {
             self.router.clone(),
             queue.clone(),
         ));
-        let app = routes.routes().into_axum_router().merge(gateway).layer(
-            ServiceBuilder::new()
-                .layer(CorrelationLayer)
-                .layer(DeadlineLayer::new(
-                    self.config.router.default_timeout,
-                    self.config.max_timeout,
-                )),
-        );
+        let app =
+            routes
+                .routes()
+                .into_axum_router()
+                .merge(gateway)
+                .layer(
+                    ServiceBuilder::new().layer(CallContextLayer::new(DeadlinePolicy {
+                        default_timeout: self.config.router.default_timeout,
+                        max_timeout: self.config.max_timeout,
+                    })),
+                );
 
         let address = listener.local_addr()?;
         set_health(&health, ServingStatus::Serving).await;

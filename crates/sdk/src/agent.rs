@@ -1,11 +1,11 @@
 //! Writing an agent: the [`Agent`] trait, and [`AgentHost`], which serves an
 //! `Agent` as `agentmesh.v1.AgentService`.
 
-use std::{pin::Pin, sync::Arc, time::SystemTime};
+use std::{pin::Pin, sync::Arc};
 
 use agentmesh_proto::v1::{
-    ConverseRequest, ConverseResponse, Envelope, ErrorStatus, InvokeRequest, InvokeResponse,
-    StreamEventKind, StreamRequest, StreamResponse, agent_service_server::AgentService,
+    ConverseRequest, ConverseResponse, Envelope, InvokeRequest, InvokeResponse, StreamEventKind,
+    StreamRequest, StreamResponse, agent_service_server::AgentService,
 };
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -114,25 +114,6 @@ impl<A: Agent> AgentHost<A> {
     fn context<T>(&self, request: &Request<T>, envelope: &Envelope) -> Context {
         Context::from_metadata(request.metadata(), &envelope.id, self.client.clone())
     }
-
-    /// Fills in a reply's id, correlation, causation and source.
-    fn stamp_reply(&self, request: &Envelope, reply: &mut Envelope) {
-        if reply.id.is_empty() {
-            reply.id = uuid::Uuid::now_v7().to_string();
-        }
-        if reply.correlation_id.is_empty() {
-            reply.correlation_id = request.correlation_id.clone();
-        }
-        if reply.causation_id.is_empty() {
-            reply.causation_id = request.id.clone();
-        }
-        if reply.source.is_empty() {
-            reply.source = self.name.clone();
-        }
-        if reply.created_at.is_none() {
-            reply.created_at = Some(SystemTime::now().into());
-        }
-    }
 }
 
 pub(crate) type EventStreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -149,7 +130,7 @@ impl<A: Agent> AgentService for AgentHost<A> {
             .clone()
             .scope(self.agent.invoke(ctx, envelope.clone()))
             .await?;
-        self.stamp_reply(&envelope, &mut reply);
+        reply.answer_to(&envelope, &self.name);
         Ok(Response::new(InvokeResponse {
             envelope: Some(reply),
         }))
@@ -182,7 +163,7 @@ impl<A: Agent> AgentService for AgentHost<A> {
             };
             let last = match outcome {
                 Ok(mut result) => {
-                    host.stamp_reply(&envelope, &mut result);
+                    result.answer_to(&envelope, &host.name);
                     Ok(StreamResponse {
                         kind: StreamEventKind::Result as i32,
                         envelope: Some(result),
@@ -203,13 +184,5 @@ impl<A: Agent> AgentService for AgentHost<A> {
         request: Request<Streaming<ConverseRequest>>,
     ) -> Result<Response<Self::ConverseStream>, Status> {
         crate::conversation::host(self.agent.clone(), self.client.clone(), request).await
-    }
-}
-
-/// An `ErrorStatus` for a `tonic::Status`.
-pub fn error_status(status: &Status) -> ErrorStatus {
-    ErrorStatus {
-        code: status.code() as i32,
-        message: status.message().to_owned(),
     }
 }

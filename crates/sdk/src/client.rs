@@ -5,18 +5,13 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use agentmesh_resilience::{BreakerConfig, CircuitBreaker, is_destination_failure};
 use parking_lot::Mutex;
 
-use agentmesh_proto::{
-    metadata::{CORRELATION_ID, IDEMPOTENCY_KEY, TRACEPARENT},
-    v1::{
-        AgentFilter, AgentInstance, Envelope, FanOutRequest, FanOutResponse, InvokeRequest,
-        LookupRequest, StreamRequest, StreamResponse, agent_service_client::AgentServiceClient,
-        discovery_service_client::DiscoveryServiceClient,
-        fan_out_service_client::FanOutServiceClient,
-    },
+use agentmesh_proto::v1::{
+    AgentFilter, AgentInstance, Envelope, FanOutRequest, FanOutResponse, InvokeRequest,
+    LookupRequest, StreamRequest, StreamResponse, agent_service_client::AgentServiceClient,
+    discovery_service_client::DiscoveryServiceClient, fan_out_service_client::FanOutServiceClient,
 };
 use tonic::{
     Request, Status, Streaming,
-    metadata::{MetadataMap, MetadataValue},
     transport::{Channel, Endpoint},
 };
 
@@ -294,15 +289,7 @@ impl MeshClient {
         let current = Context::current();
         let mut timeout = options.timeout.unwrap_or(self.default_timeout);
         if let Some(ctx) = &current {
-            if envelope.correlation_id.is_empty() {
-                envelope.correlation_id = ctx.correlation_id().to_owned();
-            }
-            if envelope.causation_id.is_empty() {
-                envelope.causation_id = ctx.message_id().to_owned();
-            }
-            if envelope.traceparent.is_empty() {
-                envelope.traceparent = ctx.traceparent().to_owned();
-            }
+            envelope.follow(ctx.call(), ctx.message_id());
             if let Some(remaining) = ctx.remaining() {
                 let budget = remaining
                     .checked_sub(self.hop_margin)
@@ -317,20 +304,9 @@ impl MeshClient {
             }
         }
         if envelope.correlation_id.is_empty() {
-            envelope.correlation_id = uuid::Uuid::now_v7().to_string();
+            envelope.correlation_id = agentmesh_proto::new_id();
         }
-        let mut metadata = MetadataMap::new();
-        for (key, value) in [
-            (CORRELATION_ID, &envelope.correlation_id),
-            (TRACEPARENT, &envelope.traceparent),
-            (IDEMPOTENCY_KEY, &envelope.idempotency_key),
-        ] {
-            if let Ok(value) = MetadataValue::try_from(value.as_str()) {
-                if !value.is_empty() {
-                    metadata.insert(key, value);
-                }
-            }
-        }
+        let metadata = envelope.metadata();
         let mut request = Request::from_parts(metadata, Default::default(), wrap(envelope));
         request.set_timeout(timeout);
         Ok((request, timeout))

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use agentmesh_proto::metadata::{CORRELATION_ID, GRPC_TIMEOUT, TRACEPARENT, parse_grpc_timeout};
+use agentmesh_proto::{CallContext, DeadlinePolicy, v1::Envelope};
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 
@@ -14,48 +14,62 @@ tokio::task_local! {
     static CURRENT: Context;
 }
 
+/// How an agent reads its callers' timeouts: any length is honoured (the node caps what it
+/// forwards); without one the call has no deadline.
+const AGENT_DEADLINES: DeadlinePolicy = DeadlinePolicy {
+    default_timeout: Duration::from_secs(30),
+    max_timeout: Duration::MAX,
+};
+
 /// What a handler knows about the call it serves.
 #[derive(Debug, Clone)]
 pub struct Context {
-    correlation_id: String,
+    call: CallContext,
     message_id: String,
-    traceparent: String,
-    deadline: Option<Instant>,
     cancelled: CancellationToken,
     client: Option<MeshClient>,
 }
 
 impl Context {
+    /// The context of a call that arrived with `metadata`, carrying the message `message_id`.
     pub(crate) fn from_metadata(
         metadata: &MetadataMap,
         message_id: &str,
         client: Option<MeshClient>,
     ) -> Self {
-        let text = |key: &str| {
-            metadata
-                .get(key)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned()
-        };
-        let deadline = metadata
-            .get(GRPC_TIMEOUT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout)
-            .map(|timeout| Instant::now() + timeout);
+        Self::new(
+            CallContext::from_metadata(metadata, &AGENT_DEADLINES),
+            message_id,
+            client,
+        )
+    }
+
+    /// The context of handling a queued `envelope`: its chain, trace and deadline, if any.
+    pub(crate) fn from_envelope(envelope: &Envelope, client: Option<MeshClient>) -> Self {
+        Self::new(
+            CallContext::from_envelope(envelope, AGENT_DEADLINES.default_timeout),
+            &envelope.id,
+            client,
+        )
+    }
+
+    fn new(call: CallContext, message_id: &str, client: Option<MeshClient>) -> Self {
         Self {
-            correlation_id: text(CORRELATION_ID),
+            call,
             message_id: message_id.to_owned(),
-            traceparent: text(TRACEPARENT),
-            deadline,
             cancelled: CancellationToken::new(),
             client,
         }
     }
 
+    /// The call's context as the mesh sees it (correlation id, deadline, trace context).
+    pub fn call(&self) -> &CallContext {
+        &self.call
+    }
+
     /// The correlation id of the call chain.
     pub fn correlation_id(&self) -> &str {
-        &self.correlation_id
+        &self.call.correlation_id
     }
 
     /// Id of the message being handled (the causation id of what it sends).
@@ -65,17 +79,17 @@ impl Context {
 
     /// The W3C traceparent of the caller, if any.
     pub fn traceparent(&self) -> &str {
-        &self.traceparent
+        self.call.traceparent.as_deref().unwrap_or_default()
     }
 
     /// The absolute deadline of this call, if the caller set one.
     pub fn deadline(&self) -> Option<Instant> {
-        self.deadline
+        self.call.deadline.explicit.then_some(self.call.deadline.at)
     }
 
     /// Time left before the deadline (`None` without a deadline).
     pub fn remaining(&self) -> Option<Duration> {
-        self.deadline
+        self.deadline()
             .map(|d| d.saturating_duration_since(Instant::now()))
     }
 

@@ -21,7 +21,7 @@ mod queue;
 mod runtime;
 mod worker;
 
-pub use agent::{Agent, AgentHost, StreamSink, error_status};
+pub use agent::{Agent, AgentHost, StreamSink};
 pub use agentmesh_proto as proto;
 pub use agentmesh_resilience::BreakerConfig;
 pub use client::{CallOptions, MeshClient};

@@ -2,20 +2,13 @@
 
 use std::time::Duration;
 
-use agentmesh_proto::{
-    metadata::{CORRELATION_ID, TRACEPARENT},
-    v1::{
-        AwaitResultRequest, Envelope, GetResultRequest, ListDeadLettersRequest,
-        ListDeadLettersResponse, ListQueuesRequest, PurgeDeadLettersRequest, QueueStats,
-        RedriveDeadLettersRequest, SubmitOutcome, SubmitRequest, SubmitResponse,
-        queue_service_client::QueueServiceClient,
-    },
+use agentmesh_proto::v1::{
+    AwaitResultRequest, Envelope, GetResultRequest, ListDeadLettersRequest,
+    ListDeadLettersResponse, ListQueuesRequest, PurgeDeadLettersRequest, QueueStats,
+    RedriveDeadLettersRequest, SubmitOutcome, SubmitRequest, SubmitResponse,
+    queue_service_client::QueueServiceClient,
 };
-use tonic::{
-    Code, Request, Status,
-    metadata::{MetadataMap, MetadataValue},
-    transport::Channel,
-};
+use tonic::{Code, Request, Status, metadata::MetadataMap, transport::Channel};
 
 use crate::{client::MeshClient, context::Context};
 
@@ -45,20 +38,9 @@ impl DeadLetterSelection {
 
 /// Metadata carrying the current handler's correlation id and trace context, if any.
 fn context_metadata() -> MetadataMap {
-    let mut metadata = MetadataMap::new();
-    if let Some(ctx) = Context::current() {
-        for (key, value) in [
-            (CORRELATION_ID, ctx.correlation_id()),
-            (TRACEPARENT, ctx.traceparent()),
-        ] {
-            if let Ok(value) = MetadataValue::try_from(value) {
-                if !value.is_empty() {
-                    metadata.insert(key, value);
-                }
-            }
-        }
-    }
-    metadata
+    Context::current()
+        .map(|ctx| ctx.call().trace_metadata())
+        .unwrap_or_default()
 }
 
 fn request<T>(message: T, timeout: Option<Duration>) -> Request<T> {
@@ -95,18 +77,10 @@ impl MeshClient {
             .into_iter()
             .map(|mut envelope| {
                 if envelope.id.is_empty() {
-                    envelope.id = uuid::Uuid::now_v7().to_string();
+                    envelope.id = agentmesh_proto::new_id();
                 }
                 if let Some(ctx) = &ctx {
-                    if envelope.correlation_id.is_empty() {
-                        envelope.correlation_id = ctx.correlation_id().to_owned();
-                    }
-                    if envelope.causation_id.is_empty() {
-                        envelope.causation_id = ctx.message_id().to_owned();
-                    }
-                    if envelope.traceparent.is_empty() {
-                        envelope.traceparent = ctx.traceparent().to_owned();
-                    }
+                    envelope.follow(ctx.call(), ctx.message_id());
                 }
                 if envelope.correlation_id.is_empty() {
                     envelope.correlation_id = envelope.id.clone();

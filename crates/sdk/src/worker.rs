@@ -32,13 +32,10 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use agentmesh_proto::{
-    metadata::{CORRELATION_ID, GRPC_TIMEOUT, TRACEPARENT},
-    v1::{
-        ConsumeAck, ConsumeAckBatch, ConsumeDrain, ConsumeExtend, ConsumeNack, ConsumeReceipt,
-        ConsumeRequest, ConsumeResponse, ConsumeSubscribe, Delivery, Envelope,
-        consume_request::Action, consume_response::Event,
-    },
+use agentmesh_proto::v1::{
+    ConsumeAck, ConsumeAckBatch, ConsumeDrain, ConsumeExtend, ConsumeNack, ConsumeReceipt,
+    ConsumeRequest, ConsumeResponse, ConsumeSubscribe, Delivery, Envelope, consume_request::Action,
+    consume_response::Event,
 };
 use agentmesh_resilience::Backoff;
 use futures::future::BoxFuture;
@@ -48,10 +45,7 @@ use tokio::{
 };
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{
-    Status, Streaming,
-    metadata::{MetadataMap, MetadataValue},
-};
+use tonic::{Status, Streaming};
 
 use crate::{client::MeshClient, context::Context};
 
@@ -342,7 +336,7 @@ impl Session {
             };
             let receipt = delivery.receipt.clone();
             let envelope = delivery.envelope.map(|e| *e).unwrap_or_default();
-            let ctx = context_for(&envelope, self.config.client.clone());
+            let ctx = Context::from_envelope(&envelope, Some(self.config.client.clone()));
             let cancel = ctx.cancellation();
             let handler = self.handler.clone();
             let task_receipt = receipt.clone();
@@ -645,31 +639,4 @@ async fn next_message(
         Some(inbound) => inbound.message().await,
         None => std::future::pending().await,
     }
-}
-
-/// The context a handler runs in: the message's correlation id and trace context, its
-/// deadline if it has one, and a client whose calls inherit them.
-fn context_for(envelope: &Envelope, client: MeshClient) -> Context {
-    let mut metadata = MetadataMap::new();
-    for (key, value) in [
-        (CORRELATION_ID, envelope.correlation_id.as_str()),
-        (TRACEPARENT, envelope.traceparent.as_str()),
-    ] {
-        if let Ok(value) = MetadataValue::try_from(value) {
-            if !value.is_empty() {
-                metadata.insert(key, value);
-            }
-        }
-    }
-    if let Some(left) = envelope
-        .deadline
-        .and_then(|d| SystemTime::try_from(d).ok())
-        .map(|d| d.duration_since(SystemTime::now()).unwrap_or_default())
-    {
-        let millis = left.as_millis().clamp(1, 99_999_999);
-        if let Ok(value) = MetadataValue::try_from(format!("{millis}m")) {
-            metadata.insert(GRPC_TIMEOUT, value);
-        }
-    }
-    Context::from_metadata(&metadata, &envelope.id, Some(client))
 }

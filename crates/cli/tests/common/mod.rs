@@ -29,7 +29,7 @@ impl TestNode {
     /// Starts a node with `config`. Unless `config.queue.data_dir` was changed from the
     /// default, the node's queue lives in a temp dir of its own.
     pub async fn start_with(mut config: NodeConfig, address: SocketAddr) -> Self {
-        let default_dir = std::path::Path::new(agentmesh_node::queue_service::DEFAULT_DATA_DIR);
+        let default_dir = std::path::Path::new(agentmesh_node::DEFAULT_DATA_DIR);
         let temp = if config.queue.data_dir == default_dir {
             let temp = tempfile::tempdir().expect("temp dir for the queue store");
             config.queue.data_dir = temp.path().to_owned();

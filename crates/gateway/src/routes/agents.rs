@@ -132,9 +132,12 @@ pub(crate) async fn invoke(
     call.stamp(&mut envelope);
     let reply = gateway
         .mesh
-        .invoke(call.request(InvokeRequest {
-            envelope: Some(envelope),
-        }))
+        .invoke(
+            call.ctx(),
+            InvokeRequest {
+                envelope: Some(envelope),
+            },
+        )
         .await?;
     json::ok(&reply.envelope.unwrap_or_default())
 }
@@ -146,9 +149,12 @@ async fn lookup(
 ) -> Result<Vec<AgentInstance>, ApiError> {
     Ok(gateway
         .mesh
-        .lookup(call.request(LookupRequest {
-            filter: Some(filter),
-        }))
+        .lookup(
+            call.ctx(),
+            LookupRequest {
+                filter: Some(filter),
+            },
+        )
         .await?
         .instances)
 }

@@ -35,12 +35,9 @@ use super::{
     Gateway,
     openapi::{CallHeaders, ErrorBody},
 };
-use crate::{
-    EventStream,
-    call::Call,
-    error::{ApiError, code_name},
-    json,
-};
+use agentmesh_proto::envelope::code_name;
+
+use crate::{EventStream, call::Call, error::ApiError, json};
 
 /// Close code for a conversation that ended normally.
 const NORMAL: u16 = 1000;
@@ -100,7 +97,7 @@ pub(crate) async fn converse(
         .try_send(Ok(open))
         .expect("a new channel has room for the first frame");
     let inbound: EventStream<ConverseRequest> = ReceiverStream::new(inbound).boxed();
-    let responses = gateway.mesh.converse(call.request(inbound)).await?;
+    let responses = gateway.mesh.converse(call.ctx(), inbound).await?;
     let bridge = Bridge {
         target: name,
         call,

@@ -37,6 +37,6 @@ pub(crate) async fn fan_out(
     if let Some(envelope) = request.envelope.as_mut() {
         call.stamp(envelope);
     }
-    let response = gateway.mesh.fan_out(call.request(request)).await?;
+    let response = gateway.mesh.fan_out(call.ctx(), request).await?;
     json::ok(&response)
 }

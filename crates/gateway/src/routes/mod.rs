@@ -62,40 +62,45 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 /// A mesh that is never ready and reaches nothing: enough to build the
 /// routes (for their document) without a node.
 fn no_mesh() -> Arc<dyn Mesh> {
+    use agentmesh_proto::{CallContext, v1};
+    use tonic::Status;
     struct Nowhere;
     #[tonic::async_trait]
     impl Mesh for Nowhere {
         async fn invoke(
             &self,
-            _: tonic::Request<agentmesh_proto::v1::InvokeRequest>,
-        ) -> Result<agentmesh_proto::v1::InvokeResponse, tonic::Status> {
-            Err(tonic::Status::unavailable("no mesh"))
+            _: CallContext,
+            _: v1::InvokeRequest,
+        ) -> Result<v1::InvokeResponse, Status> {
+            Err(Status::unavailable("no mesh"))
         }
         async fn stream(
             &self,
-            _: tonic::Request<agentmesh_proto::v1::StreamRequest>,
-        ) -> Result<crate::EventStream<agentmesh_proto::v1::StreamResponse>, tonic::Status>
-        {
-            Err(tonic::Status::unavailable("no mesh"))
+            _: CallContext,
+            _: v1::StreamRequest,
+        ) -> Result<crate::EventStream<v1::StreamResponse>, Status> {
+            Err(Status::unavailable("no mesh"))
         }
         async fn converse(
             &self,
-            _: tonic::Request<crate::EventStream<agentmesh_proto::v1::ConverseRequest>>,
-        ) -> Result<crate::EventStream<agentmesh_proto::v1::ConverseResponse>, tonic::Status>
-        {
-            Err(tonic::Status::unavailable("no mesh"))
+            _: CallContext,
+            _: crate::EventStream<v1::ConverseRequest>,
+        ) -> Result<crate::EventStream<v1::ConverseResponse>, Status> {
+            Err(Status::unavailable("no mesh"))
         }
         async fn lookup(
             &self,
-            _: tonic::Request<agentmesh_proto::v1::LookupRequest>,
-        ) -> Result<agentmesh_proto::v1::LookupResponse, tonic::Status> {
-            Err(tonic::Status::unavailable("no mesh"))
+            _: CallContext,
+            _: v1::LookupRequest,
+        ) -> Result<v1::LookupResponse, Status> {
+            Err(Status::unavailable("no mesh"))
         }
         async fn fan_out(
             &self,
-            _: tonic::Request<agentmesh_proto::v1::FanOutRequest>,
-        ) -> Result<agentmesh_proto::v1::FanOutResponse, tonic::Status> {
-            Err(tonic::Status::unavailable("no mesh"))
+            _: CallContext,
+            _: v1::FanOutRequest,
+        ) -> Result<v1::FanOutResponse, Status> {
+            Err(Status::unavailable("no mesh"))
         }
         fn ready(&self) -> bool {
             false

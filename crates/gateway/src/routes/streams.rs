@@ -112,10 +112,13 @@ pub(crate) async fn start(
     call.stamp(&mut envelope);
     let mut events = gateway
         .mesh
-        .stream(call.request(StreamRequest {
-            envelope: Some(envelope),
-            ..Default::default()
-        }))
+        .stream(
+            call.ctx(),
+            StreamRequest {
+                envelope: Some(envelope),
+                ..Default::default()
+            },
+        )
         .await?;
     if !query.detach() {
         return Ok(sse::response(None, events, gateway.config.sse_keep_alive));
@@ -210,11 +213,14 @@ async fn open(
 ) -> Result<crate::EventStream<StreamResponse>, ApiError> {
     let opened = gateway
         .mesh
-        .stream(call.request(StreamRequest {
-            resume_stream_id: stream_id.to_owned(),
-            resume_after_sequence: after,
-            ..Default::default()
-        }))
+        .stream(
+            call.ctx(),
+            StreamRequest {
+                resume_stream_id: stream_id.to_owned(),
+                resume_after_sequence: after,
+                ..Default::default()
+            },
+        )
         .await;
     opened.map_err(|status| {
         if status.code() == Code::NotFound {

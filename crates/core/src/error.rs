@@ -1,15 +1,13 @@
-//! The node's error type, mapped once to `tonic::Status` (with google.rpc
-//! details) so every service reports failures the same way.
+//! The core's error type, mapped once to `tonic::Status` (with google.rpc
+//! details) so every face reports failures the same way.
 
+use agentmesh_proto::ERROR_DOMAIN;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-/// Error domain reported in `google.rpc.ErrorInfo`.
-pub const ERROR_DOMAIN: &str = "agentmesh.dev";
-
-/// Everything that can go wrong in the node.
+/// Everything that can go wrong in the mesh's core.
 #[derive(Debug, thiserror::Error)]
-pub enum NodeError {
+pub enum MeshError {
     /// The request is malformed.
     #[error("{0}")]
     InvalidArgument(String),
@@ -65,45 +63,45 @@ pub enum NodeError {
     ResourceExhausted(String),
 }
 
-impl NodeError {
+impl MeshError {
     fn code(&self) -> Code {
         match self {
-            NodeError::InvalidArgument(_) => Code::InvalidArgument,
-            NodeError::LeaseNotFound(_)
-            | NodeError::AgentNotFound { .. }
-            | NodeError::StreamNotFound(_) => Code::NotFound,
-            NodeError::OutOfRange(_) => Code::OutOfRange,
-            NodeError::NoCompatibleVersion { .. } => Code::FailedPrecondition,
-            NodeError::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            NodeError::Unavailable(_) | NodeError::BreakerOpen { .. } => Code::Unavailable,
-            NodeError::ResourceExhausted(_) => Code::ResourceExhausted,
+            MeshError::InvalidArgument(_) => Code::InvalidArgument,
+            MeshError::LeaseNotFound(_)
+            | MeshError::AgentNotFound { .. }
+            | MeshError::StreamNotFound(_) => Code::NotFound,
+            MeshError::OutOfRange(_) => Code::OutOfRange,
+            MeshError::NoCompatibleVersion { .. } => Code::FailedPrecondition,
+            MeshError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            MeshError::Unavailable(_) | MeshError::BreakerOpen { .. } => Code::Unavailable,
+            MeshError::ResourceExhausted(_) => Code::ResourceExhausted,
         }
     }
 
     fn reason(&self) -> &'static str {
         match self {
-            NodeError::InvalidArgument(_) => "INVALID_ARGUMENT",
-            NodeError::LeaseNotFound(_) => "LEASE_NOT_FOUND",
-            NodeError::AgentNotFound { .. } => "AGENT_NOT_FOUND",
-            NodeError::StreamNotFound(_) => "STREAM_NOT_FOUND",
-            NodeError::OutOfRange(_) => "OUT_OF_REPLAY_WINDOW",
-            NodeError::NoCompatibleVersion { .. } => "NO_COMPATIBLE_VERSION",
-            NodeError::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
-            NodeError::Unavailable(_) => "AGENT_UNAVAILABLE",
-            NodeError::BreakerOpen { .. } => "CIRCUIT_OPEN",
-            NodeError::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
+            MeshError::InvalidArgument(_) => "INVALID_ARGUMENT",
+            MeshError::LeaseNotFound(_) => "LEASE_NOT_FOUND",
+            MeshError::AgentNotFound { .. } => "AGENT_NOT_FOUND",
+            MeshError::StreamNotFound(_) => "STREAM_NOT_FOUND",
+            MeshError::OutOfRange(_) => "OUT_OF_REPLAY_WINDOW",
+            MeshError::NoCompatibleVersion { .. } => "NO_COMPATIBLE_VERSION",
+            MeshError::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
+            MeshError::Unavailable(_) => "AGENT_UNAVAILABLE",
+            MeshError::BreakerOpen { .. } => "CIRCUIT_OPEN",
+            MeshError::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
         }
     }
 }
 
-impl From<NodeError> for Status {
-    fn from(error: NodeError) -> Status {
+impl From<MeshError> for Status {
+    fn from(error: MeshError) -> Status {
         let mut metadata = std::collections::HashMap::new();
         match &error {
-            NodeError::AgentNotFound { target } => {
+            MeshError::AgentNotFound { target } => {
                 metadata.insert("target".to_owned(), target.clone());
             }
-            NodeError::NoCompatibleVersion {
+            MeshError::NoCompatibleVersion {
                 target,
                 payload_type,
                 version,
@@ -114,7 +112,7 @@ impl From<NodeError> for Status {
                 metadata.insert("version".to_owned(), version.clone());
                 metadata.insert("offered_versions".to_owned(), offered.join(","));
             }
-            NodeError::BreakerOpen {
+            MeshError::BreakerOpen {
                 target,
                 retry_after,
             } => {
@@ -127,7 +125,7 @@ impl From<NodeError> for Status {
             _ => {}
         }
         let mut details = ErrorDetails::with_error_info(error.reason(), ERROR_DOMAIN, metadata);
-        if let NodeError::BreakerOpen { retry_after, .. } = &error {
+        if let MeshError::BreakerOpen { retry_after, .. } = &error {
             details.set_retry_info(Some(*retry_after));
         }
         Status::with_error_details(error.code(), error.to_string(), details)

@@ -16,7 +16,7 @@ use agentmesh_resilience::{BreakerConfig, BreakerState as Breaker, CircuitBreake
 use parking_lot::RwLock;
 use tokio::sync::broadcast;
 
-use crate::error::NodeError;
+use crate::error::MeshError;
 
 /// Lease limits of the registry.
 #[derive(Debug, Clone)]
@@ -149,7 +149,7 @@ impl Registry {
         &self,
         mut card: AgentCard,
         requested_ttl: Option<Duration>,
-    ) -> Result<(Lease, AgentCard), NodeError> {
+    ) -> Result<(Lease, AgentCard), MeshError> {
         validate_card(&card)?;
         if card.instance_id.is_empty() {
             card.instance_id = uuid::Uuid::now_v7().to_string();
@@ -194,29 +194,29 @@ impl Registry {
     }
 
     /// Renews a lease; `NotFound` if it lapsed or never existed.
-    pub fn heartbeat(&self, lease_id: &str) -> Result<Lease, NodeError> {
+    pub fn heartbeat(&self, lease_id: &str) -> Result<Lease, MeshError> {
         let mut state = self.state.write();
         let instance_id = state
             .leases
             .get(lease_id)
             .cloned()
-            .ok_or_else(|| NodeError::LeaseNotFound(lease_id.to_owned()))?;
+            .ok_or_else(|| MeshError::LeaseNotFound(lease_id.to_owned()))?;
         let entry = state
             .instances
             .get_mut(&instance_id)
-            .ok_or_else(|| NodeError::LeaseNotFound(lease_id.to_owned()))?;
+            .ok_or_else(|| MeshError::LeaseNotFound(lease_id.to_owned()))?;
         entry.expires_at = Instant::now() + entry.ttl;
         Ok(lease_of(entry))
     }
 
     /// Removes an instance at once.
-    pub fn deregister(&self, lease_id: &str) -> Result<(), NodeError> {
+    pub fn deregister(&self, lease_id: &str) -> Result<(), MeshError> {
         let event = {
             let mut state = self.state.write();
             let instance_id = state
                 .leases
                 .remove(lease_id)
-                .ok_or_else(|| NodeError::LeaseNotFound(lease_id.to_owned()))?;
+                .ok_or_else(|| MeshError::LeaseNotFound(lease_id.to_owned()))?;
             let entry = state.instances.remove(&instance_id);
             entry.map(|entry| event_of(WatchEventKind::Removed, &entry))
         };
@@ -359,24 +359,24 @@ pub fn card_accepts(card: &AgentCard, r#type: &str, version: &str) -> bool {
     })
 }
 
-fn validate_card(card: &AgentCard) -> Result<(), NodeError> {
+fn validate_card(card: &AgentCard) -> Result<(), MeshError> {
     if card.name.is_empty() {
-        return Err(NodeError::InvalidArgument("card.name is required".into()));
+        return Err(MeshError::InvalidArgument("card.name is required".into()));
     }
     if card.name.starts_with("skill:") || card.name.chars().any(char::is_whitespace) {
-        return Err(NodeError::InvalidArgument(format!(
+        return Err(MeshError::InvalidArgument(format!(
             "card.name {:?} must not contain whitespace or start with \"skill:\"",
             card.name
         )));
     }
     if card.endpoint.is_empty() {
-        return Err(NodeError::InvalidArgument(
+        return Err(MeshError::InvalidArgument(
             "card.endpoint is required (where the agent serves agentmesh.v1.AgentService)".into(),
         ));
     }
     match card.endpoint.parse::<http::Uri>() {
         Ok(uri) if uri.scheme().is_some() && uri.host().is_some() => Ok(()),
-        _ => Err(NodeError::InvalidArgument(format!(
+        _ => Err(MeshError::InvalidArgument(format!(
             "card.endpoint {:?} is not an absolute URI such as http://127.0.0.1:9000",
             card.endpoint
         ))),

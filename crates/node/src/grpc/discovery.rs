@@ -12,7 +12,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::{error::NodeError, registry::Registry};
+use agentmesh_core::{MeshError, registry::Registry};
 
 /// The gRPC face of the registry.
 #[derive(Debug, Clone)]
@@ -39,10 +39,10 @@ impl DiscoveryService for Discovery {
         let request = request.into_inner();
         let card = request
             .card
-            .ok_or_else(|| NodeError::InvalidArgument("card is required".into()))?;
+            .ok_or_else(|| MeshError::InvalidArgument("card is required".into()))?;
         let ttl = match request.ttl {
             Some(ttl) => Some(Duration::try_from(ttl).map_err(|_| {
-                NodeError::InvalidArgument("ttl must be a positive duration".into())
+                MeshError::InvalidArgument("ttl must be a positive duration".into())
             })?),
             None => None,
         };

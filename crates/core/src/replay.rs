@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use crate::error::NodeError;
+use crate::error::MeshError;
 
 /// Limits of resumable streams.
 #[derive(Debug, Clone)]
@@ -118,7 +118,7 @@ impl StreamHub {
         upstream: BoxStream<'static, Result<StreamResponse, Status>>,
         deadline: Instant,
         hop: String,
-    ) -> Result<BoxStream<'static, Result<StreamResponse, Status>>, NodeError> {
+    ) -> Result<BoxStream<'static, Result<StreamResponse, Status>>, MeshError> {
         self.sweep();
         let id = uuid::Uuid::now_v7().to_string();
         let replay = Arc::new(Replay {
@@ -138,7 +138,7 @@ impl StreamHub {
         {
             let mut streams = self.streams.lock();
             if streams.len() >= self.config.max_streams {
-                return Err(NodeError::ResourceExhausted(format!(
+                return Err(MeshError::ResourceExhausted(format!(
                     "too many open streams ({}); retry later",
                     self.config.max_streams
                 )));
@@ -160,24 +160,24 @@ impl StreamHub {
         self: &Arc<Self>,
         stream_id: &str,
         after: u64,
-    ) -> Result<BoxStream<'static, Result<StreamResponse, Status>>, NodeError> {
+    ) -> Result<BoxStream<'static, Result<StreamResponse, Status>>, MeshError> {
         let replay = self
             .streams
             .lock()
             .get(stream_id)
             .cloned()
-            .ok_or_else(|| NodeError::StreamNotFound(stream_id.to_owned()))?;
+            .ok_or_else(|| MeshError::StreamNotFound(stream_id.to_owned()))?;
         {
             let state = replay.state.lock();
             if after + 1 < state.first_seq {
-                return Err(NodeError::OutOfRange(format!(
+                return Err(MeshError::OutOfRange(format!(
                     "stream {stream_id}: events after {after} are no longer in the replay window (it starts at {})",
                     state.first_seq
                 )));
             }
             let last = state.last_seq();
             if after > last {
-                return Err(NodeError::OutOfRange(format!(
+                return Err(MeshError::OutOfRange(format!(
                     "stream {stream_id}: sequence {after} was never sent (last is {last})"
                 )));
             }
@@ -317,7 +317,7 @@ async fn pump(
                 break Err(Status::cancelled("stream abandoned: no reader resumed it in time"));
             }
             _ = tokio::time::sleep_until(deadline.into()) => {
-                break Err(NodeError::DeadlineExceeded(format!(
+                break Err(MeshError::DeadlineExceeded(format!(
                     "deadline exceeded while streaming from {hop}"
                 )).into());
             }

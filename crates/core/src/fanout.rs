@@ -1,19 +1,17 @@
-//! `agentmesh.v1.FanOutService`: one request to many targets under a
-//! completion policy, with every target's outcome reported.
+//! Fan-out: one request to many targets under a completion policy (all, quorum, first,
+//! best effort), with every target's outcome reported.
 
 use std::time::Instant;
 
 use agentmesh_proto::v1::{
     ErrorStatus, FanOutPolicy, FanOutRequest, FanOutResponse, FanOutResult, fan_out_result,
-    fan_out_service_server::FanOutService,
 };
 use futures::{StreamExt, stream::FuturesUnordered};
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
-use crate::{
-    error::NodeError,
-    router::{CallInfo, Router},
-};
+use agentmesh_proto::CallContext;
+
+use crate::{error::MeshError, router::Router};
 
 /// Most targets of one fan-out.
 const MAX_TARGETS: usize = 256;
@@ -23,12 +21,12 @@ impl Router {
     /// never as the call's status; only a malformed request fails it.
     pub async fn fan_out(
         &self,
-        call: CallInfo,
+        call: CallContext,
         request: FanOutRequest,
     ) -> Result<FanOutResponse, Status> {
         let mut envelope = request
             .envelope
-            .ok_or_else(|| NodeError::InvalidArgument("envelope is required".into()))?;
+            .ok_or_else(|| MeshError::InvalidArgument("envelope is required".into()))?;
         let policy = FanOutPolicy::try_from(request.policy).unwrap_or(FanOutPolicy::All);
         let policy = if policy == FanOutPolicy::Unspecified {
             FanOutPolicy::All
@@ -48,10 +46,10 @@ impl Router {
             destinations.push((target.clone(), None));
         }
         if destinations.is_empty() {
-            return Err(NodeError::InvalidArgument("name targets or a skill".into()).into());
+            return Err(MeshError::InvalidArgument("name targets or a skill".into()).into());
         }
         if destinations.len() > MAX_TARGETS {
-            return Err(NodeError::InvalidArgument(format!(
+            return Err(MeshError::InvalidArgument(format!(
                 "at most {MAX_TARGETS} targets per fan-out"
             ))
             .into());
@@ -61,7 +59,7 @@ impl Router {
             FanOutPolicy::Quorum | FanOutPolicy::First => {
                 let count = request.count as usize;
                 if count == 0 || count > total {
-                    return Err(NodeError::InvalidArgument(format!(
+                    return Err(MeshError::InvalidArgument(format!(
                         "count must be between 1 and the number of targets ({total})"
                     ))
                     .into());
@@ -71,7 +69,7 @@ impl Router {
             _ => total,
         };
         envelope.target.clear();
-        Router::stamp(&mut envelope, &call);
+        envelope.fill_from(&call);
 
         let mut results: Vec<FanOutResult> = destinations
             .iter()
@@ -84,7 +82,7 @@ impl Router {
         for (index, (target, instance)) in destinations.into_iter().enumerate() {
             let mut sent = envelope.clone();
             sent.target = target.clone();
-            sent.id = uuid::Uuid::now_v7().to_string();
+            sent.id = agentmesh_proto::new_id();
             sent.causation_id = envelope.id.clone();
             let call = call.clone();
             let router = self.clone();
@@ -133,7 +131,8 @@ impl Router {
                 }
                 Err(status) => {
                     failed += 1;
-                    result.outcome = Some(fan_out_result::Outcome::Error(error_of(&status)));
+                    result.outcome =
+                        Some(fan_out_result::Outcome::Error(ErrorStatus::from(&status)));
                 }
             }
             match policy {
@@ -147,11 +146,11 @@ impl Router {
         // Whatever did not finish is cancelled (dropping its call) and reported.
         drop(pending);
         let unfinished = if Instant::now() >= answer_by {
-            error_of(&Status::deadline_exceeded(
+            ErrorStatus::from(&Status::deadline_exceeded(
                 "no answer before the fan-out's deadline",
             ))
         } else {
-            error_of(&Status::cancelled(
+            ErrorStatus::from(&Status::cancelled(
                 "not needed: the policy was already decided",
             ))
         };
@@ -161,37 +160,5 @@ impl Router {
             }
         }
         Ok(FanOutResponse { results, satisfied })
-    }
-}
-
-fn error_of(status: &Status) -> ErrorStatus {
-    ErrorStatus {
-        code: status.code() as i32,
-        message: status.message().to_owned(),
-    }
-}
-
-/// The gRPC face of [`Router::fan_out`].
-#[derive(Debug, Clone)]
-pub struct FanOut {
-    router: Router,
-}
-
-impl FanOut {
-    /// Fans out through `router`.
-    pub fn new(router: Router) -> Self {
-        Self { router }
-    }
-}
-
-#[tonic::async_trait]
-impl FanOutService for FanOut {
-    async fn fan_out(
-        &self,
-        request: Request<FanOutRequest>,
-    ) -> Result<Response<FanOutResponse>, Status> {
-        let call = CallInfo::of(&request, self.router.config().default_timeout);
-        let response = self.router.fan_out(call, request.into_inner()).await?;
-        Ok(Response::new(response))
     }
 }

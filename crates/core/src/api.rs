@@ -1,0 +1,121 @@
+//! The core's operations as its faces call them: the gRPC services of the node and the
+//! HTTP gateway both take the call's [`CallContext`], call one of these, and wrap the answer.
+
+use agentmesh_proto::{
+    CallContext,
+    v1::{
+        AwaitResultRequest, AwaitResultResponse, ConsumeRequest, ConsumeResponse, ConverseRequest,
+        ConverseResponse, FanOutRequest, FanOutResponse, GetResultRequest, GetResultResponse,
+        InvokeRequest, InvokeResponse, ListDeadLettersRequest, ListDeadLettersResponse,
+        ListQueuesRequest, ListQueuesResponse, LookupRequest, LookupResponse,
+        PurgeDeadLettersRequest, PurgeDeadLettersResponse, RedriveDeadLettersRequest,
+        RedriveDeadLettersResponse, StreamRequest, StreamResponse, SubmitRequest, SubmitResponse,
+    },
+};
+use futures::stream::BoxStream;
+use tonic::Status;
+
+/// A stream of messages or the status that ended it.
+pub type EventStream<T> = BoxStream<'static, Result<T, Status>>;
+
+/// Calls to agents through the mesh, and discovery.
+#[tonic::async_trait]
+pub trait Mesh: Send + Sync + 'static {
+    /// `AgentService.Invoke` through the router.
+    async fn invoke(
+        &self,
+        ctx: CallContext,
+        request: InvokeRequest,
+    ) -> Result<InvokeResponse, Status>;
+
+    /// `AgentService.Stream` through the router (including resumption).
+    async fn stream(
+        &self,
+        ctx: CallContext,
+        request: StreamRequest,
+    ) -> Result<EventStream<StreamResponse>, Status>;
+
+    /// `AgentService.Converse` through the router.
+    async fn converse(
+        &self,
+        ctx: CallContext,
+        inbound: EventStream<ConverseRequest>,
+    ) -> Result<EventStream<ConverseResponse>, Status>;
+
+    /// `DiscoveryService.Lookup`.
+    async fn lookup(
+        &self,
+        ctx: CallContext,
+        request: LookupRequest,
+    ) -> Result<LookupResponse, Status>;
+
+    /// `FanOutService.FanOut`.
+    async fn fan_out(
+        &self,
+        ctx: CallContext,
+        request: FanOutRequest,
+    ) -> Result<FanOutResponse, Status>;
+
+    /// Whether the node is ready to serve (for `/readyz`).
+    fn ready(&self) -> bool;
+}
+
+/// The durable queue's operations (`QueueService`).
+#[tonic::async_trait]
+pub trait QueueApi: Send + Sync + 'static {
+    /// `Submit`: every message of every frame, each with its own outcome.
+    async fn submit(
+        &self,
+        ctx: CallContext,
+        frames: EventStream<SubmitRequest>,
+    ) -> Result<SubmitResponse, Status>;
+
+    /// `Consume`: a subscription frame, then deliveries one way and acks the other.
+    async fn consume(
+        &self,
+        ctx: CallContext,
+        inbound: EventStream<ConsumeRequest>,
+    ) -> Result<EventStream<ConsumeResponse>, Status>;
+
+    /// `ListQueues`.
+    async fn list_queues(
+        &self,
+        ctx: CallContext,
+        request: ListQueuesRequest,
+    ) -> Result<ListQueuesResponse, Status>;
+
+    /// `ListDeadLetters`.
+    async fn list_dead_letters(
+        &self,
+        ctx: CallContext,
+        request: ListDeadLettersRequest,
+    ) -> Result<ListDeadLettersResponse, Status>;
+
+    /// `RedriveDeadLetters`.
+    async fn redrive_dead_letters(
+        &self,
+        ctx: CallContext,
+        request: RedriveDeadLettersRequest,
+    ) -> Result<RedriveDeadLettersResponse, Status>;
+
+    /// `PurgeDeadLetters`.
+    async fn purge_dead_letters(
+        &self,
+        ctx: CallContext,
+        request: PurgeDeadLettersRequest,
+    ) -> Result<PurgeDeadLettersResponse, Status>;
+
+    /// `GetResult` (with `wait`, until the call's deadline).
+    async fn get_result(
+        &self,
+        ctx: CallContext,
+        request: GetResultRequest,
+    ) -> Result<GetResultResponse, Status>;
+
+    /// `AwaitResult`: keep-alive events, then the result.
+    async fn await_result(
+        &self,
+        ctx: CallContext,
+        request: AwaitResultRequest,
+    ) -> Result<EventStream<AwaitResultResponse>, Status>;
+}

@@ -1,0 +1,31 @@
+//! The agentmesh core: everything the mesh does, with no HTTP, server or gateway in it.
+//!
+//! The node's gRPC services and the HTTP gateway are thin faces over this crate: each takes
+//! the call's [`CallContext`](agentmesh_proto::CallContext) (built once at the edge), calls
+//! an operation of [`api::Mesh`] or [`api::QueueApi`], and wraps the answer.
+//!
+//! - [`api`]: the operations both faces call, and [`api::EventStream`];
+//! - [`mesh`]: [`MeshCore`], those operations for agents over the router and registry;
+//! - [`registry`]: agent instances, their cards, leases, expiry and change events;
+//! - [`router`]: target resolution, breakers, retries, deadlines per hop, streams and
+//!   conversations;
+//! - [`replay`]: the numbered, resumable window of every server stream;
+//! - [`fanout`]: one request to many targets under a completion policy;
+//! - [`idempotency`]: replies remembered by idempotency key (single flight);
+//! - [`queue`]: the durable queue's operations over a [`agentmesh_queue::QueueBackend`];
+//! - [`error`]: [`MeshError`], mapped once to `tonic::Status`.
+
+pub mod api;
+pub mod error;
+pub mod fanout;
+pub mod idempotency;
+pub mod mesh;
+pub mod queue;
+pub mod registry;
+pub mod replay;
+pub mod router;
+
+pub use api::{EventStream, Mesh, QueueApi};
+pub use error::MeshError;
+pub use mesh::MeshCore;
+pub use router::{Router, RouterConfig};

@@ -1,0 +1,385 @@
+//! The router: resolves an envelope's `target` to a live instance (least loaded first, never
+//! one whose breaker is open or that is full), fills the envelope from the call's context,
+//! and forwards the call with a strictly shorter deadline than the caller's.
+//!
+//! - this file: settings, instance selection and unary calls;
+//! - [`retry`]: one attempt at one instance (breaker, hop deadline, in-flight count) and
+//!   the retry loop around it, shared by unary calls and stream opening;
+//! - [`stream`]: server streams, through the resumable replay window;
+//! - [`converse`]: conversations relayed both ways;
+//! - [`pool`]: one connection per agent endpoint;
+//! - [`metrics`]: the counters the router keeps for `/metrics`.
+
+mod converse;
+mod metrics;
+mod pool;
+mod retry;
+mod stream;
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use agentmesh_proto::{
+    CallContext,
+    metadata::VIA,
+    v1::{Envelope, InvokeRequest, agent_service_client::AgentServiceClient},
+};
+use agentmesh_resilience::RetryBudget;
+use rand::seq::IndexedRandom;
+use tokio::sync::Semaphore;
+use tonic::{
+    Code, Status,
+    metadata::{MetadataMap, MetadataValue},
+    transport::Channel,
+};
+
+pub use metrics::{RouterMetrics, Style};
+pub use retry::agent_failure;
+
+use crate::{
+    error::MeshError,
+    idempotency::{Claim, IdempotencyCache},
+    registry::{Instance, Registry},
+    replay::{ReplayConfig, StreamHub},
+};
+use pool::ChannelPool;
+use retry::Attempt;
+
+/// Router settings.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Deadline when a request arrives without the layers that set one.
+    pub default_timeout: Duration,
+    /// How much shorter each outgoing call's deadline is than what remains.
+    pub hop_margin: Duration,
+    /// Timeout for opening a connection to an agent.
+    pub connect_timeout: Duration,
+    /// Retries of failed calls.
+    pub retry: RetryConfig,
+    /// Most calls in flight to one instance; busier instances are skipped.
+    pub max_in_flight_per_instance: u32,
+    /// Most calls in flight through the node; beyond it calls are shed.
+    pub max_in_flight: usize,
+    /// How long a response is remembered by idempotency key.
+    pub idempotency_window: Duration,
+    /// Most responses remembered by idempotency key.
+    pub idempotency_capacity: usize,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            default_timeout: Duration::from_secs(30),
+            hop_margin: Duration::from_millis(50),
+            connect_timeout: Duration::from_secs(2),
+            retry: RetryConfig::default(),
+            max_in_flight_per_instance: 256,
+            max_in_flight: 10_000,
+            idempotency_window: Duration::from_secs(600),
+            idempotency_capacity: 100_000,
+        }
+    }
+}
+
+/// When and how failed calls are retried (gRPC A6 style).
+#[derive(Debug, Clone)]
+pub struct RetryConfig {
+    /// Attempts in all, the first included (1 disables retries).
+    pub max_attempts: u32,
+    /// Backoff ceiling of the first retry; doubles per retry, full jitter.
+    pub initial_backoff: Duration,
+    /// Largest backoff.
+    pub max_backoff: Duration,
+    /// Extra load retries may add, as a fraction of first attempts.
+    pub budget_ratio: f64,
+    /// Retries always allowed per second, however quiet the node.
+    pub budget_min_per_second: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(25),
+            max_backoff: Duration::from_secs(1),
+            budget_ratio: 0.2,
+            budget_min_per_second: 10,
+        }
+    }
+}
+
+/// Routes calls to registered agents.
+#[derive(Debug, Clone)]
+pub struct Router {
+    registry: Arc<Registry>,
+    channels: Arc<ChannelPool>,
+    streams: Arc<StreamHub>,
+    budget: Arc<RetryBudget>,
+    slots: Arc<Semaphore>,
+    idempotency: Arc<IdempotencyCache>,
+    metrics: Arc<RouterMetrics>,
+    config: RouterConfig,
+}
+
+/// A resolved destination: the instance and a client for it.
+#[derive(Debug)]
+pub struct Route {
+    /// The chosen instance.
+    pub instance: Arc<Instance>,
+    /// A client connected (lazily) to its endpoint.
+    pub client: AgentServiceClient<Channel>,
+}
+
+impl Router {
+    /// A router over `registry`.
+    pub fn new(registry: Arc<Registry>, config: RouterConfig, replay: ReplayConfig) -> Self {
+        Self {
+            registry,
+            channels: Arc::default(),
+            streams: Arc::new(StreamHub::new(replay)),
+            budget: Arc::new(RetryBudget::new(
+                config.retry.budget_ratio,
+                config.retry.budget_min_per_second,
+            )),
+            slots: Arc::new(Semaphore::new(config.max_in_flight)),
+            idempotency: Arc::new(IdempotencyCache::new(
+                config.idempotency_window,
+                config.idempotency_capacity,
+            )),
+            metrics: Arc::default(),
+            config,
+        }
+    }
+
+    /// Closes connections to agents that left: on every registry removal or
+    /// expiry, endpoints no live instance uses are dropped from the pool.
+    pub fn spawn_channel_pruner(&self) {
+        let mut events = self.registry.subscribe();
+        let registry = Arc::downgrade(&self.registry);
+        let channels = Arc::downgrade(&self.channels);
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+                let (Some(registry), Some(channels)) = (registry.upgrade(), channels.upgrade())
+                else {
+                    return;
+                };
+                let live = registry
+                    .lookup(&agentmesh_proto::v1::AgentFilter::default())
+                    .into_iter()
+                    .filter_map(|instance| instance.card.map(|card| card.endpoint))
+                    .collect();
+                channels.prune(&live);
+            }
+        });
+    }
+
+    /// Open (or lazily opening) connections to agents.
+    pub fn agent_connections(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// The router's counters, for `/metrics`.
+    pub fn metrics(&self) -> Arc<RouterMetrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// The router's settings.
+    pub fn config(&self) -> &RouterConfig {
+        &self.config
+    }
+
+    /// Live instances for an envelope's target that accept its payload type
+    /// and version (FAILED_PRECONDITION naming the versions on offer if
+    /// none does).
+    pub fn compatible(&self, envelope: &Envelope) -> Result<Vec<Arc<Instance>>, MeshError> {
+        let target = envelope.target.as_str();
+        let candidates = self.registry.resolve(target);
+        if candidates.is_empty() {
+            return Err(MeshError::AgentNotFound {
+                target: target.to_owned(),
+            });
+        }
+        let (compatible, incompatible): (Vec<_>, Vec<_>) = candidates
+            .into_iter()
+            .partition(|i| i.accepts(&envelope.r#type, &envelope.type_version));
+        if compatible.is_empty() {
+            let mut offered: Vec<String> = incompatible
+                .iter()
+                .flat_map(|i| i.versions_of(&envelope.r#type))
+                .collect();
+            offered.sort();
+            offered.dedup();
+            return Err(MeshError::NoCompatibleVersion {
+                target: target.to_owned(),
+                payload_type: envelope.r#type.clone(),
+                version: envelope.type_version.clone(),
+                offered,
+            });
+        }
+        Ok(compatible)
+    }
+
+    /// Picks the least-loaded compatible instance whose breaker is closed (or
+    /// due for a probe) and that has room for another call, preferring
+    /// instances not in `tried`.
+    pub fn route(&self, envelope: &Envelope, tried: &[String]) -> Result<Route, MeshError> {
+        let compatible = self.compatible(envelope)?;
+        let limit = self.config.max_in_flight_per_instance;
+        let load = |i: &Arc<Instance>| i.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+        let usable: Vec<&Arc<Instance>> = compatible
+            .iter()
+            .filter(|i| i.breaker.would_allow() && load(i) < limit)
+            .collect();
+        if usable.is_empty() {
+            let all_open = compatible.iter().all(|i| !i.breaker.would_allow());
+            if all_open {
+                let probe_in = compatible
+                    .iter()
+                    .filter_map(|i| i.breaker.try_acquire().err())
+                    .map(|open| open.retry_after())
+                    .min()
+                    .unwrap_or_default();
+                return Err(MeshError::BreakerOpen {
+                    target: envelope.target.clone(),
+                    retry_after: probe_in,
+                });
+            }
+            return Err(MeshError::ResourceExhausted(format!(
+                "every instance of '{}' has {limit} calls in flight; retry later",
+                envelope.target
+            )));
+        }
+        let fresh: Vec<&Arc<Instance>> = usable
+            .iter()
+            .filter(|i| !tried.contains(&i.card.instance_id))
+            .copied()
+            .collect();
+        let pool = if fresh.is_empty() { usable } else { fresh };
+        let least = pool.iter().map(|i| load(i)).min().unwrap_or_default();
+        let least_loaded: Vec<&Arc<Instance>> =
+            pool.into_iter().filter(|i| load(i) == least).collect();
+        let instance = Arc::clone(
+            least_loaded
+                .choose(&mut rand::rng())
+                .expect("at least one usable instance"),
+        );
+        self.route_to(instance)
+    }
+
+    /// A route to a specific instance.
+    pub fn route_to(&self, instance: Arc<Instance>) -> Result<Route, MeshError> {
+        let channel = self
+            .channels
+            .get(&instance.card.endpoint, self.config.connect_timeout)?;
+        Ok(Route {
+            instance,
+            client: AgentServiceClient::new(channel)
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+        })
+    }
+
+    /// Unary invoke through the mesh: deduplicated by idempotency key,
+    /// shed under overload, retried where safe.
+    pub async fn call_unary(
+        &self,
+        call: CallContext,
+        mut envelope: Envelope,
+    ) -> Result<Envelope, Status> {
+        require_target(&envelope)?;
+        envelope.fill_from(&call);
+        let lead = if envelope.idempotency_key.is_empty() {
+            None
+        } else {
+            let key = format!("{}\u{0}{}", envelope.target, envelope.idempotency_key);
+            match self.idempotency.claim(key).await? {
+                Claim::Replay(reply) => return Ok(*reply),
+                Claim::Lead(guard) => Some(guard),
+            }
+        };
+        let outcome = self
+            .with_retries(&call, &envelope, |route, sent| {
+                self.call_instance(&call, sent, route)
+            })
+            .await;
+        if let Some(lead) = lead {
+            lead.complete(&outcome);
+        }
+        outcome
+    }
+
+    /// One unary attempt at one instance.
+    pub async fn call_instance(
+        &self,
+        call: &CallContext,
+        envelope: Envelope,
+        route: Route,
+    ) -> Result<Envelope, Status> {
+        let began = Instant::now();
+        // Only what the reply needs is kept: the payload is not copied.
+        let (request_id, correlation_id) = (envelope.id.clone(), envelope.correlation_id.clone());
+        let target = envelope.target.clone();
+        let result = self
+            .attempt(
+                call,
+                route,
+                envelope,
+                |envelope| InvokeRequest {
+                    envelope: Some(envelope),
+                },
+                async |mut client, request| {
+                    Ok(client
+                        .invoke(request)
+                        .await?
+                        .into_inner()
+                        .envelope
+                        .unwrap_or_default())
+                },
+            )
+            .await;
+        let code = match &result {
+            Ok(_) => Code::Ok,
+            Err(status) => status.code(),
+        };
+        self.metrics
+            .record(&target, Style::Unary, code, began.elapsed());
+        let Attempt {
+            value: mut reply,
+            instance,
+            started,
+            ..
+        } = result?;
+        reply.answer(&correlation_id, &request_id, &instance.card.name);
+        tracing::debug!(agent = %instance.card.name, elapsed_us = started.elapsed().as_micros() as u64, "invoke routed");
+        Ok(reply)
+    }
+}
+
+fn require_target(envelope: &Envelope) -> Result<(), MeshError> {
+    if envelope.target.is_empty() {
+        return Err(MeshError::InvalidArgument(
+            "envelope.target is required: an agent name or skill:<id>".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn hop_name(instance: &Instance) -> String {
+    format!(
+        "agent '{}' (instance {})",
+        instance.card.name, instance.card.instance_id
+    )
+}
+
+/// The metadata of a hop to an agent: the envelope's tracing fields, and where it came from.
+fn hop_metadata(envelope: &Envelope) -> MetadataMap {
+    let mut metadata = envelope.metadata();
+    metadata.insert(VIA, MetadataValue::from_static("agentmesh-node"));
+    metadata
+}

@@ -1,0 +1,48 @@
+//! Connections to agents: one lazily connected channel per endpoint, dropped once no live
+//! instance uses it.
+
+use std::{collections::HashMap, time::Duration};
+
+use parking_lot::Mutex;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::MeshError;
+
+/// Connections to agents, one lazily connected channel per endpoint.
+#[derive(Debug, Default)]
+pub(super) struct ChannelPool {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl ChannelPool {
+    pub(super) fn get(
+        &self,
+        endpoint: &str,
+        connect_timeout: Duration,
+    ) -> Result<Channel, MeshError> {
+        let mut channels = self.channels.lock();
+        if let Some(channel) = channels.get(endpoint) {
+            return Ok(channel.clone());
+        }
+        let channel = Endpoint::from_shared(endpoint.to_owned())
+            .map_err(|e| MeshError::Unavailable(format!("bad agent endpoint {endpoint}: {e}")))?
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        channels.insert(endpoint.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Drops the connections to endpoints no live instance uses any more.
+    pub(super) fn prune(&self, live: &std::collections::HashSet<String>) {
+        self.channels
+            .lock()
+            .retain(|endpoint, _| live.contains(endpoint));
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.channels.lock().len()
+    }
+}

@@ -1,0 +1,246 @@
+//! One attempt at one instance, and the retry loop around attempts: shared by unary calls
+//! and by opening streams (a stream is retried only until it has opened).
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use agentmesh_proto::{
+    CallContext, Deadline,
+    v1::{Envelope, agent_service_client::AgentServiceClient},
+};
+use agentmesh_resilience::{Backoff, is_destination_failure};
+use tonic::{Code, Request, Status, metadata::MetadataMap, transport::Channel};
+use tonic_types::StatusExt;
+
+use super::{Route, Router, hop_metadata, hop_name};
+use crate::{
+    error::MeshError,
+    registry::{InFlightGuard, Instance},
+};
+
+impl Router {
+    /// Builds the outgoing request for a hop: the shrunk deadline and the
+    /// tracing metadata of the envelope.
+    pub fn outgoing<T>(
+        &self,
+        message: T,
+        metadata: MetadataMap,
+        call: &CallContext,
+        hop: &str,
+    ) -> Result<(Request<T>, Duration), MeshError> {
+        let budget = hop_budget(&call.deadline, self.config.hop_margin, hop)?;
+        let mut request = Request::from_parts(metadata, Default::default(), message);
+        request.set_timeout(budget);
+        Ok((request, budget))
+    }
+
+    /// Runs `attempt` against routed instances until it succeeds or a retry
+    /// is not allowed: only UNAVAILABLE, only for calls with an idempotency
+    /// key or to a skill declared idempotent, within `max_attempts`, the
+    /// retry budget and the deadline, after the server's pushback or a
+    /// jittered backoff, and on another instance when there is one.
+    pub(super) async fn with_retries<T, F, Fut>(
+        &self,
+        call: &CallContext,
+        envelope: &Envelope,
+        mut attempt: F,
+    ) -> Result<T, Status>
+    where
+        F: FnMut(Route, Envelope) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let _slot = self.slots.try_acquire().map_err(|_| {
+            self.metrics.shed();
+            MeshError::ResourceExhausted(format!(
+                "the node has {} calls in flight; retry later",
+                self.config.max_in_flight
+            ))
+        })?;
+        self.budget.deposit();
+        let retry = &self.config.retry;
+        let mut backoff = Backoff::new(retry.initial_backoff, retry.max_backoff);
+        let mut tried = Vec::new();
+        let mut number = envelope.attempt.max(1);
+        loop {
+            let route = self.route(envelope, &tried)?;
+            let safe = !envelope.idempotency_key.is_empty()
+                || route.instance.idempotent_for(&envelope.target);
+            tried.push(route.instance.card.instance_id.clone());
+            let mut sent = envelope.clone();
+            sent.attempt = number;
+            let status = match attempt(route, sent).await {
+                Ok(value) => return Ok(value),
+                Err(status) => status,
+            };
+            let pushback = pushback(&status);
+            let retriable = safe
+                && status.code() == Code::Unavailable
+                && number < retry.max_attempts
+                && pushback != Some(None);
+            if !retriable || !self.budget.withdraw() {
+                return Err(status);
+            }
+            let delay = pushback.flatten().unwrap_or_else(|| backoff.next_delay());
+            if delay + self.config.hop_margin >= call.deadline.remaining() {
+                return Err(status);
+            }
+            self.metrics.retried();
+            tracing::debug!(target = %envelope.target, attempt = number, delay_ms = delay.as_millis() as u64, %status, "retrying");
+            tokio::time::sleep(delay).await;
+            number += 1;
+        }
+    }
+
+    /// One attempt at one instance: the breaker's permission, the hop's
+    /// deadline, the in-flight count, and the outcome recorded on the breaker.
+    /// `send` makes the actual call with the prepared request.
+    pub(super) async fn attempt<M, T, Fut>(
+        &self,
+        call: &CallContext,
+        route: Route,
+        envelope: Envelope,
+        wrap: impl FnOnce(Envelope) -> M,
+        send: impl FnOnce(AgentServiceClient<Channel>, Request<M>) -> Fut,
+    ) -> Result<Attempt<T>, Status>
+    where
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let Route { instance, client } = route;
+        let hop = hop_name(&instance);
+        if let Err(open) = instance.breaker.try_acquire() {
+            return Err(MeshError::BreakerOpen {
+                target: hop,
+                retry_after: open.retry_after(),
+            }
+            .into());
+        }
+        let metadata = hop_metadata(&envelope);
+        let (request, budget) = match self.outgoing(wrap(envelope), metadata, call, &hop) {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                // No call was made: give the probe slot back as a non-failure.
+                instance.breaker.record(true);
+                return Err(error.into());
+            }
+        };
+        let in_flight = instance.start_call();
+        let started = Instant::now();
+        let outcome = match tokio::time::timeout(budget, send(client, request)).await {
+            Err(_) => Err(deadline_at(&hop, budget).into()),
+            Ok(Err(status)) => Err(agent_failure(
+                status,
+                &hop,
+                &instance,
+                budget,
+                started.elapsed(),
+            )),
+            Ok(Ok(value)) => Ok(value),
+        };
+        instance.breaker.record(match &outcome {
+            Ok(_) => true,
+            Err(status) => !is_destination_failure(status.code()),
+        });
+        Ok(Attempt {
+            value: outcome?,
+            instance,
+            in_flight,
+            started,
+            budget,
+            hop,
+        })
+    }
+}
+
+/// The outcome of one attempt at one instance, with what the caller needs
+/// to keep going (the in-flight guard lives as long as a stream does).
+pub(super) struct Attempt<T> {
+    pub(super) value: T,
+    pub(super) instance: Arc<Instance>,
+    pub(super) in_flight: InFlightGuard,
+    pub(super) started: Instant,
+    pub(super) budget: Duration,
+    pub(super) hop: String,
+}
+
+/// Server pushback (gRPC A6): `Some(Some(d))` retry after `d`, `Some(None)`
+/// do not retry, `None` no pushback. Read from `grpc-retry-pushback-ms` or a
+/// google.rpc.RetryInfo detail.
+fn pushback(status: &Status) -> Option<Option<Duration>> {
+    if let Some(value) = status.metadata().get("grpc-retry-pushback-ms") {
+        return Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Duration::from_millis),
+        );
+    }
+    status
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay)
+        .map(Some)
+}
+
+fn deadline_at(hop: &str, budget: Duration) -> MeshError {
+    MeshError::DeadlineExceeded(format!(
+        "deadline exceeded waiting for {hop}: no answer within its {} ms budget",
+        budget.as_millis()
+    ))
+}
+
+/// Maps an agent's failure to what the caller should see: our deadline if it
+/// ran out, a clear UNAVAILABLE if the agent could not be reached, and the
+/// agent's own status otherwise.
+pub fn agent_failure(
+    status: Status,
+    hop: &str,
+    instance: &Instance,
+    budget: Duration,
+    elapsed: Duration,
+) -> Status {
+    let timed_out =
+        elapsed >= budget && matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded);
+    if timed_out {
+        return deadline_at(hop, budget).into();
+    }
+    if status.code() == Code::Unavailable && is_transport_error(&status) {
+        return MeshError::Unavailable(format!(
+            "{hop} at {} is unreachable: {}",
+            instance.card.endpoint,
+            status.message()
+        ))
+        .into();
+    }
+    status
+}
+
+fn is_transport_error(status: &Status) -> bool {
+    use std::error::Error;
+    let mut source = status.source();
+    while let Some(error) = source {
+        if error.downcast_ref::<tonic::transport::Error>().is_some()
+            || error.downcast_ref::<std::io::Error>().is_some()
+        {
+            return true;
+        }
+        source = error.source();
+    }
+    status.message().contains("transport error") || status.message().contains("connect")
+}
+
+/// The budget of the next hop, or DEADLINE_EXCEEDED naming the hop when nothing would be left.
+pub(crate) fn hop_budget(
+    deadline: &Deadline,
+    margin: Duration,
+    hop: &str,
+) -> Result<Duration, MeshError> {
+    deadline.for_next_hop(margin).ok_or_else(|| {
+        MeshError::DeadlineExceeded(format!(
+            "deadline exceeded before calling {hop}: {} ms left, {} ms needed as hop margin",
+            deadline.remaining().as_millis(),
+            margin.as_millis()
+        ))
+    })
+}

@@ -1,0 +1,75 @@
+//! Server streaming through the mesh: a new resumable stream (retried only until it opens),
+//! or the rest of an earlier one from its replay window.
+
+use agentmesh_proto::{
+    CallContext,
+    v1::{Envelope, StreamRequest, StreamResponse},
+};
+use futures::StreamExt;
+use tonic::{Status, Streaming};
+
+use super::retry::Attempt;
+use super::{Route, Router, require_target};
+use crate::{api::EventStream, error::MeshError};
+
+impl Router {
+    /// Server streaming through the mesh: a new resumable stream, or the
+    /// rest of an earlier one.
+    pub async fn open_stream(
+        &self,
+        call: CallContext,
+        request: StreamRequest,
+    ) -> Result<EventStream<StreamResponse>, Status> {
+        if !request.resume_stream_id.is_empty() {
+            return Ok(self
+                .streams
+                .resume(&request.resume_stream_id, request.resume_after_sequence)?);
+        }
+        let mut envelope = request
+            .envelope
+            .ok_or_else(|| MeshError::InvalidArgument("envelope is required".into()))?;
+        require_target(&envelope)?;
+        envelope.fill_from(&call);
+        // A stream is retried only until it has opened: before its first event.
+        let Attempt {
+            value: response,
+            in_flight,
+            started,
+            budget,
+            hop,
+            ..
+        } = self
+            .with_retries(&call, &envelope, |route, sent| {
+                self.open_upstream(&call, route, sent)
+            })
+            .await?;
+        let upstream = response
+            .map(move |event| {
+                // The instance counts as busy for as long as its stream runs.
+                let _ = &in_flight;
+                event
+            })
+            .boxed();
+        Ok(self.streams.start(upstream, started + budget, hop)?)
+    }
+
+    /// Opens the agent's side of a stream on one instance.
+    async fn open_upstream(
+        &self,
+        call: &CallContext,
+        route: Route,
+        envelope: Envelope,
+    ) -> Result<Attempt<Streaming<StreamResponse>>, Status> {
+        self.attempt(
+            call,
+            route,
+            envelope,
+            |envelope| StreamRequest {
+                envelope: Some(envelope),
+                ..Default::default()
+            },
+            async |mut client, request| Ok(client.stream(request).await?.into_inner()),
+        )
+        .await
+    }
+}
