@@ -36,27 +36,43 @@ pub struct IdempotencyCache {
     capacity: usize,
 }
 
+/// Where replies are remembered by idempotency key: in this process ([`IdempotencyCache`])
+/// or in a store several nodes share, so a duplicate through any node gets the first reply.
+#[tonic::async_trait]
+pub trait IdempotencyStore: Send + Sync + std::fmt::Debug + 'static {
+    /// The remembered reply for `key`, or the lead: the caller makes the call and completes
+    /// the lead with its outcome. Concurrent duplicates wait for the leader; if the leader
+    /// goes away without completing, one of them leads instead.
+    async fn claim(self: Arc<Self>, key: String) -> Result<Claim, Status>;
+}
+
+/// Held by the call that actually invokes the agent; dropping it unfinished lets a waiting
+/// duplicate lead.
+pub trait Lead: Send + std::fmt::Debug {
+    /// Records the outcome: a success is remembered for the window; a failure is not, so a
+    /// retry with the same key runs again.
+    fn complete(self: Box<Self>, outcome: &Result<Envelope, Status>);
+}
+
 /// What a call with an idempotency key should do.
 #[derive(Debug)]
 pub enum Claim {
     /// An earlier call already answered: reply with this.
     Replay(Box<Envelope>),
     /// This call goes to the agent; complete the guard with its outcome.
-    Lead(LeadGuard),
+    Lead(Box<dyn Lead>),
 }
 
-/// Held by the call that actually invokes the agent.
+/// The in-process [`Lead`].
 #[derive(Debug)]
-pub struct LeadGuard {
+struct LeadGuard {
     cache: Arc<IdempotencyCache>,
     key: String,
     sender: Option<watch::Sender<Outcome>>,
 }
 
-impl LeadGuard {
-    /// Records the outcome: a success is remembered for the window; a
-    /// failure is not, so a retry with the same key runs again.
-    pub fn complete(mut self, outcome: &Result<Envelope, Status>) {
+impl Lead for LeadGuard {
+    fn complete(mut self: Box<Self>, outcome: &Result<Envelope, Status>) {
         let sender = self.sender.take().expect("completed once");
         self.cache.finish(&self.key, outcome.as_ref().ok().cloned());
         let _ = sender.send(Some(outcome.clone()));
@@ -81,10 +97,11 @@ impl IdempotencyCache {
             capacity,
         }
     }
+}
 
-    /// Claims `key`: replays a remembered response, waits for a concurrent
-    /// first call, or makes this call the one that runs.
-    pub async fn claim(self: &Arc<Self>, key: String) -> Result<Claim, Status> {
+#[tonic::async_trait]
+impl IdempotencyStore for IdempotencyCache {
+    async fn claim(self: Arc<Self>, key: String) -> Result<Claim, Status> {
         loop {
             let mut waiting = {
                 let mut entries = self.entries.lock();
@@ -95,11 +112,11 @@ impl IdempotencyCache {
                     None => {
                         let (sender, receiver) = watch::channel(None);
                         entries.slots.insert(key.clone(), Slot::Pending(receiver));
-                        return Ok(Claim::Lead(LeadGuard {
-                            cache: Arc::clone(self),
+                        return Ok(Claim::Lead(Box::new(LeadGuard {
+                            cache: Arc::clone(&self),
                             key,
                             sender: Some(sender),
-                        }));
+                        })));
                     }
                 }
             };
@@ -114,7 +131,9 @@ impl IdempotencyCache {
             }
         }
     }
+}
 
+impl IdempotencyCache {
     fn finish(&self, key: &str, success: Option<Envelope>) {
         let mut entries = self.entries.lock();
         match success {

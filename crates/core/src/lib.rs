@@ -6,13 +6,16 @@
 //!
 //! - [`api`]: the operations both faces call, and [`api::EventStream`];
 //! - [`mesh`]: [`MeshCore`], those operations for agents over the router and registry;
-//! - [`registry`]: agent instances, their cards, leases, expiry and change events;
+//! - [`registry`]: agent instances, their cards, leases, expiry and change events
+//!   ([`registry::AgentRegistry`], kept in memory by [`registry::MemoryRegistry`]);
 //! - [`router`]: target resolution, breakers, retries, deadlines per hop, streams and
 //!   conversations;
-//! - [`replay`]: the numbered, resumable window of every server stream;
+//! - [`replay`]: the numbered, resumable window of every server stream
+//!   ([`replay::ReplayStore`], kept in memory by [`replay::StreamHub`]);
 //! - [`fanout`]: one request to many targets under a completion policy;
-//! - [`idempotency`]: replies remembered by idempotency key (single flight);
-//! - [`queue`]: the durable queue's operations over a [`agentmesh_queue::QueueBackend`];
+//! - [`idempotency`]: replies remembered by idempotency key, single flight
+//!   ([`idempotency::IdempotencyStore`], kept in memory by [`idempotency::IdempotencyCache`]);
+//! - [`queue`]: the durable queue's operations over an [`agentmesh_queue::QueueBackend`];
 //! - [`error`]: [`MeshError`], mapped once to `tonic::Status`.
 
 pub mod api;

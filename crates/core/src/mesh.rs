@@ -18,7 +18,7 @@ use tonic::Status;
 use crate::{
     api::{EventStream, Mesh},
     error::MeshError,
-    registry::Registry,
+    registry::AgentRegistry,
     router::Router,
 };
 
@@ -26,13 +26,13 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct MeshCore {
     router: Router,
-    registry: Arc<Registry>,
+    registry: Arc<dyn AgentRegistry>,
     ready: Arc<AtomicBool>,
 }
 
 impl MeshCore {
     /// The mesh over `router` and `registry`; `ready` says whether the node serves yet.
-    pub fn new(router: Router, registry: Arc<Registry>, ready: Arc<AtomicBool>) -> Self {
+    pub fn new(router: Router, registry: Arc<dyn AgentRegistry>, ready: Arc<AtomicBool>) -> Self {
         Self {
             router,
             registry,
@@ -46,7 +46,7 @@ impl MeshCore {
     }
 
     /// The registry.
-    pub fn registry(&self) -> &Arc<Registry> {
+    pub fn registry(&self) -> &Arc<dyn AgentRegistry> {
         &self.registry
     }
 }

@@ -112,9 +112,41 @@ struct State {
     leases: HashMap<String, String>,
 }
 
-/// The registry: every live instance, its lease, and a stream of changes.
+/// The registry of agent instances, as the router, discovery and `/metrics` use it. Cards and
+/// leases may live in this process ([`MemoryRegistry`]) or in a store shared by several
+/// nodes; the [`Instance`]s handed out (with their breaker and in-flight count) are always
+/// this node's own view.
+#[tonic::async_trait]
+pub trait AgentRegistry: Send + Sync + std::fmt::Debug + 'static {
+    /// Registers (or re-registers) an instance and grants it a lease.
+    async fn register(
+        &self,
+        card: AgentCard,
+        requested_ttl: Option<Duration>,
+    ) -> Result<(Lease, AgentCard), MeshError>;
+
+    /// Renews a lease; `NotFound` if it lapsed or never existed.
+    async fn heartbeat(&self, lease_id: &str) -> Result<Lease, MeshError>;
+
+    /// Removes an instance at once.
+    async fn deregister(&self, lease_id: &str) -> Result<(), MeshError>;
+
+    /// Every live instance matching the filter, sorted by name then instance id.
+    fn lookup(&self, filter: &AgentFilter) -> Vec<AgentInstance>;
+
+    /// Live instances that a `target` (agent name or `skill:<id>`) addresses.
+    fn resolve(&self, target: &str) -> Vec<Arc<Instance>>;
+
+    /// Subscribes to registry changes.
+    fn subscribe(&self) -> broadcast::Receiver<WatchResponse>;
+
+    /// Starts the registry's upkeep (lease expiry) for as long as it lives.
+    fn start(self: Arc<Self>);
+}
+
+/// The registry in this process: every live instance, its lease, and a stream of changes.
 #[derive(Debug)]
-pub struct Registry {
+pub struct MemoryRegistry {
     state: RwLock<State>,
     events: broadcast::Sender<WatchResponse>,
     /// Wakes the reaper when a lease may now expire sooner than it planned for (a new
@@ -124,14 +156,14 @@ pub struct Registry {
     breaker: BreakerConfig,
 }
 
-impl Drop for Registry {
+impl Drop for MemoryRegistry {
     fn drop(&mut self) {
         // Lets the reaper see that the registry is gone and end.
         self.reaper_wake.notify_one();
     }
 }
 
-impl Registry {
+impl MemoryRegistry {
     /// An empty registry.
     pub fn new(config: LeaseConfig, breaker: BreakerConfig) -> Self {
         let (events, _) = broadcast::channel(1024);
@@ -144,8 +176,49 @@ impl Registry {
         }
     }
 
+    /// Removes every instance whose lease has lapsed; returns how many.
+    pub fn expire(&self, now: Instant) -> usize {
+        let expired: Vec<WatchResponse> = {
+            let mut state = self.state.write();
+            let ids: Vec<String> = state
+                .instances
+                .iter()
+                .filter(|(_, entry)| entry.expires_at <= now)
+                .map(|(id, _)| id.clone())
+                .collect();
+            let state = &mut *state;
+            ids.iter()
+                .filter_map(|id| state.instances.remove(id))
+                .map(|entry| {
+                    state.leases.remove(&entry.instance.lease_id);
+                    event_of(WatchEventKind::Expired, &entry)
+                })
+                .collect()
+        };
+        for event in &expired {
+            if let Some(card) = event.instance.as_ref().and_then(|i| i.card.as_ref()) {
+                tracing::warn!(agent = %card.name, instance = %card.instance_id, "agent lease expired");
+            }
+            let _ = self.events.send(event.clone());
+        }
+        expired.len()
+    }
+
+    /// The earliest time a lease lapses, if any instance is registered.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.state
+            .read()
+            .instances
+            .values()
+            .map(|entry| entry.expires_at)
+            .min()
+    }
+}
+
+#[tonic::async_trait]
+impl AgentRegistry for MemoryRegistry {
     /// Registers (or re-registers) an instance and grants it a lease.
-    pub fn register(
+    async fn register(
         &self,
         mut card: AgentCard,
         requested_ttl: Option<Duration>,
@@ -194,7 +267,7 @@ impl Registry {
     }
 
     /// Renews a lease; `NotFound` if it lapsed or never existed.
-    pub fn heartbeat(&self, lease_id: &str) -> Result<Lease, MeshError> {
+    async fn heartbeat(&self, lease_id: &str) -> Result<Lease, MeshError> {
         let mut state = self.state.write();
         let instance_id = state
             .leases
@@ -210,7 +283,7 @@ impl Registry {
     }
 
     /// Removes an instance at once.
-    pub fn deregister(&self, lease_id: &str) -> Result<(), MeshError> {
+    async fn deregister(&self, lease_id: &str) -> Result<(), MeshError> {
         let event = {
             let mut state = self.state.write();
             let instance_id = state
@@ -227,50 +300,12 @@ impl Registry {
         Ok(())
     }
 
-    /// Removes every instance whose lease has lapsed; returns how many.
-    pub fn expire(&self, now: Instant) -> usize {
-        let expired: Vec<WatchResponse> = {
-            let mut state = self.state.write();
-            let ids: Vec<String> = state
-                .instances
-                .iter()
-                .filter(|(_, entry)| entry.expires_at <= now)
-                .map(|(id, _)| id.clone())
-                .collect();
-            let state = &mut *state;
-            ids.iter()
-                .filter_map(|id| state.instances.remove(id))
-                .map(|entry| {
-                    state.leases.remove(&entry.instance.lease_id);
-                    event_of(WatchEventKind::Expired, &entry)
-                })
-                .collect()
-        };
-        for event in &expired {
-            if let Some(card) = event.instance.as_ref().and_then(|i| i.card.as_ref()) {
-                tracing::warn!(agent = %card.name, instance = %card.instance_id, "agent lease expired");
-            }
-            let _ = self.events.send(event.clone());
-        }
-        expired.len()
-    }
-
-    /// The earliest time a lease lapses, if any instance is registered.
-    pub fn next_expiry(&self) -> Option<Instant> {
-        self.state
-            .read()
-            .instances
-            .values()
-            .map(|entry| entry.expires_at)
-            .min()
-    }
-
-    /// Runs [`Registry::expire`] whenever the earliest lease falls due, until the registry
+    /// Runs [`MemoryRegistry::expire`] whenever the earliest lease falls due, until the registry
     /// is dropped. With no instance registered it sleeps until one registers: an idle node
     /// does not wake. A heartbeat only pushes expiries later, so the reaper at worst wakes
     /// once at the old time and plans again.
-    pub fn spawn_reaper(self: &Arc<Self>) {
-        let registry = Arc::downgrade(self);
+    fn start(self: Arc<Self>) {
+        let registry = Arc::downgrade(&self);
         let wake = Arc::clone(&self.reaper_wake);
         tokio::spawn(async move {
             loop {
@@ -293,7 +328,7 @@ impl Registry {
     }
 
     /// Every live instance matching the filter, sorted by name then instance id.
-    pub fn lookup(&self, filter: &AgentFilter) -> Vec<AgentInstance> {
+    fn lookup(&self, filter: &AgentFilter) -> Vec<AgentInstance> {
         let state = self.state.read();
         let mut found: Vec<AgentInstance> = state
             .instances
@@ -309,7 +344,7 @@ impl Registry {
     }
 
     /// Live instances that a `target` (agent name or `skill:<id>`) addresses.
-    pub fn resolve(&self, target: &str) -> Vec<Arc<Instance>> {
+    fn resolve(&self, target: &str) -> Vec<Arc<Instance>> {
         let state = self.state.read();
         let by_skill = target.strip_prefix("skill:");
         state
@@ -324,17 +359,17 @@ impl Registry {
     }
 
     /// Subscribes to registry changes.
-    pub fn subscribe(&self) -> broadcast::Receiver<WatchResponse> {
+    fn subscribe(&self) -> broadcast::Receiver<WatchResponse> {
         self.events.subscribe()
     }
+}
 
-    /// Whether an instance matches a filter (used by `Watch`).
-    pub fn matches(filter: &AgentFilter, instance: &AgentInstance) -> bool {
-        instance
-            .card
-            .as_ref()
-            .is_some_and(|card| card_matches(filter, card))
-    }
+/// Whether an instance matches a filter (used by `Watch`).
+pub fn instance_matches(filter: &AgentFilter, instance: &AgentInstance) -> bool {
+    instance
+        .card
+        .as_ref()
+        .is_some_and(|card| card_matches(filter, card))
 }
 
 /// Whether a card accepts a payload of `type` at `version` (empty = any).

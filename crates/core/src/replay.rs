@@ -82,7 +82,30 @@ impl Replay {
     }
 }
 
-/// Every resumable stream of the node.
+/// Where the numbered events of resumable streams are kept for readers that come back: in
+/// this process ([`StreamHub`]) or somewhere several nodes can reach.
+#[tonic::async_trait]
+pub trait ReplayStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Starts pumping `upstream` into a new resumable stream and returns a reader from its
+    /// beginning. `deadline` ends the stream with DEADLINE_EXCEEDED (naming `hop`) if it
+    /// runs that long.
+    async fn start(
+        self: Arc<Self>,
+        upstream: BoxStream<'static, Result<StreamResponse, Status>>,
+        deadline: Instant,
+        hop: String,
+    ) -> Result<BoxStream<'static, Result<StreamResponse, Status>>, MeshError>;
+
+    /// A reader of an existing stream from after `after` (its last seen sequence): no gap,
+    /// no duplicate, or OUT_OF_RANGE when those events have left the window.
+    async fn resume(
+        self: Arc<Self>,
+        stream_id: &str,
+        after: u64,
+    ) -> Result<BoxStream<'static, Result<StreamResponse, Status>>, MeshError>;
+}
+
+/// Every resumable stream of this node, in memory.
 #[derive(Debug)]
 pub struct StreamHub {
     streams: Mutex<HashMap<String, Arc<Replay>>>,
@@ -110,11 +133,28 @@ impl StreamHub {
         });
     }
 
-    /// Starts pumping `upstream` into a new resumable stream and returns a
-    /// reader from its beginning. `deadline` ends the stream with
-    /// DEADLINE_EXCEEDED (naming `hop`) if it runs that long.
-    pub fn start(
+    fn reader(
         self: &Arc<Self>,
+        replay: Arc<Replay>,
+        after: u64,
+    ) -> BoxStream<'static, Result<StreamResponse, Status>> {
+        {
+            let mut state = replay.state.lock();
+            state.readers += 1;
+            state.detached_at = None;
+        }
+        let guard = ReaderGuard {
+            replay: Arc::clone(&replay),
+            grace: self.config.resume_grace,
+        };
+        reader_stream(replay, after, guard).boxed()
+    }
+}
+
+#[tonic::async_trait]
+impl ReplayStore for StreamHub {
+    async fn start(
+        self: Arc<Self>,
         upstream: BoxStream<'static, Result<StreamResponse, Status>>,
         deadline: Instant,
         hop: String,
@@ -155,9 +195,8 @@ impl StreamHub {
         Ok(self.reader(replay, 0))
     }
 
-    /// A reader of an existing stream from after `after` (its last seen sequence).
-    pub fn resume(
-        self: &Arc<Self>,
+    async fn resume(
+        self: Arc<Self>,
         stream_id: &str,
         after: u64,
     ) -> Result<BoxStream<'static, Result<StreamResponse, Status>>, MeshError> {
@@ -183,23 +222,6 @@ impl StreamHub {
             }
         }
         Ok(self.reader(replay, after))
-    }
-
-    fn reader(
-        self: &Arc<Self>,
-        replay: Arc<Replay>,
-        after: u64,
-    ) -> BoxStream<'static, Result<StreamResponse, Status>> {
-        {
-            let mut state = replay.state.lock();
-            state.readers += 1;
-            state.detached_at = None;
-        }
-        let guard = ReaderGuard {
-            replay: Arc::clone(&replay),
-            grace: self.config.resume_grace,
-        };
-        reader_stream(replay, after, guard).boxed()
     }
 }
 

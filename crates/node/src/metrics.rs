@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use agentmesh_core::{Router, queue::QueueHandle, registry::Registry};
+use agentmesh_core::{Router, queue::QueueHandle, registry::AgentRegistry};
 use agentmesh_proto::v1::{AgentFilter, BreakerState};
 use axum::{extract::State, http::header, response::IntoResponse, routing::get};
 use prometheus_client::{
@@ -22,13 +22,17 @@ const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset
 
 #[derive(Clone)]
 struct MetricsState {
-    registry: Arc<Registry>,
+    registry: Arc<dyn AgentRegistry>,
     router: Router,
     queue: QueueHandle,
 }
 
 /// The `/metrics` route.
-pub fn routes(registry: Arc<Registry>, router: Router, queue: QueueHandle) -> axum::Router {
+pub fn routes(
+    registry: Arc<dyn AgentRegistry>,
+    router: Router,
+    queue: QueueHandle,
+) -> axum::Router {
     axum::Router::new()
         .route("/metrics", get(render))
         .with_state(MetricsState {

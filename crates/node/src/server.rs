@@ -16,7 +16,7 @@ use tower::ServiceBuilder;
 use agentmesh_core::{
     MeshCore, Router,
     queue::{QueueHandle, Queues},
-    registry::Registry,
+    registry::{AgentRegistry, MemoryRegistry},
 };
 use agentmesh_proto::DeadlinePolicy;
 
@@ -38,7 +38,7 @@ const SERVICES: &[&str] = &[
 #[derive(Debug)]
 pub struct Node {
     config: NodeConfig,
-    registry: Arc<Registry>,
+    registry: Arc<dyn AgentRegistry>,
     router: Router,
     shutdown: CancellationToken,
     queue: Option<QueueHandle>,
@@ -47,7 +47,10 @@ pub struct Node {
 impl Node {
     /// A node with the given configuration.
     pub fn new(config: NodeConfig) -> Self {
-        let registry = Arc::new(Registry::new(config.leases.clone(), config.breaker.clone()));
+        let registry: Arc<dyn AgentRegistry> = Arc::new(MemoryRegistry::new(
+            config.leases.clone(),
+            config.breaker.clone(),
+        ));
         let router = Router::new(
             Arc::clone(&registry),
             config.router.clone(),
@@ -70,7 +73,7 @@ impl Node {
     }
 
     /// The node's registry.
-    pub fn registry(&self) -> &Arc<Registry> {
+    pub fn registry(&self) -> &Arc<dyn AgentRegistry> {
         &self.registry
     }
 
@@ -104,7 +107,7 @@ impl Node {
         ));
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::NotServing).await;
-        self.registry.spawn_reaper();
+        Arc::clone(&self.registry).start();
         self.router.spawn_channel_pruner();
 
         let max = self.config.max_message_bytes;

@@ -40,9 +40,9 @@ pub use retry::agent_failure;
 
 use crate::{
     error::MeshError,
-    idempotency::{Claim, IdempotencyCache},
-    registry::{Instance, Registry},
-    replay::{ReplayConfig, StreamHub},
+    idempotency::{Claim, IdempotencyCache, IdempotencyStore},
+    registry::{AgentRegistry, Instance},
+    replay::{ReplayConfig, ReplayStore, StreamHub},
 };
 use pool::ChannelPool;
 use retry::Attempt;
@@ -113,12 +113,12 @@ impl Default for RetryConfig {
 /// Routes calls to registered agents.
 #[derive(Debug, Clone)]
 pub struct Router {
-    registry: Arc<Registry>,
+    registry: Arc<dyn AgentRegistry>,
     channels: Arc<ChannelPool>,
-    streams: Arc<StreamHub>,
+    streams: Arc<dyn ReplayStore>,
     budget: Arc<RetryBudget>,
     slots: Arc<Semaphore>,
-    idempotency: Arc<IdempotencyCache>,
+    idempotency: Arc<dyn IdempotencyStore>,
     metrics: Arc<RouterMetrics>,
     config: RouterConfig,
 }
@@ -134,7 +134,11 @@ pub struct Route {
 
 impl Router {
     /// A router over `registry`.
-    pub fn new(registry: Arc<Registry>, config: RouterConfig, replay: ReplayConfig) -> Self {
+    pub fn new(
+        registry: Arc<dyn AgentRegistry>,
+        config: RouterConfig,
+        replay: ReplayConfig,
+    ) -> Self {
         Self {
             registry,
             channels: Arc::default(),
@@ -298,7 +302,7 @@ impl Router {
             None
         } else {
             let key = format!("{}\u{0}{}", envelope.target, envelope.idempotency_key);
-            match self.idempotency.claim(key).await? {
+            match Arc::clone(&self.idempotency).claim(key).await? {
                 Claim::Replay(reply) => return Ok(*reply),
                 Claim::Lead(guard) => Some(guard),
             }

@@ -1,6 +1,8 @@
 //! Server streaming through the mesh: a new resumable stream (retried only until it opens),
 //! or the rest of an earlier one from its replay window.
 
+use std::sync::Arc;
+
 use agentmesh_proto::{
     CallContext,
     v1::{Envelope, StreamRequest, StreamResponse},
@@ -21,9 +23,9 @@ impl Router {
         request: StreamRequest,
     ) -> Result<EventStream<StreamResponse>, Status> {
         if !request.resume_stream_id.is_empty() {
-            return Ok(self
-                .streams
-                .resume(&request.resume_stream_id, request.resume_after_sequence)?);
+            return Ok(Arc::clone(&self.streams)
+                .resume(&request.resume_stream_id, request.resume_after_sequence)
+                .await?);
         }
         let mut envelope = request
             .envelope
@@ -50,7 +52,9 @@ impl Router {
                 event
             })
             .boxed();
-        Ok(self.streams.start(upstream, started + budget, hop)?)
+        Ok(Arc::clone(&self.streams)
+            .start(upstream, started + budget, hop)
+            .await?)
     }
 
     /// Opens the agent's side of a stream on one instance.

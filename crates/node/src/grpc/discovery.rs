@@ -1,4 +1,4 @@
-//! `agentmesh.v1.DiscoveryService` over the [`Registry`].
+//! `agentmesh.v1.DiscoveryService` over the [`AgentRegistry`].
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
@@ -12,18 +12,21 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use agentmesh_core::{MeshError, registry::Registry};
+use agentmesh_core::{
+    MeshError,
+    registry::{AgentRegistry, instance_matches},
+};
 
 /// The gRPC face of the registry.
 #[derive(Debug, Clone)]
 pub struct Discovery {
-    registry: Arc<Registry>,
+    registry: Arc<dyn AgentRegistry>,
     shutdown: CancellationToken,
 }
 
 impl Discovery {
     /// Serves `registry`; `Watch` streams end when `shutdown` is cancelled.
-    pub fn new(registry: Arc<Registry>, shutdown: CancellationToken) -> Self {
+    pub fn new(registry: Arc<dyn AgentRegistry>, shutdown: CancellationToken) -> Self {
         Self { registry, shutdown }
     }
 }
@@ -46,7 +49,7 @@ impl DiscoveryService for Discovery {
             })?),
             None => None,
         };
-        let (lease, card) = self.registry.register(card, ttl)?;
+        let (lease, card) = self.registry.register(card, ttl).await?;
         Ok(Response::new(RegisterResponse {
             lease: Some(lease),
             card: Some(card),
@@ -57,7 +60,10 @@ impl DiscoveryService for Discovery {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        let lease = self.registry.heartbeat(&request.into_inner().lease_id)?;
+        let lease = self
+            .registry
+            .heartbeat(&request.into_inner().lease_id)
+            .await?;
         Ok(Response::new(HeartbeatResponse { lease: Some(lease) }))
     }
 
@@ -65,7 +71,9 @@ impl DiscoveryService for Discovery {
         &self,
         request: Request<DeregisterRequest>,
     ) -> Result<Response<DeregisterResponse>, Status> {
-        self.registry.deregister(&request.into_inner().lease_id)?;
+        self.registry
+            .deregister(&request.into_inner().lease_id)
+            .await?;
         Ok(Response::new(DeregisterResponse {}))
     }
 
@@ -129,7 +137,7 @@ fn watch_stream(
                     let wanted = event
                         .instance
                         .as_ref()
-                        .is_some_and(|i| Registry::matches(&filter, i));
+                        .is_some_and(|i| instance_matches(&filter, i));
                     if wanted && tx.send(Ok(event)).await.is_err() {
                         return;
                     }
