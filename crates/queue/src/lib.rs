@@ -105,7 +105,6 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-mod backoff;
 mod config;
 mod embedded;
 mod error;
@@ -114,7 +113,6 @@ mod types;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
-pub use backoff::full_jitter_backoff;
 pub use config::{BackendConfig, QueueConfig};
 pub use embedded::{DATABASE_FILE, EmbeddedBackend, EmbeddedOptions, IoStats};
 pub use error::QueueError;

@@ -13,9 +13,9 @@ use super::codec::{
 use super::{EmbeddedOptions, Shared};
 use crate::{
     AttemptRecord, BackendConfig, DeadLetter, Leased, MAX_BODY_BYTES, MAX_RECEIVE_BATCH,
-    NackOutcome, NewMessage, QueueError, QueueStats, Selection, SubmitFate, full_jitter_backoff,
-    validate_queue_name,
+    NackOutcome, NewMessage, QueueError, QueueStats, Selection, SubmitFate, validate_queue_name,
 };
+use agentmesh_resilience::full_jitter_delay;
 use bytes::Bytes;
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition, TableHandle,
@@ -1529,10 +1529,10 @@ impl Writer {
             q.in_flight = q.in_flight.saturating_sub(1);
         }
         let delay = delay_ms.unwrap_or_else(|| {
-            dur_ms(full_jitter_backoff(
+            dur_ms(full_jitter_delay(
                 cfg.backoff_base,
                 cfg.backoff_max,
-                lease.attempt,
+                lease.attempt.saturating_sub(1),
             ))
         });
         let at = now.saturating_add(delay);
