@@ -6,6 +6,7 @@ use crate::{NackOutcome, QueueBackend, QueueConfig, QueueError, Selection};
 use bytes::Bytes;
 use std::time::Duration;
 
+/// Receives `n` messages of `q` and nacks each into the dead set (the queue allows one attempt).
 async fn kill_all(b: &dyn QueueBackend, q: &str, n: usize) {
     let got = receive_n(b, q, "killer", n, LONG_LEASE, Duration::from_secs(5)).await;
     assert_eq!(got.len(), n);

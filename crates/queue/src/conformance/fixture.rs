@@ -7,9 +7,12 @@ use bytes::Bytes;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// A lease that never lapses during a test.
 pub(super) const LONG_LEASE: Duration = Duration::from_secs(30);
+/// A receive that answers at once.
 pub(super) const NO_WAIT: Duration = Duration::ZERO;
 
+/// A backend from `factory`; a failure to open fails the test.
 pub(super) async fn open(
     factory: &dyn BackendFactory,
     config: BackendConfig,
@@ -17,10 +20,12 @@ pub(super) async fn open(
     factory.open(config).await.expect("backend opens")
 }
 
+/// A message whose body names its id, so a delivery can be checked against it.
 pub(super) fn msg(id: &str) -> NewMessage {
     NewMessage::new(id, Bytes::from(format!("body of {id}")))
 }
 
+/// Submits `messages`; every one must be accepted.
 pub(super) async fn submit_ok(b: &dyn QueueBackend, queue: &str, messages: Vec<NewMessage>) {
     let n = messages.len();
     let fates = b.submit(queue, messages).await.expect("submit");
@@ -64,6 +69,7 @@ pub(super) async fn receive_n(
     out
 }
 
+/// The stats of `queue`, which must exist.
 pub(super) async fn stats_of(b: &dyn QueueBackend, queue: &str) -> QueueStats {
     b.stats()
         .await
@@ -73,6 +79,7 @@ pub(super) async fn stats_of(b: &dyn QueueBackend, queue: &str) -> QueueStats {
         .unwrap_or_else(|| panic!("no stats for queue {queue}"))
 }
 
+/// Asserts that nothing of `queue` is ready (waiting briefly for a stray delivery).
 pub(super) async fn assert_empty(b: &dyn QueueBackend, queue: &str) {
     let got = b
         .receive(queue, "checker", 10, LONG_LEASE, Duration::from_millis(100))

@@ -1,4 +1,12 @@
 //! The embedded backend: one redb file in a directory, one writer thread doing group commit.
+//!
+//! * this file: [`EmbeddedBackend`], which checks arguments, hands each call to the writer
+//!   thread and awaits its reply (results are read directly), its options and I/O counters;
+//! * `writer`: the writer thread, owner of every mutation, split by concern (mapped in its docs);
+//! * `chunk`: the chunk format (messages appended together, stored as one value) and the
+//!   settled bitmap of a partly settled chunk;
+//! * `codec`: binary encoding of the other stored records (messages, attempt histories, dead
+//!   letters, expiring entries, queue rows) and time conversions.
 
 mod chunk;
 mod codec;

@@ -12,11 +12,13 @@
 //! * `failure`: what aborts a batch, how callers and the log hear of it, reopening the file;
 //! * `schema`: the tables, opening the file, converting the earlier layout, reloading state;
 //! * `submit`: submit and dedup, appending records to chunks and reading them back;
-//! * `lease`: receive and long-poll waiters, picking ready messages, leases and their expiry;
+//! * `receive`: picking ready messages (redeliveries, due retries, the scan), long-poll waiters;
+//! * `lease`: leasing the picks, receipts, extend and release, lapsed leases, orphaned deliveries;
 //! * `settle`: ack (results, `reply_to`), nack and the retry schedule, settled bitmaps;
 //! * `sweep`: deleting expired dedup keys and results, and knowing when the next one expires;
 //! * `dead_letters`: dead-lettering, listing, redrive and purge;
-//! * `stats`: per-queue counters.
+//! * `stats`: per-queue counters;
+//! * `fixture` (tests only): a writer on a temp directory, driven one loop turn at a time.
 
 mod batch;
 mod command;
