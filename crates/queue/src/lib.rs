@@ -4,6 +4,18 @@
 //! `Arc<dyn QueueBackend>`). Message bodies are opaque bytes (encoded envelopes); this crate knows
 //! nothing about the protocol.
 //!
+//! # Layout
+//!
+//! * this file: the [`QueueBackend`] trait, the API limits and queue-name validation;
+//! * `types`: the values passed through the API (messages, deliveries, fates, dead letters, stats);
+//! * `config`: each queue's delivery policy ([`QueueConfig`]) and the backend's [`BackendConfig`];
+//! * `error`: [`QueueError`], the crate's one error type;
+//! * `embedded`: [`EmbeddedBackend`], the redb store and its writer thread (mapped in its own docs);
+//! * `conformance` (feature `conformance`): the suite every backend must pass (see below).
+//!
+//! Retry backoff comes from `agentmesh-resilience` (`full_jitter_delay`), shared with the
+//! node's router and the SDK.
+//!
 //! # Semantics
 //!
 //! * [`QueueBackend::submit`] returns only once every accepted message is durable. Writers are
@@ -105,7 +117,6 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-mod backoff;
 mod config;
 mod embedded;
 mod error;
@@ -114,7 +125,6 @@ mod types;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
-pub use backoff::full_jitter_backoff;
 pub use config::{BackendConfig, QueueConfig};
 pub use embedded::{DATABASE_FILE, EmbeddedBackend, EmbeddedOptions, IoStats};
 pub use error::QueueError;

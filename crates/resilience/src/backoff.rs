@@ -6,6 +6,9 @@ use rand::Rng;
 
 /// Exponential backoff with full jitter: attempt `n` waits a random time in
 /// `[0, min(cap, base * 2^n)]`, which spreads retries of many clients apart.
+///
+/// Keeps the attempt count itself; callers that already count attempts (the queue's nack
+/// path stores them with the message) use [`full_jitter_delay`] instead.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     base: Duration,
@@ -25,22 +28,32 @@ impl Backoff {
 
     /// The ceiling for the current attempt (without jitter).
     pub fn ceiling(&self) -> Duration {
-        self.base
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.cap)
+        exponential_ceiling(self.base, self.cap, self.attempt)
     }
 
     /// The next delay, and advances to the next attempt.
     pub fn next_delay(&mut self) -> Duration {
-        let ceiling = self.ceiling();
+        let delay = full_jitter_delay(self.base, self.cap, self.attempt);
         self.attempt = self.attempt.saturating_add(1);
-        ceiling.mul_f64(rand::rng().random_range(0.0..=1.0))
+        delay
     }
 
     /// Starts over after a success.
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
+}
+
+/// The delay before retry `n` (0 for the first retry): a random time in
+/// `[0, min(cap, base * 2^n)]`. The stateless form of [`Backoff::next_delay`].
+pub fn full_jitter_delay(base: Duration, cap: Duration, n: u32) -> Duration {
+    exponential_ceiling(base, cap, n).mul_f64(rand::rng().random_range(0.0..=1.0))
+}
+
+/// `min(cap, base * 2^n)`.
+fn exponential_ceiling(base: Duration, cap: Duration, n: u32) -> Duration {
+    // Doubling stops at 2^31: by then any real cap has long been reached.
+    base.saturating_mul(1u32 << n.min(31)).min(cap)
 }
 
 #[cfg(test)]
@@ -60,5 +73,30 @@ mod tests {
         assert_eq!(ceilings[5], Duration::from_millis(100));
         backoff.reset();
         assert_eq!(backoff.ceiling(), Duration::from_millis(10));
+    }
+
+    #[test]
+    fn stateless_delay_stays_within_the_exponential_ceiling() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(1);
+        for n in 0..40 {
+            let d = full_jitter_delay(base, cap, n);
+            let ceiling = (100u64 << n.min(20)).min(1000);
+            assert!(d <= Duration::from_millis(ceiling), "{n}: {d:?}");
+        }
+        assert_eq!(full_jitter_delay(Duration::ZERO, cap, 2), Duration::ZERO);
+    }
+
+    #[test]
+    fn huge_attempt_counts_saturate_at_the_cap() {
+        let cap = Duration::from_secs(3600);
+        assert_eq!(
+            exponential_ceiling(Duration::from_millis(1), cap, u32::MAX),
+            cap
+        );
+        assert_eq!(
+            exponential_ceiling(Duration::MAX, Duration::MAX, 40),
+            Duration::MAX
+        );
     }
 }

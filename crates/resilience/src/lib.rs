@@ -1,12 +1,13 @@
-//! Resilience primitives shared by the node's router and the SDK's client:
-//! a [`CircuitBreaker`] per destination, [`Backoff`] with full jitter, and a
+//! Resilience primitives shared by the node's router, the SDK's client and the queue:
+//! a [`CircuitBreaker`] per destination, [`Backoff`] with full jitter (and its stateless
+//! form [`full_jitter_delay`], which the queue uses to schedule nacked messages), and a
 //! [`RetryBudget`] that caps how much extra load retries may add.
 
 mod backoff;
 mod breaker;
 mod budget;
 
-pub use backoff::Backoff;
+pub use backoff::{Backoff, full_jitter_delay};
 pub use breaker::{BreakerConfig, BreakerOpen, BreakerState, CircuitBreaker};
 pub use budget::RetryBudget;
 

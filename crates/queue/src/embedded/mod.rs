@@ -1,4 +1,12 @@
 //! The embedded backend: one redb file in a directory, one writer thread doing group commit.
+//!
+//! * this file: [`EmbeddedBackend`], which checks arguments, hands each call to the writer
+//!   thread and awaits its reply (results are read directly), its options and I/O counters;
+//! * `writer`: the writer thread, owner of every mutation, split by concern (mapped in its docs);
+//! * `chunk`: the chunk format (messages appended together, stored as one value) and the
+//!   settled bitmap of a partly settled chunk;
+//! * `codec`: binary encoding of the other stored records (messages, attempt histories, dead
+//!   letters, expiring entries, queue rows) and time conversions.
 
 mod chunk;
 mod codec;
@@ -423,89 +431,5 @@ impl QueueBackend for EmbeddedBackend {
             }
         }
         found
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::codec::{MessageView, QueueRow, encode_message, encode_queue_row, now_ms};
-    use super::*;
-    use redb::TableDefinition;
-
-    /// A store written by the earlier layout (one entry per message, ready and in-flight
-    /// indexes on disk) opens with every message kept and its retry time respected.
-    #[tokio::test]
-    async fn earlier_layout_is_migrated() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let queues: TableDefinition<&str, &[u8]> = TableDefinition::new("queues");
-        let meta: TableDefinition<&str, u64> = TableDefinition::new("meta");
-        let messages: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("messages");
-        let ready: TableDefinition<(u32, u64, u64), ()> = TableDefinition::new("ready");
-        let inflight: TableDefinition<(u32, u64), ()> = TableDefinition::new("inflight");
-        {
-            let db = redb::Database::create(dir.path().join(DATABASE_FILE)).expect("create");
-            let txn = db.begin_write().expect("txn");
-            {
-                let row = QueueRow {
-                    id: 1,
-                    live: 3,
-                    dead: 0,
-                };
-                txn.open_table(queues)
-                    .expect("queues")
-                    .insert("legacy", encode_queue_row(row).as_slice())
-                    .expect("insert");
-                txn.open_table(meta)
-                    .expect("meta")
-                    .insert("next_seq", 4)
-                    .expect("insert");
-                let mut m = txn.open_table(messages).expect("messages");
-                for (seq, id) in [(1, "ready"), (2, "delayed"), (3, "leased")] {
-                    let rec = encode_message(&MessageView {
-                        enqueued_ms: now_ms(),
-                        id,
-                        idempotency_key: None,
-                        correlation_id: id,
-                        reply_to: None,
-                        body: id.as_bytes(),
-                    });
-                    m.insert((1, seq), rec.as_slice()).expect("insert");
-                }
-                let mut r = txn.open_table(ready).expect("ready");
-                r.insert((1, now_ms(), 1), ()).expect("insert");
-                r.insert((1, now_ms() + 60_000, 2), ()).expect("insert");
-                txn.open_table(inflight)
-                    .expect("inflight")
-                    .insert((1, 3), ())
-                    .expect("insert");
-            }
-            txn.commit().expect("commit");
-        }
-        let b = EmbeddedBackend::open(dir.path(), BackendConfig::default()).expect("open");
-        let got = b
-            .receive("legacy", "c", 10, Duration::from_secs(30), Duration::ZERO)
-            .await
-            .expect("receive");
-        let mut ids: Vec<&str> = got.iter().map(|m| m.message_id.as_str()).collect();
-        ids.sort();
-        assert_eq!(ids, ["leased", "ready"]);
-        assert_eq!(&got[0].body[..], got[0].message_id.as_bytes());
-        let stats = b.stats().await.expect("stats");
-        assert_eq!((stats[0].depth, stats[0].in_flight), (1, 2), "{stats:?}");
-        for m in got {
-            b.ack(&m.receipt, None).await.expect("ack");
-        }
-        // A new message gets a seq after the migrated ones.
-        let fates = b
-            .submit("legacy", vec![NewMessage::new("new", "new")])
-            .await
-            .expect("submit");
-        assert!(matches!(fates[0], SubmitFate::Accepted { .. }));
-        let got = b
-            .receive("legacy", "c", 10, Duration::from_secs(30), Duration::ZERO)
-            .await
-            .expect("receive");
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].message_id, "new");
     }
 }
