@@ -6,14 +6,11 @@
 //! (`AGENTMESH_BENCH_EVENTS` events per stream, `AGENTMESH_BENCH_ROUNDS` rounds;
 //! `AGENTMESH_BENCH_ONLY=grpc|sse` runs one side, e.g. under a profiler).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::time::{Duration, Instant};
 
 use agentmesh_proto::v1::{Envelope, StreamRequest, agent_service_client::AgentServiceClient};
 use agentmesh_sdk::{Agent, Context, StreamSink};
-use common::{TestNode, card, start_agent};
+use agentmesh_tests::{TestNode, card, start_agent};
 use futures::StreamExt;
 use serde_json::json;
 use tonic::Status;

@@ -117,13 +117,9 @@ fn sigterm_shuts_the_node_down_gracefully() {
 
 /// grpcurl (1.8.6 speaks reflection v1alpha only) against the real binary.
 #[test]
+#[ignore = "needs AGENTMESH_TEST_GRPCURL"]
 fn grpcurl_lists_checks_and_invokes() {
-    let Ok(grpcurl) = std::env::var("AGENTMESH_TEST_GRPCURL") else {
-        eprintln!(
-            "SKIPPED grpcurl_lists_checks_and_invokes: set AGENTMESH_TEST_GRPCURL to a grpcurl binary"
-        );
-        return;
-    };
+    let grpcurl = agentmesh_tests::outside_tool("AGENTMESH_TEST_GRPCURL", "a grpcurl binary");
     let node = NodeProcess::start();
     let run = |args: &[&str]| {
         let out = Command::new(&grpcurl).args(args).output().unwrap();

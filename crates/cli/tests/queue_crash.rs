@@ -251,19 +251,16 @@ fn scopeguard(child: Child) -> Guard {
     Guard(child)
 }
 
-/// Path of util-linux `unshare`: runs a node on a small tmpfs in a user and mount namespace of
-/// its own, so the disk really fills up (no privileges needed beyond user namespaces).
-const UNSHARE_ENV: &str = "AGENTMESH_TEST_UNSHARE";
-
+/// `AGENTMESH_TEST_UNSHARE` names util-linux `unshare`, which runs the node on a small tmpfs
+/// in a user and mount namespace of its own, so the disk really fills up (no privileges
+/// needed beyond user namespaces).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs AGENTMESH_TEST_UNSHARE"]
 async fn full_disk_fails_submits_clearly_and_freed_space_is_used_again() {
-    let Some(unshare) = std::env::var_os(UNSHARE_ENV) else {
-        eprintln!(
-            "SKIPPED full_disk_fails_submits_clearly_and_freed_space_is_used_again: \
-             set {UNSHARE_ENV} to the path of `unshare` (util-linux) to run it"
-        );
-        return;
-    };
+    let unshare = agentmesh_tests::outside_tool(
+        "AGENTMESH_TEST_UNSHARE",
+        "util-linux `unshare`, able to create user and mount namespaces",
+    );
     let mount = tempfile::tempdir().unwrap();
     let address = format!("127.0.0.1:{}", free_port());
     // A 4 MiB tmpfs, 1 MiB of it taken by a ballast file, and the node's data dir on it.

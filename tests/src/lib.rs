@@ -1,0 +1,30 @@
+//! Fixtures for agentmesh's end-to-end tests, written once and shared by every
+//! test file in `tests/` (one file per capability) and by the `agentmesh`
+//! binary's own tests and benches.
+//!
+//! - [`node`]: [`TestNode`], a real node serving on `127.0.0.1:0` with a queue
+//!   store of its own, stopped through its shutdown signal.
+//! - [`agents`]: agent cards, small agents ([`Echo`], [`Controlled`], [`Streamer`])
+//!   and starting them against a node.
+//! - [`eventually`]: polling a condition until it holds or time runs out.
+//! - [`http`]: an HTTP client and the gateway's error JSON.
+//! - [`sse`]: a reader of Server-Sent Events over an HTTP response.
+//! - [`queue`]: a node with quick queue timings, a raw `Consume` stream and the
+//!   queue figures the tests wait for.
+//! - [`outside_tool`]: the tool or server a test needs from outside, named by an
+//!   `AGENTMESH_TEST_*` variable.
+
+pub mod agents;
+pub mod eventually;
+pub mod http;
+pub mod node;
+pub mod outside_tool;
+pub mod queue;
+pub mod sse;
+
+pub use agents::{Controlled, Echo, Streamer, card, start_agent, start_agent_with_ttl};
+pub use eventually::eventually;
+pub use http::{expect_gateway_error, http_client};
+pub use node::{TestNode, test_config};
+pub use outside_tool::outside_tool;
+pub use sse::{SseEvent, SseReader};
