@@ -15,11 +15,7 @@ use tonic::{
     transport::{Channel, Endpoint},
 };
 
-use crate::{
-    context::Context,
-    conversation::{ConversationSender, ConversationStream},
-    error::SdkError,
-};
+use crate::{call_scope, error::SdkError};
 
 /// Per-call options.
 #[derive(Debug, Clone, Default)]
@@ -220,18 +216,6 @@ impl MeshClient {
         Ok(self.agents().stream(request).await?.into_inner())
     }
 
-    /// Opens a conversation with `target`: a sender for our messages and a
-    /// stream of the peer's. Heartbeats go both ways by themselves; a peer
-    /// silent for three intervals ends the stream with UNAVAILABLE. Dropping
-    /// every sender half-closes our side.
-    pub async fn converse(
-        &self,
-        target: &str,
-        heartbeat: Duration,
-    ) -> Result<(ConversationSender, ConversationStream), Status> {
-        crate::conversation::open(self, target, heartbeat).await
-    }
-
     /// Sends one request to many targets under a completion policy; every
     /// target's outcome is in the response.
     pub async fn fan_out(&self, request: FanOutRequest) -> Result<FanOutResponse, Status> {
@@ -286,11 +270,12 @@ impl MeshClient {
         if let Some(key) = &options.idempotency_key {
             envelope.idempotency_key = key.clone();
         }
-        let current = Context::current();
+        let current = call_scope::current();
         let mut timeout = options.timeout.unwrap_or(self.default_timeout);
         if let Some(ctx) = &current {
-            envelope.follow(ctx.call(), ctx.message_id());
-            if let Some(remaining) = ctx.remaining() {
+            envelope.follow(&ctx.call, &ctx.message_id);
+            let deadline = ctx.call.deadline;
+            if let Some(remaining) = deadline.explicit.then(|| deadline.remaining()) {
                 let budget = remaining
                     .checked_sub(self.hop_margin)
                     .filter(|b| !b.is_zero());

@@ -8,7 +8,10 @@ use agentmesh_proto::{CallContext, DeadlinePolicy, v1::Envelope};
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 
-use crate::client::MeshClient;
+use crate::{
+    call_scope::{self, CallScope},
+    client::MeshClient,
+};
 
 tokio::task_local! {
     static CURRENT: Context;
@@ -115,6 +118,12 @@ impl Context {
 
     /// Runs `future` with this context as the current one.
     pub async fn scope<F: Future>(self, future: F) -> F::Output {
-        CURRENT.scope(self, future).await
+        let inherited = CallScope {
+            call: self.call.clone(),
+            message_id: self.message_id.clone(),
+        };
+        CURRENT
+            .scope(self, call_scope::enter(inherited, future))
+            .await
     }
 }

@@ -2,10 +2,7 @@
 //! sends a heartbeat when it has been quiet for an interval, and a peer that
 //! is silent for three intervals is considered dead.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant, SystemTime},
-};
+use std::time::{Duration, Instant, SystemTime};
 
 use agentmesh_proto::v1::{
     ConverseHeartbeat, ConverseRequest, ConverseResponse, Envelope, converse_request,
@@ -13,9 +10,9 @@ use agentmesh_proto::v1::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Status};
 
-use crate::{Agent, agent::EventStreamOf, client::MeshClient, context::Context};
+use crate::client::MeshClient;
 
 /// Heartbeat interval when the caller asks for none.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
@@ -54,122 +51,10 @@ impl Conversation {
     }
 }
 
-fn heartbeat() -> ConverseHeartbeat {
+pub(crate) fn heartbeat() -> ConverseHeartbeat {
     ConverseHeartbeat {
         sent_at: Some(SystemTime::now().into()),
     }
-}
-
-/// Serves one `Converse` call with `agent`.
-pub(crate) async fn host<A: Agent>(
-    agent: Arc<A>,
-    client: Option<MeshClient>,
-    request: Request<Streaming<ConverseRequest>>,
-) -> Result<Response<EventStreamOf<ConverseResponse>>, Status> {
-    let ctx = Context::from_metadata(request.metadata(), "", client);
-    let mut incoming = request.into_inner();
-    let (inbound_tx, inbound_rx) = mpsc::channel(16);
-    let (outbound_tx, mut outbound_rx) = mpsc::channel(16);
-    let (frames, frames_rx) = mpsc::channel(16);
-    let cancel = ctx.cancellation();
-    let handler = tokio::spawn({
-        let ctx = ctx.clone();
-        ctx.clone().scope(async move {
-            agent
-                .converse(ctx, Conversation::new(inbound_rx, outbound_tx))
-                .await
-        })
-    });
-    tokio::spawn(async move {
-        let abort = handler.abort_handle();
-        let mut interval = DEFAULT_HEARTBEAT;
-        let mut last_heard = Instant::now();
-        let mut last_sent = Instant::now();
-        let mut inbound = Some(inbound_tx);
-        let send = |frame: converse_response::Frame| {
-            let frames = frames.clone();
-            async move {
-                frames
-                    .send(Ok(ConverseResponse { frame: Some(frame) }))
-                    .await
-                    .is_ok()
-            }
-        };
-        loop {
-            let silence_limit = last_heard + interval * MISSED_HEARTBEATS;
-            let next_beat = last_sent + interval;
-            tokio::select! {
-                frame = incoming.message(), if inbound.is_some() => match frame {
-                    Ok(Some(request)) => {
-                        last_heard = Instant::now();
-                        match request.frame {
-                            Some(converse_request::Frame::Open(open)) => {
-                                if let Some(d) = open.heartbeat_interval.and_then(|d| Duration::try_from(d).ok()) {
-                                    interval = d.max(Duration::from_millis(10));
-                                }
-                            }
-                            Some(converse_request::Frame::Envelope(envelope)) => {
-                                let sender = inbound.as_ref().expect("guarded by the select");
-                                if sender.send(envelope).await.is_err() {
-                                    // The handler stopped reading; keep the call open for its replies.
-                                    inbound = None;
-                                }
-                            }
-                            Some(converse_request::Frame::Heartbeat(_)) | None => {}
-                        }
-                    }
-                    // The peer half-closed: the handler sees the end of its inbound stream.
-                    Ok(None) => inbound = None,
-                    Err(_) => {
-                        cancel.cancel();
-                        abort.abort();
-                        return;
-                    }
-                },
-                _ = tokio::time::sleep_until(silence_limit.into()), if inbound.is_some() => {
-                    let _ = frames.send(Err(Status::unavailable(format!(
-                        "peer silent for {} ms ({MISSED_HEARTBEATS} heartbeat intervals)",
-                        (interval * MISSED_HEARTBEATS).as_millis()
-                    )))).await;
-                    cancel.cancel();
-                    abort.abort();
-                    return;
-                }
-                _ = tokio::time::sleep_until(next_beat.into()) => {
-                    last_sent = Instant::now();
-                    if !send(converse_response::Frame::Heartbeat(heartbeat())).await {
-                        cancel.cancel();
-                        abort.abort();
-                        return;
-                    }
-                }
-                outgoing = outbound_rx.recv() => match outgoing {
-                    Some(envelope) => {
-                        last_sent = Instant::now();
-                        if !send(converse_response::Frame::Envelope(envelope)).await {
-                            cancel.cancel();
-                            abort.abort();
-                            return;
-                        }
-                    }
-                    // Every sender is gone: the handler has finished.
-                    None => {
-                        let outcome = handler.await;
-                        let error = match outcome {
-                            Ok(Ok(())) => None,
-                            Ok(Err(status)) => Some(status),
-                            Err(join) => Some(Status::internal(format!("conversation handler failed: {join}"))),
-                        };
-                        if let Some(status) = error {
-                            let _ = frames.send(Err(status)).await;
-                        }
-                        return;
-                    }
-                },
-            }
-        }
-    });
-    Ok(Response::new(Box::pin(ReceiverStream::new(frames_rx))))
 }
 
 /// Our side's sender in a conversation opened with [`MeshClient::converse`].
@@ -178,8 +63,22 @@ pub type ConversationSender = mpsc::Sender<Envelope>;
 /// The peer's messages in a conversation opened with [`MeshClient::converse`].
 pub type ConversationStream = ReceiverStream<Result<Envelope, Status>>;
 
+impl MeshClient {
+    /// Opens a conversation with `target`: a sender for our messages and a
+    /// stream of the peer's. Heartbeats go both ways by themselves; a peer
+    /// silent for three intervals ends the stream with UNAVAILABLE. Dropping
+    /// every sender half-closes our side.
+    pub async fn converse(
+        &self,
+        target: &str,
+        heartbeat: Duration,
+    ) -> Result<(ConversationSender, ConversationStream), Status> {
+        open(self, target, heartbeat).await
+    }
+}
+
 /// Opens a conversation through the node (the client side).
-pub(crate) async fn open(
+async fn open(
     client: &MeshClient,
     target: &str,
     interval: Duration,

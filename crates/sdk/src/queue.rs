@@ -10,7 +10,7 @@ use agentmesh_proto::v1::{
 };
 use tonic::{Code, Request, Status, metadata::MetadataMap, transport::Channel};
 
-use crate::{client::MeshClient, context::Context};
+use crate::{call_scope, client::MeshClient};
 
 /// Messages sent per `Submit` call by [`MeshClient::submit`] (the node takes at most 50 000).
 pub const SUBMIT_CALL_MESSAGES: usize = 10_000;
@@ -38,8 +38,8 @@ impl DeadLetterSelection {
 
 /// Metadata carrying the current handler's correlation id and trace context, if any.
 fn context_metadata() -> MetadataMap {
-    Context::current()
-        .map(|ctx| ctx.call().trace_metadata())
+    call_scope::current()
+        .map(|scope| scope.call.trace_metadata())
         .unwrap_or_default()
 }
 
@@ -72,15 +72,15 @@ impl MeshClient {
         queue: &str,
         envelopes: impl IntoIterator<Item = Envelope>,
     ) -> Result<SubmitResponse, Status> {
-        let ctx = Context::current();
+        let scope = call_scope::current();
         let envelopes: Vec<Envelope> = envelopes
             .into_iter()
             .map(|mut envelope| {
                 if envelope.id.is_empty() {
                     envelope.id = agentmesh_proto::new_id();
                 }
-                if let Some(ctx) = &ctx {
-                    envelope.follow(ctx.call(), ctx.message_id());
+                if let Some(scope) = &scope {
+                    envelope.follow(&scope.call, &scope.message_id);
                 }
                 if envelope.correlation_id.is_empty() {
                     envelope.correlation_id = envelope.id.clone();
