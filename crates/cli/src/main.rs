@@ -3,6 +3,7 @@
 mod demo;
 mod queue_commands;
 mod serve_command;
+mod table_output;
 
 use std::time::Duration;
 
@@ -210,30 +211,35 @@ async fn run() -> anyhow::Result<()> {
                 println!("{}", agentmesh_proto::json::to_json(&response)?);
                 return Ok(());
             }
+            let mut table =
+                table_output::plain_table(&["TARGET", "LATENCY", "OUTCOME", "DETAIL"], &[1]);
             for result in &response.results {
                 let latency = result
                     .latency
                     .and_then(|d| Duration::try_from(d).ok())
                     .unwrap_or_default();
-                let outcome = match &result.outcome {
-                    Some(Outcome::Envelope(reply)) => format!(
-                        "ok     {}",
+                let (outcome, detail) = match &result.outcome {
+                    Some(Outcome::Envelope(reply)) => (
+                        "ok".to_owned(),
                         reply
                             .json_payload()
                             .map(|p| p.to_string())
-                            .unwrap_or_default()
+                            .unwrap_or_default(),
                     ),
-                    Some(Outcome::Error(error)) => {
-                        format!("{:?}: {}", tonic::Code::from(error.code), error.message)
-                    }
-                    None => "-".into(),
+                    Some(Outcome::Error(error)) => (
+                        format!("{:?}", tonic::Code::from(error.code)),
+                        error.message.clone(),
+                    ),
+                    None => ("-".to_owned(), String::new()),
                 };
-                println!(
-                    "{:<16} {:>6} ms  {outcome}",
-                    result.target,
-                    latency.as_millis()
-                );
+                table.add_row(vec![
+                    result.target.clone(),
+                    format!("{} ms", latency.as_millis()),
+                    outcome,
+                    detail,
+                ]);
             }
+            table_output::print_table(&table);
             println!(
                 "policy {}",
                 if response.satisfied {
@@ -328,9 +334,16 @@ async fn agents(node: NodeArgs, skill: Option<String>) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    println!(
-        "{:<16} {:<38} {:<24} {:<24} {:>9}  BREAKER",
-        "NAME", "INSTANCE", "ENDPOINT", "SKILLS", "IN-FLIGHT"
+    let mut table = table_output::plain_table(
+        &[
+            "NAME",
+            "INSTANCE",
+            "ENDPOINT",
+            "SKILLS",
+            "IN-FLIGHT",
+            "BREAKER",
+        ],
+        &[4],
     );
     for instance in &instances {
         let card = instance.card.clone().unwrap_or_default();
@@ -340,15 +353,16 @@ async fn agents(node: NodeArgs, skill: Option<String>) -> anyhow::Result<()> {
             Ok(agentmesh_proto::v1::BreakerState::HalfOpen) => "half-open",
             _ => "closed",
         };
-        println!(
-            "{:<16} {:<38} {:<24} {:<24} {:>9}  {breaker}",
+        table.add_row(vec![
             card.name,
             card.instance_id,
             card.endpoint,
             skills.join(","),
-            instance.in_flight
-        );
+            instance.in_flight.to_string(),
+            breaker.to_owned(),
+        ]);
     }
+    table_output::print_table(&table);
     if instances.is_empty() {
         eprintln!("no agents registered");
     }
