@@ -2,14 +2,15 @@
 
 mod demo;
 mod queue_commands;
+mod serve_command;
+mod table_output;
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
-use agentmesh_node::{Node, NodeConfig};
 use agentmesh_proto::v1::{AgentFilter, Envelope};
 use agentmesh_sdk::{CallOptions, MeshClient};
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 // Many small, short-lived allocations cross threads (messages between the queue writer and
 // the gRPC tasks); mimalloc handles that pattern far better than glibc's malloc.
@@ -59,23 +60,7 @@ struct NodeArgs {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a node: gRPC and HTTP on one port.
-    Serve {
-        /// Address to listen on.
-        #[arg(long, env = "AGENTMESH_LISTEN", default_value = "127.0.0.1:7700")]
-        listen: SocketAddr,
-        /// Also start the built-in demo agents (echo, counter).
-        #[arg(long)]
-        demo_agents: bool,
-        /// Configuration file (TOML); flags and variables override it.
-        #[arg(long, env = "AGENTMESH_CONFIG")]
-        config: Option<std::path::PathBuf>,
-        /// Edge default timeout in milliseconds, for calls that set none (default 30000).
-        #[arg(long, env = "AGENTMESH_DEFAULT_TIMEOUT_MS")]
-        default_timeout_ms: Option<u64>,
-        /// Directory of the durable queue store (created if missing).
-        #[arg(long, env = "AGENTMESH_DATA_DIR", default_value = agentmesh_node::DEFAULT_DATA_DIR)]
-        data_dir: std::path::PathBuf,
-    },
+    Serve(serve_command::ServeArgs),
     #[command(flatten)]
     Queue(queue_commands::QueueCommand),
     /// List registered agents.
@@ -175,22 +160,16 @@ async fn run() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::Serve {
-            listen,
-            demo_agents,
-            config,
-            default_timeout_ms,
-            data_dir,
-        } => {
-            let mut config = match config {
-                Some(path) => NodeConfig::from_file(&path)?,
-                None => NodeConfig::default(),
-            };
-            if let Some(ms) = default_timeout_ms {
-                config.router.default_timeout = Duration::from_millis(ms);
-            }
-            serve(listen, demo_agents, config, data_dir).await
+    // The matches say whether a flag came from the command line or its variable, which
+    // decides the precedence of `serve`'s named flags.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    match cli.command {
+        Command::Serve(serve) => {
+            let serve_matches = matches
+                .subcommand_matches("serve")
+                .expect("the serve subcommand was parsed");
+            serve.run(serve_matches).await
         }
         Command::Queue(command) => queue_commands::run(command).await,
         Command::Agents { node, skill } => agents(node, skill).await,
@@ -232,30 +211,35 @@ async fn run() -> anyhow::Result<()> {
                 println!("{}", agentmesh_proto::json::to_json(&response)?);
                 return Ok(());
             }
+            let mut table =
+                table_output::plain_table(&["TARGET", "LATENCY", "OUTCOME", "DETAIL"], &[1]);
             for result in &response.results {
                 let latency = result
                     .latency
                     .and_then(|d| Duration::try_from(d).ok())
                     .unwrap_or_default();
-                let outcome = match &result.outcome {
-                    Some(Outcome::Envelope(reply)) => format!(
-                        "ok     {}",
+                let (outcome, detail) = match &result.outcome {
+                    Some(Outcome::Envelope(reply)) => (
+                        "ok".to_owned(),
                         reply
                             .json_payload()
                             .map(|p| p.to_string())
-                            .unwrap_or_default()
+                            .unwrap_or_default(),
                     ),
-                    Some(Outcome::Error(error)) => {
-                        format!("{:?}: {}", tonic::Code::from(error.code), error.message)
-                    }
-                    None => "-".into(),
+                    Some(Outcome::Error(error)) => (
+                        format!("{:?}", tonic::Code::from(error.code)),
+                        error.message.clone(),
+                    ),
+                    None => ("-".to_owned(), String::new()),
                 };
-                println!(
-                    "{:<16} {:>6} ms  {outcome}",
-                    result.target,
-                    latency.as_millis()
-                );
+                table.add_row(vec![
+                    result.target.clone(),
+                    format!("{} ms", latency.as_millis()),
+                    outcome,
+                    detail,
+                ]);
             }
+            table_output::print_table(&table);
             println!(
                 "policy {}",
                 if response.satisfied {
@@ -320,45 +304,6 @@ async fn run() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(
-    listen: SocketAddr,
-    demo_agents: bool,
-    mut config: NodeConfig,
-    data_dir: std::path::PathBuf,
-) -> anyhow::Result<()> {
-    config.queue.data_dir = data_dir;
-    let queue = agentmesh_node::QueueHandle::open(&config.queue)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot open the queue store in {}",
-                config.queue.data_dir.display()
-            )
-        })?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let address = listener.local_addr()?;
-    let node = Node::new(config).with_queue(queue.clone());
-    let server = tokio::spawn(node.serve(listener, shutdown_signal()));
-    let demos = if demo_agents {
-        let demos = demo::start(&address.to_string()).await?;
-        for agent in &demos {
-            agent.registered(1).await;
-        }
-        tracing::info!(count = demos.len(), "demo agents registered");
-        demos
-    } else {
-        Vec::new()
-    };
-    let result = server.await.context("node task failed")?;
-    for agent in demos {
-        agent.shutdown().await;
-    }
-    queue.close().await;
-    result.context("node failed")
-}
-
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
@@ -389,9 +334,16 @@ async fn agents(node: NodeArgs, skill: Option<String>) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    println!(
-        "{:<16} {:<38} {:<24} {:<24} {:>9}  BREAKER",
-        "NAME", "INSTANCE", "ENDPOINT", "SKILLS", "IN-FLIGHT"
+    let mut table = table_output::plain_table(
+        &[
+            "NAME",
+            "INSTANCE",
+            "ENDPOINT",
+            "SKILLS",
+            "IN-FLIGHT",
+            "BREAKER",
+        ],
+        &[4],
     );
     for instance in &instances {
         let card = instance.card.clone().unwrap_or_default();
@@ -401,15 +353,16 @@ async fn agents(node: NodeArgs, skill: Option<String>) -> anyhow::Result<()> {
             Ok(agentmesh_proto::v1::BreakerState::HalfOpen) => "half-open",
             _ => "closed",
         };
-        println!(
-            "{:<16} {:<38} {:<24} {:<24} {:>9}  {breaker}",
+        table.add_row(vec![
             card.name,
             card.instance_id,
             card.endpoint,
             skills.join(","),
-            instance.in_flight
-        );
+            instance.in_flight.to_string(),
+            breaker.to_owned(),
+        ]);
     }
+    table_output::print_table(&table);
     if instances.is_empty() {
         eprintln!("no agents registered");
     }

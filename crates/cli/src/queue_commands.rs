@@ -9,7 +9,10 @@ use clap::{Args, Subcommand};
 use tokio::io::AsyncWriteExt;
 use tonic::Status;
 
-use crate::{NodeArgs, Output, status_error};
+use crate::{
+    NodeArgs, Output, status_error,
+    table_output::{plain_table, print_table},
+};
 
 /// The queue subcommands (flattened into the top-level command).
 #[derive(Debug, Subcommand)]
@@ -209,20 +212,20 @@ async fn queues(node: NodeArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    println!(
-        "{:<32} {:>10} {:>10} {:>10} {:>8}",
-        "QUEUE", "DEPTH", "IN-FLIGHT", "DEAD", "OLDEST"
+    let mut table = plain_table(
+        &["QUEUE", "DEPTH", "IN-FLIGHT", "DEAD", "OLDEST"],
+        &[1, 2, 3, 4],
     );
     for q in &queues {
-        println!(
-            "{:<32} {:>10} {:>10} {:>10} {:>8}",
-            q.name,
-            q.depth,
-            q.in_flight,
-            q.dead_letters,
-            age(q.oldest_age)
-        );
+        table.add_row(vec![
+            q.name.clone(),
+            q.depth.to_string(),
+            q.in_flight.to_string(),
+            q.dead_letters.to_string(),
+            age(q.oldest_age),
+        ]);
     }
+    print_table(&table);
     if queues.is_empty() {
         eprintln!("no queues yet (a queue is created by its first submit)");
     }
@@ -402,23 +405,20 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
                 println!("{}", agentmesh_proto::json::to_json(&page)?);
                 return Ok(());
             }
-            println!(
-                "{:<38} {:>8} {:<24} LAST ERROR",
-                "MESSAGE", "ATTEMPTS", "DEAD SINCE"
-            );
+            let mut table = plain_table(&["MESSAGE", "ATTEMPTS", "DEAD SINCE", "LAST ERROR"], &[1]);
             for dead in &page.dead_letters {
                 let since = dead
                     .dead_lettered_at
                     .map(|t| t.to_string())
                     .unwrap_or_default();
-                println!(
-                    "{:<38} {:>8} {:<24} {}",
-                    dead.message_id,
-                    dead.attempts.len(),
+                table.add_row(vec![
+                    dead.message_id.clone(),
+                    dead.attempts.len().to_string(),
                     since,
-                    dead.last_error
-                );
+                    dead.last_error.clone(),
+                ]);
             }
+            print_table(&table);
             if page.dead_letters.is_empty() {
                 eprintln!("no dead letters in {queue}");
             }

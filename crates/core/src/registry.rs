@@ -19,13 +19,17 @@ use tokio::sync::broadcast;
 use crate::error::MeshError;
 
 /// Lease limits of the registry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LeaseConfig {
     /// TTL granted when the instance asks for none.
+    #[serde(with = "humantime_serde")]
     pub default_ttl: Duration,
     /// Shortest TTL granted.
+    #[serde(with = "humantime_serde")]
     pub min_ttl: Duration,
     /// Longest TTL granted.
+    #[serde(with = "humantime_serde")]
     pub max_ttl: Duration,
 }
 

@@ -23,13 +23,16 @@ use tonic::Status;
 use crate::error::MeshError;
 
 /// Limits of resumable streams.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ReplayConfig {
     /// Events kept per stream for resumption (and buffered at most).
     pub window: usize,
     /// How long a stream without a reader is kept alive for a resume.
+    #[serde(with = "humantime_serde")]
     pub resume_grace: Duration,
     /// How long a finished stream stays resumable.
+    #[serde(with = "humantime_serde")]
     pub retention: Duration,
     /// Most streams open at once; more are refused with RESOURCE_EXHAUSTED.
     pub max_streams: usize,

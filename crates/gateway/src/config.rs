@@ -3,24 +3,30 @@
 use std::time::Duration;
 
 /// How the gateway behaves.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
     /// Largest accepted request body, in bytes (larger: 413).
     pub max_body_bytes: usize,
     /// Origins allowed by CORS (`*` for any); empty disables CORS.
     pub cors_origins: Vec<String>,
     /// Interval of SSE keep-alive comments.
+    #[serde(with = "humantime_serde")]
     pub sse_keep_alive: Duration,
     /// Interval of WebSocket pings; a socket that answers none of them for
     /// `ws_pong_timeout` is closed.
+    #[serde(with = "humantime_serde")]
     pub ws_ping_interval: Duration,
     /// How long a WebSocket may go without a pong before it is closed.
+    #[serde(with = "humantime_serde")]
     pub ws_pong_timeout: Duration,
     /// Heartbeat interval the gateway announces to (and keeps with) the
     /// agent in a conversation, on behalf of the browser, which cannot.
+    #[serde(with = "humantime_serde")]
     pub converse_heartbeat: Duration,
     /// How long the gateway remembers a detached stream's first event, so a
     /// reader attaching later gets the stream from its very beginning.
+    #[serde(with = "humantime_serde")]
     pub detached_retention: Duration,
     /// Most detached streams remembered at once (oldest forgotten first).
     pub max_detached: usize,

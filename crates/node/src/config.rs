@@ -1,17 +1,32 @@
-//! The node's configuration: one struct, with the defaults of DESIGN.
+//! The node's configuration: one struct, with the defaults of DESIGN, deserialized as is
+//! from TOML (see [`crate::config_layers`] for the file, `AGENTMESH_*` variables and flags).
+//!
+//! Every settings struct it holds derives `Deserialize` with `#[serde(default,
+//! deny_unknown_fields)]`: a key left out keeps its default, a key that names no setting is an
+//! error. Durations are written like `250ms`, `30s`, `5m`.
 
 use std::time::Duration;
 
 use agentmesh_gateway::GatewayConfig;
 use agentmesh_resilience::BreakerConfig;
+use serde::{Deserialize, Serialize};
 
 use agentmesh_core::{
     queue::QueueSettings, registry::LeaseConfig, replay::ReplayConfig, router::RouterConfig,
 };
 
 /// Everything a node can be configured with.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
+    /// Upper bound on any deadline a caller asks for.
+    #[serde(with = "humantime_serde")]
+    pub max_timeout: Duration,
+    /// Largest gRPC message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// How long in-flight calls may take to finish after a shutdown signal.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
     /// Routing: edge default timeout (30 s), hop margin, connect timeout.
     pub router: RouterConfig,
     /// Registry leases: default, minimum and maximum TTL.
@@ -24,26 +39,63 @@ pub struct NodeConfig {
     pub gateway: GatewayConfig,
     /// Durable queue: data directory and delivery policy.
     pub queue: QueueSettings,
-    /// Upper bound on any deadline a caller asks for.
-    pub max_timeout: Duration,
-    /// Largest gRPC message accepted, in bytes.
-    pub max_message_bytes: usize,
-    /// How long in-flight calls may take to finish after a shutdown signal.
-    pub shutdown_grace: Duration,
 }
 
 impl Default for NodeConfig {
     fn default() -> Self {
         Self {
+            max_timeout: Duration::from_secs(3600),
+            max_message_bytes: 4 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(10),
             router: RouterConfig::default(),
             leases: LeaseConfig::default(),
             breaker: BreakerConfig::default(),
             replay: ReplayConfig::default(),
             gateway: GatewayConfig::default(),
             queue: Default::default(),
-            max_timeout: Duration::from_secs(3600),
-            max_message_bytes: 4 * 1024 * 1024,
-            shutdown_grace: Duration::from_secs(10),
         }
+    }
+}
+
+impl NodeConfig {
+    /// Rejects settings that cannot work together, naming the keys at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        let retry = &self.router.retry;
+        if retry.max_attempts == 0 {
+            return Err("router.retry.max_attempts must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.breaker.failure_rate) {
+            return Err("breaker.failure_rate must be between 0 and 1".into());
+        }
+        if self.breaker.consecutive_failures == 0 || self.breaker.half_open_probes == 0 {
+            return Err(
+                "breaker.consecutive_failures and breaker.half_open_probes must be at least 1"
+                    .into(),
+            );
+        }
+        if self.leases.min_ttl > self.leases.max_ttl {
+            return Err("leases.min_ttl must not exceed leases.max_ttl".into());
+        }
+        if self.replay.window == 0 || self.router.max_in_flight == 0 {
+            return Err("replay.window and router.max_in_flight must be positive".into());
+        }
+        // The store checks its policy when it opens; checking here names the key at load time.
+        let backend = &self.queue.backend;
+        let policies = std::iter::once(("queue.backend.defaults".to_owned(), &backend.defaults))
+            .chain(
+                backend
+                    .overrides
+                    .iter()
+                    .map(|(queue, policy)| (format!("queue.backend.overrides.{queue:?}"), policy)),
+            );
+        for (key, policy) in policies {
+            policy.validate().map_err(|error| match error {
+                agentmesh_queue::QueueError::InvalidArgument(message) => {
+                    format!("{key}: {message}")
+                }
+                other => format!("{key}: {other}"),
+            })?;
+        }
+        Ok(())
     }
 }

@@ -8,10 +8,11 @@
 //! - [`server`] puts them, health, reflection, the HTTP gateway and `/metrics` on one port;
 //! - [`metrics`] renders `/metrics`, with [`process_metrics`] for the process's own CPU,
 //!   memory and descriptors;
-//! - [`config`] holds the settings and their defaults, [`config_file`] reads them from TOML.
+//! - [`config`] holds the settings and their defaults; [`config_layers`] reads them from a TOML
+//!   file, `AGENTMESH_*` variables and `--set` flags, through the same serde path.
 
 pub mod config;
-pub mod config_file;
+pub mod config_layers;
 pub mod edge;
 pub mod grpc;
 pub mod metrics;
@@ -26,4 +27,5 @@ pub use agentmesh_core::{
     router::{RetryConfig, RouterConfig},
 };
 pub use config::NodeConfig;
+pub use config_layers::{ConfigError, ConfigLayer};
 pub use server::Node;

@@ -69,18 +69,19 @@ fn counter(value: u64) -> Counter {
 
 /// Registers the figures read at this scrape; the router's own families are shared, the
 /// rest are built from the current state.
+/// Help texts end without a period: `prometheus-client` adds one.
 async fn collect(state: &MetricsState) -> Families {
     let mut families = Families::default();
     state.router.metrics().register(&mut families);
     families.register(
         "agentmesh_agent_connections",
-        "Connections the node holds to agent endpoints.",
+        "Connections the node holds to agent endpoints",
         gauge(state.router.agent_connections() as i64),
     );
     let instances = state.registry.lookup(&AgentFilter::default());
     families.register(
         "agentmesh_instances",
-        "Registered agent instances.",
+        "Registered agent instances",
         gauge(instances.len() as i64),
     );
     let in_flight = Family::<InstanceLabels, Gauge>::default();
@@ -104,12 +105,12 @@ async fn collect(state: &MetricsState) -> Families {
     }
     families.register(
         "agentmesh_instance_in_flight",
-        "Calls in flight to an instance.",
+        "Calls in flight to an instance",
         in_flight,
     );
     families.register(
         "agentmesh_breaker_state",
-        "Circuit breaker of an instance: 0 closed, 1 half-open, 2 open.",
+        "Circuit breaker of an instance: 0 closed, 1 half-open, 2 open",
         breaker,
     );
     collect_queues(&mut families, &state.queue).await;
@@ -123,7 +124,7 @@ async fn collect_queues(families: &mut Families, queue: &QueueHandle) {
     let stats = queue.backend().stats().await;
     families.register(
         "agentmesh_queue_store_up",
-        "Whether the queue store answered (1) or failed (0).",
+        "Whether the queue store answered (1) or failed (0)",
         gauge(i64::from(stats.is_ok())),
     );
     let stats = stats.unwrap_or_default();
@@ -131,17 +132,17 @@ async fn collect_queues(families: &mut Families, queue: &QueueHandle) {
     let gauges: [(&str, &str, Read); 3] = [
         (
             "agentmesh_queue_depth",
-            "Messages waiting in a queue (ready or delayed for a retry).",
+            "Messages waiting in a queue (ready or delayed for a retry)",
             |s| s.depth as i64,
         ),
         (
             "agentmesh_queue_in_flight",
-            "Messages of a queue leased to consumers.",
+            "Messages of a queue leased to consumers",
             |s| s.in_flight as i64,
         ),
         (
             "agentmesh_queue_dead_letters",
-            "Dead letters of a queue.",
+            "Dead letters of a queue",
             |s| s.dead_letters as i64,
         ),
     ];
@@ -166,7 +167,7 @@ async fn collect_queues(families: &mut Families, queue: &QueueHandle) {
     }
     families.register_with_unit(
         "agentmesh_queue_oldest_age",
-        "Age of a queue's oldest message not yet acked (0 when empty).",
+        "Age of a queue's oldest message not yet acked (0 when empty)",
         Unit::Seconds,
         oldest,
     );
@@ -174,27 +175,27 @@ async fn collect_queues(families: &mut Families, queue: &QueueHandle) {
         let counters = [
             (
                 "commits",
-                "Transactions the embedded queue store committed.",
+                "Transactions the embedded queue store committed",
                 io.commits,
             ),
             (
                 "fsyncs",
-                "Commits made durable with an fsync (group commits).",
+                "Commits made durable with an fsync (group commits)",
                 io.durable_commits,
             ),
             (
                 "accepted_messages",
-                "Messages the embedded queue store accepted.",
+                "Messages the embedded queue store accepted",
                 io.accepted_messages,
             ),
             (
                 "transactions",
-                "Write transactions the embedded queue store began (an idle store begins none).",
+                "Write transactions the embedded queue store began (an idle store begins none)",
                 io.transactions,
             ),
             (
                 "timer_wakeups",
-                "Turns of the queue store's writer woken by a timer rather than a request.",
+                "Turns of the queue store's writer woken by a timer rather than a request",
                 io.timer_wakeups,
             ),
         ];
@@ -217,31 +218,31 @@ fn collect_process(families: &mut Families) {
     cpu.inc_by(p.cpu_seconds);
     families.register_with_unit(
         "process_cpu",
-        "Total user and system CPU time spent in seconds.",
+        "Total user and system CPU time spent in seconds",
         Unit::Seconds,
         cpu,
     );
     families.register_with_unit(
         "process_resident_memory",
-        "Resident memory size in bytes.",
+        "Resident memory size in bytes",
         Unit::Bytes,
         gauge(p.resident_memory_bytes as i64),
     );
     families.register_with_unit(
         "process_virtual_memory",
-        "Virtual memory size in bytes.",
+        "Virtual memory size in bytes",
         Unit::Bytes,
         gauge(p.virtual_memory_bytes as i64),
     );
     families.register(
         "process_open_fds",
-        "Number of open file descriptors.",
+        "Number of open file descriptors",
         gauge(p.open_fds as i64),
     );
     if let Some(max) = p.max_fds {
         families.register(
             "process_max_fds",
-            "Maximum number of open file descriptors.",
+            "Maximum number of open file descriptors",
             gauge(max as i64),
         );
     }
@@ -250,7 +251,7 @@ fn collect_process(families: &mut Families) {
         started.set(start);
         families.register_with_unit(
             "process_start_time",
-            "Start time of the process since unix epoch in seconds.",
+            "Start time of the process since unix epoch in seconds",
             Unit::Seconds,
             started,
         );

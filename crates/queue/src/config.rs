@@ -5,17 +5,22 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 /// Delivery policy of one queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct QueueConfig {
     /// Failed attempts (nacks or lapsed leases) after which a message is dead-lettered.
     pub max_attempts: u32,
     /// How long an idempotency key suppresses duplicates after its first submit.
+    #[serde(with = "humantime_serde")]
     pub dedup_window: Duration,
     /// Base of the exponential retry backoff.
+    #[serde(with = "humantime_serde")]
     pub backoff_base: Duration,
     /// Cap of the exponential retry backoff.
+    #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
     /// How long an ack's result stays retrievable by correlation id.
+    #[serde(with = "humantime_serde")]
     pub result_ttl: Duration,
 }
 
@@ -49,11 +54,13 @@ impl QueueConfig {
 }
 
 /// Configuration of a backend: defaults plus per-queue overrides.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct BackendConfig {
     /// Policy of every queue without an override.
     pub defaults: QueueConfig,
-    /// Per-queue overrides, by queue name.
+    /// Per-queue overrides, by queue name. Each is a whole policy; the node's configuration
+    /// loader fills the keys a file leaves out from `defaults`.
     pub overrides: HashMap<String, QueueConfig>,
 }
 

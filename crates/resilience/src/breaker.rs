@@ -6,17 +6,20 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 /// When a breaker trips and how it recovers.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct BreakerConfig {
     /// Consecutive failures that open the breaker.
     pub consecutive_failures: u32,
     /// Failure rate (0–1) over `window` that opens it, once `min_calls` were made.
     pub failure_rate: f64,
     /// Window over which the failure rate is measured.
+    #[serde(with = "humantime_serde")]
     pub window: Duration,
     /// Calls needed in a window before the rate counts.
     pub min_calls: u32,
     /// How long the breaker stays open before probing.
+    #[serde(with = "humantime_serde")]
     pub open_for: Duration,
     /// Probe calls let through while half-open; all must succeed to close.
     pub half_open_probes: u32,

@@ -70,13 +70,15 @@ pub const MAX_SUBMIT_MESSAGES: usize = 50_000;
 pub const QUEUE_STORAGE_FULL: &str = "QUEUE_STORAGE_FULL";
 
 /// Settings of the node's queue.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct QueueSettings {
     /// Directory of the embedded store (created if missing). Default `./agentmesh-data`.
     pub data_dir: PathBuf,
     /// Delivery policy: max attempts, dedup window, backoff, result TTL, per-queue overrides.
     pub backend: BackendConfig,
     /// Interval of keep-alive events on `AwaitResult` streams.
+    #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
 }
 

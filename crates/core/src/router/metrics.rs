@@ -97,21 +97,22 @@ impl RouterMetrics {
         self.retries.get()
     }
 
-    /// Adds the router's families to `registry`.
+    /// Adds the router's families to `registry` (help texts without a final period:
+    /// `prometheus-client` adds one).
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "agentmesh_routed_calls_seconds",
-            "Calls routed to agents (streams and conversations until they opened), by target, style and gRPC code.",
+            "Calls routed to agents (streams and conversations until they opened), by target, style and gRPC code",
             self.calls.clone(),
         );
         registry.register(
             "agentmesh_retries",
-            "Retries made by the router.",
+            "Retries made by the router",
             self.retries.clone(),
         );
         registry.register(
             "agentmesh_shed",
-            "Calls refused with RESOURCE_EXHAUSTED for overload.",
+            "Calls refused with RESOURCE_EXHAUSTED for overload",
             self.shed.clone(),
         );
     }

@@ -48,13 +48,17 @@ use pool::ChannelPool;
 use retry::Attempt;
 
 /// Router settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RouterConfig {
     /// Deadline when a request arrives without the layers that set one.
+    #[serde(with = "humantime_serde")]
     pub default_timeout: Duration,
     /// How much shorter each outgoing call's deadline is than what remains.
+    #[serde(with = "humantime_serde")]
     pub hop_margin: Duration,
     /// Timeout for opening a connection to an agent.
+    #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Retries of failed calls.
     pub retry: RetryConfig,
@@ -63,6 +67,7 @@ pub struct RouterConfig {
     /// Most calls in flight through the node; beyond it calls are shed.
     pub max_in_flight: usize,
     /// How long a response is remembered by idempotency key.
+    #[serde(with = "humantime_serde")]
     pub idempotency_window: Duration,
     /// Most responses remembered by idempotency key.
     pub idempotency_capacity: usize,
@@ -84,13 +89,16 @@ impl Default for RouterConfig {
 }
 
 /// When and how failed calls are retried (gRPC A6 style).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RetryConfig {
     /// Attempts in all, the first included (1 disables retries).
     pub max_attempts: u32,
     /// Backoff ceiling of the first retry; doubles per retry, full jitter.
+    #[serde(with = "humantime_serde")]
     pub initial_backoff: Duration,
     /// Largest backoff.
+    #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
     /// Extra load retries may add, as a fraction of first attempts.
     pub budget_ratio: f64,
