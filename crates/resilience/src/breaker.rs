@@ -1,7 +1,10 @@
 //! A circuit breaker: closed → open after consecutive failures or a failure
 //! rate over a window → half-open with a few probes → closed.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock: the same as std's outside tests, and paused and advanced by hand in them.
+use tokio::time::Instant;
 
 use parking_lot::Mutex;
 
@@ -218,8 +221,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn opens_after_consecutive_failures_and_recovers_through_a_probe() {
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_consecutive_failures_and_recovers_through_a_probe() {
         let breaker = CircuitBreaker::new(quick());
         for _ in 0..3 {
             breaker.try_acquire().unwrap();
@@ -227,21 +230,23 @@ mod tests {
         }
         assert_eq!(breaker.state(), BreakerState::Open);
         assert!(breaker.try_acquire().is_err());
-        std::thread::sleep(Duration::from_millis(60));
+        tokio::time::advance(Duration::from_millis(49)).await;
+        assert!(breaker.try_acquire().is_err(), "still open before open_for");
+        tokio::time::advance(Duration::from_millis(1)).await;
         breaker.try_acquire().unwrap();
         assert!(breaker.try_acquire().is_err(), "one probe at a time");
         breaker.record(true);
         assert_eq!(breaker.state(), BreakerState::Closed);
     }
 
-    #[test]
-    fn a_failed_probe_opens_again() {
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_opens_again() {
         let breaker = CircuitBreaker::new(quick());
         for _ in 0..3 {
             breaker.try_acquire().unwrap();
             breaker.record(false);
         }
-        std::thread::sleep(Duration::from_millis(60));
+        tokio::time::advance(Duration::from_millis(50)).await;
         breaker.try_acquire().unwrap();
         breaker.record(false);
         assert_eq!(breaker.state(), BreakerState::Open);

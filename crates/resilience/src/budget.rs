@@ -1,6 +1,9 @@
 //! A retry budget: retries may add at most a fixed fraction of extra load.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock: the same as std's outside tests, and paused and advanced by hand in them.
+use tokio::time::Instant;
 
 use parking_lot::Mutex;
 
