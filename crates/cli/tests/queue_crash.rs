@@ -108,25 +108,39 @@ async fn storm(client: MeshClient, tasks: usize, batch: usize) -> Arc<Mutex<Hash
     accepted
 }
 
-/// Consumes `queue` until it stays empty for `idle`; returns how often each id came.
-async fn drain(client: &MeshClient, queue: &str, idle: Duration) -> HashMap<String, u32> {
+/// Opens a `Consume` stream on `queue` (60 s leases): the sender for acks and the deliveries.
+async fn subscribe(
+    client: &MeshClient,
+    queue: &str,
+    prefetch: u32,
+    consumer: &str,
+) -> (
+    mpsc::Sender<ConsumeRequest>,
+    tonic::Streaming<agentmesh_proto::v1::ConsumeResponse>,
+) {
     let (tx, rx) = mpsc::channel(4096);
     tx.send(ConsumeRequest {
         action: Some(Action::Subscribe(ConsumeSubscribe {
             queue: queue.into(),
-            prefetch: 512,
+            prefetch,
             lease: prost_types::Duration::try_from(Duration::from_secs(60)).ok(),
-            consumer_id: "drain".into(),
+            consumer_id: consumer.into(),
             max_batch: 0,
         })),
     })
     .await
     .unwrap();
-    let mut inbound = QueueServiceClient::new(client.channel())
+    let inbound = QueueServiceClient::new(client.channel())
         .consume(ReceiverStream::new(rx))
         .await
         .unwrap()
         .into_inner();
+    (tx, inbound)
+}
+
+/// Consumes `queue` until it stays empty for `idle`; returns how often each id came.
+async fn drain(client: &MeshClient, queue: &str, idle: Duration) -> HashMap<String, u32> {
+    let (tx, mut inbound) = subscribe(client, queue, 512, "drain").await;
     let mut seen: HashMap<String, u32> = HashMap::new();
     while let Ok(Ok(Some(response))) = tokio::time::timeout(idle, inbound.message()).await {
         if let Some(Event::Delivery(d)) = response.event {
@@ -399,23 +413,7 @@ async fn scrape(address: &str) -> HashMap<String, f64> {
 
 /// Consumes `count` messages of `queue`, acks each, and waits until every ack is confirmed.
 async fn consume_and_ack(client: &MeshClient, queue: &str, count: usize) {
-    let (tx, rx) = mpsc::channel(4096);
-    tx.send(ConsumeRequest {
-        action: Some(Action::Subscribe(ConsumeSubscribe {
-            queue: queue.into(),
-            prefetch: 64,
-            lease: prost_types::Duration::try_from(Duration::from_secs(60)).ok(),
-            consumer_id: "acker".into(),
-            max_batch: 0,
-        })),
-    })
-    .await
-    .unwrap();
-    let mut inbound = QueueServiceClient::new(client.channel())
-        .consume(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = subscribe(client, queue, 64, "acker").await;
     let (mut delivered, mut confirmed) = (0, 0);
     while confirmed < count {
         let frame = tokio::time::timeout(Duration::from_secs(10), inbound.message())
