@@ -61,6 +61,9 @@ pub enum MeshError {
     /// The node is shutting down or overloaded.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Another node's answer, passed on unchanged (a forwarded stream resume).
+    #[error("{}", .0.message())]
+    Forwarded(Status),
 }
 
 impl MeshError {
@@ -75,6 +78,7 @@ impl MeshError {
             MeshError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             MeshError::Unavailable(_) | MeshError::BreakerOpen { .. } => Code::Unavailable,
             MeshError::ResourceExhausted(_) => Code::ResourceExhausted,
+            MeshError::Forwarded(status) => status.code(),
         }
     }
 
@@ -90,12 +94,16 @@ impl MeshError {
             MeshError::Unavailable(_) => "AGENT_UNAVAILABLE",
             MeshError::BreakerOpen { .. } => "CIRCUIT_OPEN",
             MeshError::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
+            MeshError::Forwarded(_) => "FORWARDED",
         }
     }
 }
 
 impl From<MeshError> for Status {
     fn from(error: MeshError) -> Status {
+        if let MeshError::Forwarded(status) = error {
+            return status;
+        }
         let mut metadata = std::collections::HashMap::new();
         match &error {
             MeshError::AgentNotFound { target } => {

@@ -141,25 +141,37 @@ pub struct Route {
 }
 
 impl Router {
-    /// A router over `registry`.
+    /// A router over `registry`, with its stream replay and idempotency stores in memory.
     pub fn new(
         registry: Arc<dyn AgentRegistry>,
         config: RouterConfig,
         replay: ReplayConfig,
     ) -> Self {
+        let idempotency = Arc::new(IdempotencyCache::new(
+            config.idempotency_window,
+            config.idempotency_capacity,
+        ));
+        let streams = Arc::new(StreamHub::new(replay));
+        Self::with_stores(registry, streams, idempotency, config)
+    }
+
+    /// A router over the given stores (shared ones let several nodes serve one mesh).
+    pub fn with_stores(
+        registry: Arc<dyn AgentRegistry>,
+        streams: Arc<dyn ReplayStore>,
+        idempotency: Arc<dyn IdempotencyStore>,
+        config: RouterConfig,
+    ) -> Self {
         Self {
             registry,
             channels: Arc::default(),
-            streams: Arc::new(StreamHub::new(replay)),
+            streams,
             budget: Arc::new(RetryBudget::new(
                 config.retry.budget_ratio,
                 config.retry.budget_min_per_second,
             )),
             slots: Arc::new(Semaphore::new(config.max_in_flight)),
-            idempotency: Arc::new(IdempotencyCache::new(
-                config.idempotency_window,
-                config.idempotency_capacity,
-            )),
+            idempotency,
             metrics: Arc::default(),
             config,
         }

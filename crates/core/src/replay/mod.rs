@@ -22,6 +22,10 @@ use tonic::Status;
 
 use crate::error::MeshError;
 
+mod forward;
+
+pub use forward::{ForwardingReplay, NodeDirectory, OWNER_SEPARATOR};
+
 /// Limits of resumable streams.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -113,14 +117,28 @@ pub trait ReplayStore: Send + Sync + std::fmt::Debug + 'static {
 pub struct StreamHub {
     streams: Mutex<HashMap<String, Arc<Replay>>>,
     config: ReplayConfig,
+    /// Put before every stream id: the owning node's id when several nodes share a mesh.
+    id_prefix: String,
 }
 
 impl StreamHub {
     /// An empty hub.
     pub fn new(config: ReplayConfig) -> Self {
+        Self::owned_by(config, "")
+    }
+
+    /// An empty hub whose stream ids start with `node_id` and [`OWNER_SEPARATOR`], so any
+    /// node can tell where a stream lives.
+    pub fn owned_by(config: ReplayConfig, node_id: &str) -> Self {
+        let id_prefix = if node_id.is_empty() {
+            String::new()
+        } else {
+            format!("{node_id}{OWNER_SEPARATOR}")
+        };
         Self {
             streams: Mutex::default(),
             config,
+            id_prefix,
         }
     }
 
@@ -163,7 +181,7 @@ impl ReplayStore for StreamHub {
         hop: String,
     ) -> Result<BoxStream<'static, Result<StreamResponse, Status>>, MeshError> {
         self.sweep();
-        let id = uuid::Uuid::now_v7().to_string();
+        let id = format!("{}{}", self.id_prefix, uuid::Uuid::now_v7());
         let replay = Arc::new(Replay {
             id: id.clone(),
             state: Mutex::new(State {
