@@ -34,6 +34,10 @@ pub(crate) struct ServeArgs {
     /// ./agentmesh-data).
     #[arg(long, env = "AGENTMESH_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Where shared state lives (`store.url`): empty for this process and local disk, or
+    /// `redis://HOST:PORT[/DB]` to share registry, queue and results with other nodes.
+    #[arg(long, env = "AGENTMESH_STORE")]
+    store: Option<String>,
 }
 
 impl ServeArgs {
@@ -67,6 +71,15 @@ impl ServeArgs {
                 "AGENTMESH_DATA_DIR",
                 &["queue", "data_dir"],
                 dir.into(),
+            )?;
+        }
+        if let Some(url) = &self.store {
+            named(
+                "store",
+                "--store",
+                "AGENTMESH_STORE",
+                &["store", "url"],
+                url.as_str().into(),
             )?;
         }
         if let Some(ms) = self.default_timeout_ms {

@@ -39,6 +39,50 @@ pub struct NodeConfig {
     pub gateway: GatewayConfig,
     /// Durable queue: data directory and delivery policy.
     pub queue: QueueSettings,
+    /// Where shared state lives: in this process (the default) or in Redis, for several nodes.
+    pub store: StoreSettings,
+}
+
+/// Where the registry, the queue, results, idempotency keys and the node directory live.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    /// Empty: everything in this process, the queue on local disk (`queue.data_dir`).
+    /// `redis://HOST:PORT[/DB]`: shared with every node pointed at the same Redis.
+    pub url: String,
+    /// Put before every Redis key, so several meshes can share one Redis.
+    pub key_prefix: String,
+    /// This node's id among the nodes of a mesh (empty: a fresh one at every start).
+    pub node_id: String,
+    /// The gRPC address other nodes reach this one at, e.g. `http://10.0.0.5:7700` (empty:
+    /// `http://` and the listening address).
+    pub advertise: String,
+    /// Replicas that must have a submit before it is acknowledged on Redis (`WAIT`); 0 takes
+    /// Redis's own durability as configured (AOF `everysec` or `always`).
+    pub redis_wait_replicas: u32,
+    /// How long a submit waits for those replicas before it fails.
+    #[serde(with = "humantime_serde")]
+    pub redis_wait_timeout: Duration,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            key_prefix: "agentmesh".into(),
+            node_id: String::new(),
+            advertise: String::new(),
+            redis_wait_replicas: 0,
+            redis_wait_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+impl StoreSettings {
+    /// Whether state is shared through Redis.
+    pub fn is_redis(&self) -> bool {
+        !self.url.is_empty()
+    }
 }
 
 impl Default for NodeConfig {
@@ -53,6 +97,7 @@ impl Default for NodeConfig {
             replay: ReplayConfig::default(),
             gateway: GatewayConfig::default(),
             queue: Default::default(),
+            store: StoreSettings::default(),
         }
     }
 }
@@ -72,6 +117,18 @@ impl NodeConfig {
                 "breaker.consecutive_failures and breaker.half_open_probes must be at least 1"
                     .into(),
             );
+        }
+        let store = &self.store;
+        if store.is_redis()
+            && !(store.url.starts_with("redis://") || store.url.starts_with("rediss://"))
+        {
+            return Err(format!(
+                "store.url must be empty (embedded) or redis://HOST:PORT[/DB], not {:?}",
+                store.url
+            ));
+        }
+        if store.key_prefix.is_empty() || store.key_prefix.contains(char::is_whitespace) {
+            return Err("store.key_prefix must be non-empty, without spaces".into());
         }
         if self.leases.min_ttl > self.leases.max_ttl {
             return Err("leases.min_ttl must not exceed leases.max_ttl".into());

@@ -26,6 +26,6 @@ pub use agentmesh_core::{
     replay::ReplayConfig,
     router::{RetryConfig, RouterConfig},
 };
-pub use config::NodeConfig;
+pub use config::{NodeConfig, StoreSettings};
 pub use config_layers::{ConfigError, ConfigLayer};
 pub use server::Node;
