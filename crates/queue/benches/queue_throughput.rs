@@ -1,9 +1,13 @@
-//! Throughput of the embedded backend (plain `main`, `harness = false`).
+//! Throughput of the queue backends, store alone (plain `main`, `harness = false`).
 //!
 //! `cargo bench -p agentmesh-queue --bench queue_throughput` measures, with 256-byte bodies:
 //! durable submit throughput (many tasks, one message per call; and fewer tasks, 64 per call),
-//! and submit→receive→ack end to end. It prints msgs/s and the average number of messages per
-//! fsync'd commit (group-commit batch size).
+//! and submit→receive→ack end to end. For the embedded backend it prints msgs/s and the
+//! average number of messages per fsync'd commit (group-commit batch size).
+//! With `AGENTMESH_TEST_REDIS=redis://HOST:PORT` set, the same workloads then run on the Redis
+//! Streams backend (under a key prefix of their own, deleted afterwards), and a table puts
+//! both side by side. The Redis server's persistence settings are printed, not changed: what
+//! a Redis submit's acknowledgement is worth depends on them (see `agentmesh_queue::redis`).
 //! `-- --engine` instead compares raw append+fdatasync with redb commits (the engine choice).
 //! `-- --quick` runs smaller counts.
 //! `-- --depth` fills a queue with 400k 1-KiB messages and reports the peak RSS (memory bound).
@@ -11,13 +15,34 @@
 //! fsync latency on a shared virtual disk varies a lot with other I/O, so every run first
 //! measures and prints the current fdatasync latency: compare numbers only against it.
 
-use agentmesh_queue::{BackendConfig, EmbeddedBackend, IoStats, NewMessage, QueueBackend};
+use agentmesh_queue::{
+    BackendConfig, EmbeddedBackend, IoStats, NewMessage, QueueBackend, RedisBackend, RedisOptions,
+};
 use bytes::Bytes;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const BODY: usize = 256;
+
+/// One workload: its name and how it runs.
+#[derive(Clone, Copy)]
+enum Workload {
+    Submit {
+        tasks: usize,
+        per_call: usize,
+        total: usize,
+    },
+    EndToEnd {
+        producers: usize,
+        per_call: usize,
+        consumers: usize,
+        total: usize,
+        /// Each receive's messages acked with one `ack_many` (as the node's Consume stream
+        /// does for a run of acks) instead of one `ack` each.
+        ack_many: bool,
+    },
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -31,6 +56,53 @@ fn main() {
     }
     let quick = args.iter().any(|a| a == "--quick");
     let scale = if quick { 1 } else { 4 };
+    let workloads = [
+        (
+            "durable submit, 64 tasks x 1 msg/call",
+            Workload::Submit {
+                tasks: 64,
+                per_call: 1,
+                total: 25_000 * scale,
+            },
+        ),
+        (
+            "durable submit, 256 tasks x 1 msg/call",
+            Workload::Submit {
+                tasks: 256,
+                per_call: 1,
+                total: 25_000 * scale,
+            },
+        ),
+        (
+            "durable submit, 8 tasks x 64 msgs/call",
+            Workload::Submit {
+                tasks: 8,
+                per_call: 64,
+                total: 50_000 * scale,
+            },
+        ),
+        (
+            "submit->receive->ack, 16 producers x 16 msgs/call, 4 consumers x 256/receive",
+            Workload::EndToEnd {
+                producers: 16,
+                per_call: 16,
+                consumers: 4,
+                total: 25_000 * scale,
+                ack_many: false,
+            },
+        ),
+        (
+            "submit->receive->ack_many, 16 producers x 16 msgs/call, 4 consumers x 256/receive",
+            Workload::EndToEnd {
+                producers: 16,
+                per_call: 16,
+                consumers: 4,
+                total: 25_000 * scale,
+                ack_many: true,
+            },
+        ),
+    ];
+    let redis_url = std::env::var("AGENTMESH_TEST_REDIS").ok();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -42,42 +114,105 @@ fn main() {
             "fdatasync latency now: {:.0} us (median of 50 4-KiB appends)",
             fsync_latency_us()
         );
-        submit_bench(
-            "durable submit, 64 tasks x 1 msg/call",
-            64,
-            1,
-            25_000 * scale,
-        )
-        .await;
-        submit_bench(
-            "durable submit, 256 tasks x 1 msg/call",
-            256,
-            1,
-            25_000 * scale,
-        )
-        .await;
-        submit_bench(
-            "durable submit, 8 tasks x 64 msgs/call",
-            8,
-            64,
-            50_000 * scale,
-        )
-        .await;
-        end_to_end_bench(
-            "submit->receive->ack, 16 producers x 16 msgs/call, 4 consumers x 256/receive",
-            16,
-            16,
-            4,
-            25_000 * scale,
-        )
-        .await;
+        let mut embedded = Vec::new();
+        for (name, w) in workloads {
+            let (dir, b) = open_embedded();
+            let before = b.io_stats();
+            let (msgs, elapsed) = run(b.clone(), w).await;
+            report(name, msgs, elapsed, before, b.io_stats());
+            embedded.push(msgs as f64 / elapsed.as_secs_f64());
+            drop(b);
+            drop(dir);
+        }
+        let Some(url) = redis_url else {
+            println!(
+                "(set AGENTMESH_TEST_REDIS=redis://HOST:PORT to compare with the Redis backend)"
+            );
+            return;
+        };
+        println!();
+        println!(
+            "agentmesh-queue Redis backend at {url}: {}",
+            redis_persistence(&url)
+        );
+        let mut redis = Vec::new();
+        for (name, w) in workloads {
+            let prefix = format!("agentmesh-bench-{:016x}", rand::random::<u64>());
+            let b = RedisBackend::connect(
+                &url,
+                &prefix,
+                BackendConfig::default(),
+                RedisOptions::default(),
+            )
+            .await
+            .expect("connect to redis");
+            let (msgs, elapsed) = run(Arc::new(b), w).await;
+            let rate = msgs as f64 / elapsed.as_secs_f64();
+            println!(
+                "{name}: {msgs} msgs in {:.2}s = {rate:.0} msgs/s",
+                elapsed.as_secs_f64()
+            );
+            redis.push(rate);
+            delete_keys(&url, &prefix);
+        }
+        println!();
+        println!(
+            "{:<80} {:>10} {:>10} {:>7}",
+            "workload (msgs/s)", "embedded", "redis", "redis/embedded"
+        );
+        for (((name, _), e), r) in workloads.iter().zip(&embedded).zip(&redis) {
+            println!("{name:<80} {e:>10.0} {r:>10.0} {:>7.2}", r / e);
+        }
     });
 }
 
-fn open() -> (tempfile::TempDir, Arc<EmbeddedBackend>) {
+fn open_embedded() -> (tempfile::TempDir, Arc<EmbeddedBackend>) {
     let dir = tempfile::tempdir().expect("temp dir");
     let b = EmbeddedBackend::open(dir.path(), BackendConfig::default()).expect("open");
     (dir, Arc::new(b))
+}
+
+/// The server's `appendonly` and `appendfsync` settings.
+fn redis_persistence(url: &str) -> String {
+    let client = redis::Client::open(url).expect("redis url");
+    let mut con = client.get_connection().expect("connect to redis");
+    let mut get = |key: &str| -> String {
+        let pair: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg(key)
+            .query(&mut con)
+            .unwrap_or_default();
+        pair.get(1).cloned().unwrap_or_else(|| "?".into())
+    };
+    format!(
+        "appendonly {}, appendfsync {} (the server's settings, left as they are)",
+        get("appendonly"),
+        get("appendfsync")
+    )
+}
+
+/// Deletes every key under `prefix`.
+fn delete_keys(url: &str, prefix: &str) {
+    let client = redis::Client::open(url).expect("redis url");
+    let mut con = client.get_connection().expect("connect to redis");
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query(&mut con)
+            .expect("SCAN");
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL").arg(&keys).query(&mut con).expect("DEL");
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
+    }
 }
 
 fn report(name: &str, msgs: u64, elapsed: Duration, before: IoStats, after: IoStats) {
@@ -96,11 +231,32 @@ fn report(name: &str, msgs: u64, elapsed: Duration, before: IoStats, after: IoSt
     );
 }
 
-async fn submit_bench(name: &str, tasks: usize, per_call: usize, total: usize) {
-    let (_dir, b) = open();
+/// Runs `w` on `b`; returns how many messages it moved and how long that took.
+async fn run(b: Arc<dyn QueueBackend>, w: Workload) -> (u64, Duration) {
+    match w {
+        Workload::Submit {
+            tasks,
+            per_call,
+            total,
+        } => submit_bench(b, tasks, per_call, total).await,
+        Workload::EndToEnd {
+            producers,
+            per_call,
+            consumers,
+            total,
+            ack_many,
+        } => end_to_end_bench(b, producers, per_call, consumers, total, ack_many).await,
+    }
+}
+
+async fn submit_bench(
+    b: Arc<dyn QueueBackend>,
+    tasks: usize,
+    per_call: usize,
+    total: usize,
+) -> (u64, Duration) {
     let body = Bytes::from(vec![0x5au8; BODY]);
     let calls_per_task = total / tasks / per_call;
-    let before = b.io_stats();
     let started = Instant::now();
     let mut handles = Vec::new();
     for t in 0..tasks {
@@ -118,29 +274,24 @@ async fn submit_bench(name: &str, tasks: usize, per_call: usize, total: usize) {
     for h in handles {
         h.await.expect("task");
     }
-    let elapsed = started.elapsed();
-    report(
-        name,
+    (
         (calls_per_task * tasks * per_call) as u64,
-        elapsed,
-        before,
-        b.io_stats(),
-    );
+        started.elapsed(),
+    )
 }
 
 async fn end_to_end_bench(
-    name: &str,
+    b: Arc<dyn QueueBackend>,
     producers: usize,
     per_call: usize,
     consumers: usize,
     total: usize,
-) {
-    let (_dir, b) = open();
+    ack_many: bool,
+) -> (u64, Duration) {
     let body = Bytes::from(vec![0x5au8; BODY]);
     let calls_per_task = total / producers / per_call;
     let total = (calls_per_task * producers * per_call) as u64;
     let acked = Arc::new(AtomicU64::new(0));
-    let before = b.io_stats();
     let started = Instant::now();
     let mut handles = Vec::new();
     for t in 0..producers {
@@ -172,9 +323,16 @@ async fn end_to_end_bench(
                     .await
                     .expect("receive");
                 let n = got.len() as u64;
-                let acks = got.iter().map(|m| b.ack(&m.receipt, None));
-                for r in futures::future::join_all(acks).await {
-                    r.expect("ack");
+                if ack_many {
+                    let acks = got.into_iter().map(|m| (m.receipt, None)).collect();
+                    for r in b.ack_many(acks).await.expect("ack_many") {
+                        r.expect("ack");
+                    }
+                } else {
+                    let acks = got.iter().map(|m| b.ack(&m.receipt, None));
+                    for r in futures::future::join_all(acks).await {
+                        r.expect("ack");
+                    }
                 }
                 acked.fetch_add(n, Ordering::Relaxed);
             }
@@ -183,8 +341,7 @@ async fn end_to_end_bench(
     for h in handles {
         h.await.expect("task");
     }
-    let elapsed = started.elapsed();
-    report(name, total, elapsed, before, b.io_stats());
+    (total, started.elapsed())
 }
 
 /// Median latency of appending 4 KiB and calling fdatasync, in microseconds.
@@ -225,7 +382,7 @@ fn depth_probe() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let (dir, b) = open();
+        let (dir, b) = open_embedded();
         let body = Bytes::from(vec![0x33u8; 1024]);
         let total = 400_000usize;
         let started = Instant::now();

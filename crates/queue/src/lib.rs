@@ -11,12 +11,16 @@
 //! * `config`: each queue's delivery policy ([`QueueConfig`]) and the backend's [`BackendConfig`];
 //! * `error`: [`QueueError`], the crate's one error type;
 //! * `embedded`: [`EmbeddedBackend`], the redb store and its writer thread (mapped in its own docs);
+//! * [`redis`]: [`RedisBackend`], a queue on Redis Streams that several nodes share (its docs
+//!   say what an acknowledged submit means there, and where it differs from the embedded one);
 //! * `conformance` (feature `conformance`): the suite every backend must pass (see below).
 //!
 //! Retry backoff comes from `agentmesh-resilience` (`full_jitter_delay`), shared with the
 //! node's router and the SDK.
 //!
 //! # Semantics
+//!
+//! As the embedded backend implements them (the Redis backend's docs list its differences):
 //!
 //! * [`QueueBackend::submit`] returns only once every accepted message is durable. Writers are
 //!   batched: a single writer thread takes every request that arrived while the previous commit
@@ -94,7 +98,8 @@
 //! With the `conformance` feature, the `conformance` module exposes one async function per
 //! required behaviour, each taking a `conformance::BackendFactory`, and the
 //! `conformance_suite!` macro turns them all into `#[tokio::test]`s, so every backend runs the
-//! same tests. From another crate (e.g. a Redis backend):
+//! same tests. `tests/conformance.rs` runs it on the embedded backend and
+//! `tests/conformance_redis.rs` on the Redis backend; from another crate:
 //!
 //! ```toml
 //! [dev-dependencies]
@@ -104,15 +109,16 @@
 //! ```
 //!
 //! ```ignore
-//! // tests/conformance.rs
-//! struct RedisFactory { prefix: String } // fresh key prefix per instance
+//! struct MyFactory { prefix: String } // fresh storage per instance
 //! #[async_trait::async_trait]
-//! impl agentmesh_queue::conformance::BackendFactory for RedisFactory {
+//! impl agentmesh_queue::conformance::BackendFactory for MyFactory {
 //!     async fn open(&self, config: BackendConfig) -> Result<Arc<dyn QueueBackend>, QueueError> {
-//!         /* connect; the same prefix on every call, so a reopen sees the same data */
+//!         /* connect; the same storage on every call, so a reopen sees the same data */
 //!     }
 //! }
-//! agentmesh_queue::conformance_suite!(RedisFactory::new());
+//! agentmesh_queue::conformance_suite!(MyFactory::new());
+//! // or, for a backend that needs a service the default test run lacks:
+//! agentmesh_queue::conformance_suite!(ignore = "needs MY_SERVICE"; MyFactory::new());
 //! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -120,6 +126,7 @@
 mod config;
 mod embedded;
 mod error;
+pub mod redis;
 mod types;
 
 #[cfg(feature = "conformance")]
@@ -128,6 +135,7 @@ pub mod conformance;
 pub use config::{BackendConfig, QueueConfig};
 pub use embedded::{DATABASE_FILE, EmbeddedBackend, EmbeddedOptions, IoStats};
 pub use error::QueueError;
+pub use redis::{RedisBackend, RedisDurability, RedisOptions};
 pub use types::{
     AttemptRecord, DeadLetter, Leased, NackOutcome, NewMessage, QueueStats, Selection, SubmitFate,
 };
@@ -146,7 +154,8 @@ pub const MAX_RECEIVE_BATCH: usize = 4096;
 /// Storage for durable at-least-once queues; object-safe, shared as `Arc<dyn QueueBackend>`.
 ///
 /// Queues are created implicitly by the first submit. Receipts are opaque strings that are only
-/// meaningful to the backend that issued them.
+/// meaningful to the backend that issued them (for a shared store such as Redis: to every
+/// backend on that store).
 #[async_trait]
 pub trait QueueBackend: Send + Sync + 'static {
     /// Appends messages to `queue`; returns once every `Accepted` message is durable.

@@ -1,5 +1,6 @@
 //! Values passed through the [`QueueBackend`](crate::QueueBackend) API.
 
+use crate::{MAX_BODY_BYTES, validate_queue_name};
 use bytes::Bytes;
 use std::time::{Duration, SystemTime};
 
@@ -47,6 +48,38 @@ impl NewMessage {
     pub fn with_reply_to(mut self, queue: impl Into<String>) -> Self {
         self.reply_to = Some(queue.into());
         self
+    }
+
+    /// Why this message cannot be enqueued, if it cannot (every backend rejects the same).
+    pub(crate) fn reject_reason(&self) -> Option<String> {
+        if self.id.is_empty() {
+            return Some("message id is empty".into());
+        }
+        if self.id.len() > 1024 {
+            return Some("message id is longer than 1024 bytes".into());
+        }
+        if self.body.len() > MAX_BODY_BYTES {
+            return Some(format!(
+                "body is {} bytes, the limit is {MAX_BODY_BYTES}",
+                self.body.len()
+            ));
+        }
+        if self
+            .idempotency_key
+            .as_ref()
+            .is_some_and(|k| k.len() > 1024)
+        {
+            return Some("idempotency key is longer than 1024 bytes".into());
+        }
+        if self.correlation_id.len() > 1024 {
+            return Some("correlation id is longer than 1024 bytes".into());
+        }
+        if let Some(r) = &self.reply_to {
+            if let Err(e) = validate_queue_name(r) {
+                return Some(format!("reply_to: {e}"));
+            }
+        }
+        None
     }
 }
 

@@ -71,10 +71,20 @@ pub trait BackendFactory: Send + Sync {
 /// Generates one `#[tokio::test]` per conformance function; `$factory` is evaluated per test and
 /// must give a fresh [`BackendFactory`]. The calling crate needs `tokio` with `macros` and
 /// `rt-multi-thread`.
+///
+/// `conformance_suite!(ignore = "reason"; $factory)` marks every test `#[ignore = "reason"]`,
+/// for backends that need a service the default test run does not have (run them with
+/// `--run-ignored all`).
 #[macro_export]
 macro_rules! conformance_suite {
+    (ignore = $reason:literal; $factory:expr) => {
+        $crate::conformance_suite!(@all [#[ignore = $reason]] $factory);
+    };
     ($factory:expr) => {
-        $crate::conformance_suite!(@tests $factory;
+        $crate::conformance_suite!(@all [] $factory);
+    };
+    (@all $attrs:tt $factory:expr) => {
+        $crate::conformance_suite!(@tests $attrs $factory;
             submit_receive_ack_exactly_once,
             idempotency_duplicates_are_not_enqueued,
             competing_consumers_get_disjoint_messages,
@@ -96,14 +106,16 @@ macro_rules! conformance_suite {
             stats_are_sorted_and_counted,
         );
     };
-    (@tests $factory:expr; $($name:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let factory = $factory;
-                $crate::conformance::$name(&factory).await;
-            }
-        )*
+    (@tests $attrs:tt $factory:expr; $($name:ident),* $(,)?) => {
+        $( $crate::conformance_suite!(@test $attrs $factory; $name); )*
+    };
+    (@test [$(#[$attr:meta])*] $factory:expr; $name:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])*
+        async fn $name() {
+            let factory = $factory;
+            $crate::conformance::$name(&factory).await;
+        }
     };
 }
 

@@ -11,7 +11,7 @@ use crate::embedded::codec::{
     MessageView, QueueRow, decode_expiring, dur_ms, encode_expiring, encode_message_into,
     encode_queue_row, message_len,
 };
-use crate::{MAX_BODY_BYTES, NewMessage, QueueError, SubmitFate, validate_queue_name};
+use crate::{NewMessage, QueueError, SubmitFate, validate_queue_name};
 use bytes::Bytes;
 use redb::ReadableTable;
 
@@ -45,7 +45,7 @@ impl Writer {
         m: &NewMessage,
         now: u64,
     ) -> Result<SubmitFate, Fail> {
-        if let Some(reason) = reject_reason(m) {
+        if let Some(reason) = m.reject_reason() {
             return Ok(SubmitFate::Rejected { reason });
         }
         let qid = self.queue_id(t, queue)?;
@@ -173,34 +173,6 @@ impl Writer {
         }
         Ok(Some((first, Bytes::copy_from_slice(view.record(i)?))))
     }
-}
-
-/// Why `m` cannot be enqueued, if it cannot.
-fn reject_reason(m: &NewMessage) -> Option<String> {
-    if m.id.is_empty() {
-        return Some("message id is empty".into());
-    }
-    if m.id.len() > 1024 {
-        return Some("message id is longer than 1024 bytes".into());
-    }
-    if m.body.len() > MAX_BODY_BYTES {
-        return Some(format!(
-            "body is {} bytes, the limit is {MAX_BODY_BYTES}",
-            m.body.len()
-        ));
-    }
-    if m.idempotency_key.as_ref().is_some_and(|k| k.len() > 1024) {
-        return Some("idempotency key is longer than 1024 bytes".into());
-    }
-    if m.correlation_id.len() > 1024 {
-        return Some("correlation id is longer than 1024 bytes".into());
-    }
-    if let Some(r) = &m.reply_to {
-        if let Err(e) = validate_queue_name(r) {
-            return Some(format!("reply_to: {e}"));
-        }
-    }
-    None
 }
 
 #[cfg(test)]

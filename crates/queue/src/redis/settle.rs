@@ -1,0 +1,211 @@
+//! Settling deliveries by receipt: ack (many in one function call, results stored and
+//! forwarded), nack (retry or dead letter), extend, and release (also on drop, synchronously).
+
+use super::keys::Receipt;
+use super::library::Function;
+use super::reply::{self, BadReply, ms_to_time};
+use super::{Store, ms, positive_ms};
+use crate::{MAX_BODY_BYTES, NackOutcome, QueueError};
+use ::redis::{Cmd, Value};
+use agentmesh_resilience::full_jitter_delay;
+use bytes::Bytes;
+use std::time::{Duration, SystemTime};
+
+/// Most leases one release call hands back.
+const RELEASE_CHUNK: usize = 1000;
+
+fn lease_lost(receipt: &str) -> QueueError {
+    QueueError::LeaseLost(format!(
+        "receipt {receipt} is no longer valid: its lease lapsed or it was already settled"
+    ))
+}
+
+impl Store {
+    pub(super) async fn ack_many(
+        &self,
+        acks: Vec<(String, Option<Bytes>)>,
+    ) -> Result<Vec<Result<(), QueueError>>, QueueError> {
+        let mut outcomes: Vec<Option<Result<(), QueueError>>> = Vec::with_capacity(acks.len());
+        let mut cmd = self.lib.call(Function::Ack, self.keys.prefix());
+        let mut sent = Vec::new();
+        for (i, (receipt, result)) in acks.iter().enumerate() {
+            let r = match Receipt::parse(receipt) {
+                Ok(r) => r,
+                Err(e) => {
+                    outcomes.push(Some(Err(e)));
+                    continue;
+                }
+            };
+            if let Some(body) = result.as_ref().filter(|b| b.len() > MAX_BODY_BYTES) {
+                outcomes.push(Some(Err(QueueError::InvalidArgument(format!(
+                    "result is {} bytes, the limit is {MAX_BODY_BYTES}",
+                    body.len()
+                )))));
+                continue;
+            }
+            let ttl = ms(self.config.for_queue(r.queue).result_ttl).max(1);
+            cmd.arg(r.queue).arg(r.entry).arg(r.token);
+            match result {
+                Some(body) => cmd.arg("1").arg(&body[..]),
+                None => cmd.arg("0").arg(""),
+            };
+            // The reply message's id, used only if the message has a reply_to.
+            let reply_id = match result {
+                Some(_) => uuid::Uuid::now_v7().to_string(),
+                None => String::new(),
+            };
+            cmd.arg(ttl).arg(reply_id);
+            outcomes.push(None);
+            sent.push(i);
+        }
+        if !sent.is_empty() {
+            let mut con = self.conns.shared();
+            let reply = self
+                .lib
+                .run(&mut con, &cmd)
+                .await
+                .map_err(|e| self.conns.error("ack", &e))?;
+            let acked = read_ints(reply).map_err(|e| self.conns.bad_reply("ack", e))?;
+            if acked.len() != sent.len() {
+                return Err(self.conns.bad_reply(
+                    "ack",
+                    format!("{} outcomes for {} acks", acked.len(), sent.len()),
+                ));
+            }
+            self.held.remove(sent.iter().map(|&i| acks[i].0.as_str()));
+            for (&i, ok) in sent.iter().zip(acked) {
+                outcomes[i] = Some(if ok == 1 {
+                    Ok(())
+                } else {
+                    Err(lease_lost(&acks[i].0))
+                });
+            }
+        }
+        Ok(outcomes.into_iter().flatten().collect())
+    }
+
+    pub(super) async fn nack(
+        &self,
+        receipt: &str,
+        error: &str,
+        delay: Option<Duration>,
+    ) -> Result<NackOutcome, QueueError> {
+        let r = Receipt::parse(receipt)?;
+        let cfg = self.config.for_queue(r.queue);
+        // `r.attempt` is the attempt that failed: the first retry is retry 0.
+        let delay = delay.unwrap_or_else(|| {
+            full_jitter_delay(
+                cfg.backoff_base,
+                cfg.backoff_max,
+                r.attempt.saturating_sub(1),
+            )
+        });
+        let mut cmd = self.lib.call(Function::Nack, self.keys.prefix());
+        cmd.arg(r.queue)
+            .arg(r.entry)
+            .arg(r.token)
+            .arg(error)
+            .arg(ms(delay))
+            .arg(cfg.max_attempts);
+        let mut con = self.conns.shared();
+        let reply = self
+            .lib
+            .run(&mut con, &cmd)
+            .await
+            .map_err(|e| self.conns.error("nack", &e))?;
+        self.held.remove([receipt]);
+        let outcome = read_ints(reply).map_err(|e| self.conns.bad_reply("nack", e))?;
+        match outcome.as_slice() {
+            [0] => Err(lease_lost(receipt)),
+            [1, at] => Ok(NackOutcome::Retry {
+                at: ms_to_time(*at as u64),
+            }),
+            [2] => Ok(NackOutcome::DeadLettered),
+            other => Err(self.conns.bad_reply("nack", format!("{other:?}"))),
+        }
+    }
+
+    pub(super) async fn extend(
+        &self,
+        receipt: &str,
+        lease: Duration,
+    ) -> Result<SystemTime, QueueError> {
+        let lease_ms = positive_ms("lease", lease)?;
+        let r = Receipt::parse(receipt)?;
+        let mut cmd = self.lib.call(Function::Extend, self.keys.prefix());
+        cmd.arg(r.queue).arg(r.entry).arg(r.token).arg(lease_ms);
+        let mut con = self.conns.shared();
+        let reply = self
+            .lib
+            .run(&mut con, &cmd)
+            .await
+            .map_err(|e| self.conns.error("extend", &e))?;
+        let expires = reply::string(reply).map_err(|e| self.conns.bad_reply("extend", e))?;
+        if expires.is_empty() {
+            return Err(lease_lost(receipt));
+        }
+        let expires_ms: u64 = expires
+            .parse()
+            .map_err(|e| self.conns.bad_reply("extend", e))?;
+        self.held.extend(receipt, expires_ms);
+        Ok(ms_to_time(expires_ms))
+    }
+
+    pub(super) async fn release(&self, receipts: &[String]) -> Result<u64, QueueError> {
+        let mut released = 0;
+        for cmd in self.release_calls(receipts) {
+            let mut con = self.conns.shared();
+            let reply = self
+                .lib
+                .run(&mut con, &cmd)
+                .await
+                .map_err(|e| self.conns.error("release", &e))?;
+            released += reply::int(reply).map_err(|e| self.conns.bad_reply("release", e))? as u64;
+        }
+        self.held.remove(receipts.iter().map(String::as_str));
+        Ok(released)
+    }
+
+    /// [`Store::release`] on a synchronous connection of its own, for `Drop`.
+    pub(super) fn release_blocking(&self, receipts: &[String]) -> Result<u64, QueueError> {
+        let mut released = 0;
+        let calls = self.release_calls(receipts);
+        if calls.is_empty() {
+            return Ok(0);
+        }
+        let mut con = self
+            .conns
+            .sync()
+            .map_err(|e| self.conns.error("release on drop (connecting)", &e))?;
+        for cmd in calls {
+            let reply = self
+                .lib
+                .run_sync(&mut con, &cmd)
+                .map_err(|e| self.conns.error("release on drop", &e))?;
+            released += reply::int(reply).map_err(|e| self.conns.bad_reply("release", e))? as u64;
+        }
+        Ok(released)
+    }
+
+    /// The release calls for `receipts`; malformed ones are skipped (nothing to hand back).
+    fn release_calls(&self, receipts: &[String]) -> Vec<Cmd> {
+        let valid: Vec<Receipt<'_>> = receipts
+            .iter()
+            .filter_map(|r| Receipt::parse(r).ok())
+            .collect();
+        valid
+            .chunks(RELEASE_CHUNK)
+            .map(|chunk| {
+                let mut cmd = self.lib.call(Function::Release, self.keys.prefix());
+                for r in chunk {
+                    cmd.arg(r.queue).arg(r.entry).arg(r.token);
+                }
+                cmd
+            })
+            .collect()
+    }
+}
+
+fn read_ints(reply: Value) -> Result<Vec<i64>, BadReply> {
+    reply::array(reply)?.into_iter().map(reply::int).collect()
+}
