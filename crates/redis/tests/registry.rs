@@ -346,3 +346,33 @@ async fn a_node_cut_off_from_redis_serves_its_cache_and_catches_up() {
         .await
     );
 }
+
+#[tokio::test]
+#[ignore = "needs AGENTMESH_TEST_REDIS"]
+async fn a_registry_whose_keys_were_lost_is_reloaded_whole() {
+    let prefix = Prefix::new();
+    let (a, b) = (
+        registry(&store(&prefix, "a").await).await,
+        registry(&store(&prefix, "b").await).await,
+    );
+    a.register(card("before"), None).await.unwrap();
+    a.register(card("also-before"), None).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            b.resolve("also-before").len() == 1
+        })
+        .await
+    );
+    // Redis loses the registry (a flush, or a restart without persistence) while both
+    // nodes stay subscribed: the version counter starts over.
+    let _: () = prefix.query(redis::cmd("DEL").arg(prefix.keys()));
+    a.register(card("after"), None).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            b.resolve("after").len() == 1 && b.resolve("before").is_empty()
+        })
+        .await,
+        "B reloaded: {:?}",
+        b.lookup(&AgentFilter::default())
+    );
+}

@@ -57,10 +57,20 @@ impl Prefix {
 }
 
 impl Drop for Prefix {
+    /// Best effort, and never a second panic while a failed test unwinds.
     fn drop(&mut self) {
-        let keys = self.keys();
+        let Ok(url) = std::env::var("AGENTMESH_TEST_REDIS") else {
+            return;
+        };
+        let Ok(mut connection) = redis::Client::open(url).and_then(|c| c.get_connection()) else {
+            return;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.0))
+            .query(&mut connection)
+            .unwrap_or_default();
         if !keys.is_empty() {
-            let _: () = self.query(redis::cmd("DEL").arg(&keys));
+            let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query(&mut connection);
         }
     }
 }
