@@ -33,6 +33,16 @@ pub struct LeaseConfig {
     pub max_ttl: Duration,
 }
 
+impl LeaseConfig {
+    /// The TTL granted for a requested one: the default when none is asked for, clamped to
+    /// `[min_ttl, max_ttl]`.
+    pub fn grant(&self, requested: Option<Duration>) -> Duration {
+        requested
+            .unwrap_or(self.default_ttl)
+            .clamp(self.min_ttl, self.max_ttl)
+    }
+}
+
 impl Default for LeaseConfig {
     fn default() -> Self {
         Self {
@@ -57,6 +67,66 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// This node's view of a registered instance: a fresh breaker and no call in flight.
+    pub fn new(
+        card: AgentCard,
+        lease_id: String,
+        registered_at: SystemTime,
+        breaker: &BreakerConfig,
+    ) -> Self {
+        Self {
+            card,
+            in_flight: AtomicU32::new(0),
+            breaker: CircuitBreaker::new(breaker.clone()),
+            lease_id,
+            registered_at,
+        }
+    }
+
+    /// The lease the instance holds.
+    pub fn lease_id(&self) -> &str {
+        &self.lease_id
+    }
+
+    /// When the instance (last) registered.
+    pub fn registered_at(&self) -> SystemTime {
+        self.registered_at
+    }
+
+    /// Whether a `target` (agent name or `skill:<id>`) addresses this instance.
+    pub fn addressed_by(&self, target: &str) -> bool {
+        match target.strip_prefix("skill:") {
+            Some(skill) => self.card.skills.iter().any(|s| s.id == skill),
+            None => self.card.name == target,
+        }
+    }
+
+    /// The instance's lease, `ttl` long and lapsing at `expires_at`.
+    pub fn lease(&self, ttl: Duration, expires_at: Instant) -> Lease {
+        let remaining = expires_at.saturating_duration_since(Instant::now());
+        Lease {
+            lease_id: self.lease_id.clone(),
+            instance_id: self.card.instance_id.clone(),
+            ttl: prost_types::Duration::try_from(ttl).ok(),
+            expires_at: Some((SystemTime::now() + remaining).into()),
+        }
+    }
+
+    /// The instance as discovery shows it: card, lease, in-flight count and breaker state.
+    pub fn describe(&self, ttl: Duration, expires_at: Instant) -> AgentInstance {
+        AgentInstance {
+            card: Some(self.card.clone()),
+            lease: Some(self.lease(ttl, expires_at)),
+            registered_at: Some(self.registered_at.into()),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            breaker: match self.breaker.state() {
+                Breaker::Closed => BreakerState::Closed,
+                Breaker::Open => BreakerState::Open,
+                Breaker::HalfOpen => BreakerState::HalfOpen,
+            } as i32,
+        }
+    }
+
     /// Counts a call as in flight until the returned guard is dropped.
     pub fn start_call(self: &Arc<Self>) -> InFlightGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -227,21 +297,15 @@ impl AgentRegistry for MemoryRegistry {
         mut card: AgentCard,
         requested_ttl: Option<Duration>,
     ) -> Result<(Lease, AgentCard), MeshError> {
-        validate_card(&card)?;
-        if card.instance_id.is_empty() {
-            card.instance_id = uuid::Uuid::now_v7().to_string();
-        }
-        let ttl = requested_ttl
-            .unwrap_or(self.config.default_ttl)
-            .clamp(self.config.min_ttl, self.config.max_ttl);
+        admit_card(&mut card)?;
+        let ttl = self.config.grant(requested_ttl);
         let lease_id = uuid::Uuid::now_v7().to_string();
-        let instance = Arc::new(Instance {
-            card: card.clone(),
-            in_flight: AtomicU32::new(0),
-            breaker: CircuitBreaker::new(self.breaker.clone()),
-            lease_id: lease_id.clone(),
-            registered_at: SystemTime::now(),
-        });
+        let instance = Arc::new(Instance::new(
+            card.clone(),
+            lease_id.clone(),
+            SystemTime::now(),
+            &self.breaker,
+        ));
         let entry = Entry {
             instance,
             ttl,
@@ -340,24 +404,17 @@ impl AgentRegistry for MemoryRegistry {
             .filter(|entry| matches(filter, &entry.instance))
             .map(instance_of)
             .collect();
-        found.sort_by(|a, b| {
-            let (a, b) = (a.card.as_ref().unwrap(), b.card.as_ref().unwrap());
-            (&a.name, &a.instance_id).cmp(&(&b.name, &b.instance_id))
-        });
+        sort_for_lookup(&mut found);
         found
     }
 
     /// Live instances that a `target` (agent name or `skill:<id>`) addresses.
     fn resolve(&self, target: &str) -> Vec<Arc<Instance>> {
         let state = self.state.read();
-        let by_skill = target.strip_prefix("skill:");
         state
             .instances
             .values()
-            .filter(|entry| match by_skill {
-                Some(skill) => entry.instance.card.skills.iter().any(|s| s.id == skill),
-                None => entry.instance.card.name == target,
-            })
+            .filter(|entry| entry.instance.addressed_by(target))
             .map(|entry| Arc::clone(&entry.instance))
             .collect()
     }
@@ -398,6 +455,25 @@ pub fn card_accepts(card: &AgentCard, r#type: &str, version: &str) -> bool {
     })
 }
 
+/// Sorts instances the way `lookup` returns them: by name, then instance id.
+pub fn sort_for_lookup(instances: &mut [AgentInstance]) {
+    fn key(instance: &AgentInstance) -> Option<(&str, &str)> {
+        let card = instance.card.as_ref()?;
+        Some((card.name.as_str(), card.instance_id.as_str()))
+    }
+    instances.sort_by(|a, b| key(a).cmp(&key(b)));
+}
+
+/// Checks a card for registration and gives it an instance id if it has none. Every
+/// registry runs this, so a card is accepted or refused the same way whatever keeps it.
+pub fn admit_card(card: &mut AgentCard) -> Result<(), MeshError> {
+    validate_card(card)?;
+    if card.instance_id.is_empty() {
+        card.instance_id = uuid::Uuid::now_v7().to_string();
+    }
+    Ok(())
+}
+
 fn validate_card(card: &AgentCard) -> Result<(), MeshError> {
     if card.name.is_empty() {
         return Err(MeshError::InvalidArgument("card.name is required".into()));
@@ -426,7 +502,8 @@ fn matches(filter: &AgentFilter, instance: &Instance) -> bool {
     card_matches(filter, &instance.card)
 }
 
-fn card_matches(filter: &AgentFilter, card: &AgentCard) -> bool {
+/// Whether a card matches a filter (empty fields match anything).
+pub fn card_matches(filter: &AgentFilter, card: &AgentCard) -> bool {
     (filter.name.is_empty() || card.name == filter.name)
         && (filter.skill.is_empty() || card.skills.iter().any(|s| s.id == filter.skill))
         && (filter.tag.is_empty() || card.skills.iter().any(|s| s.tags.contains(&filter.tag)))
@@ -435,32 +512,131 @@ fn card_matches(filter: &AgentFilter, card: &AgentCard) -> bool {
 }
 
 fn lease_of(entry: &Entry) -> Lease {
-    let remaining = entry.expires_at.saturating_duration_since(Instant::now());
-    Lease {
-        lease_id: entry.instance.lease_id.clone(),
-        instance_id: entry.instance.card.instance_id.clone(),
-        ttl: prost_types::Duration::try_from(entry.ttl).ok(),
-        expires_at: Some((SystemTime::now() + remaining).into()),
-    }
+    entry.instance.lease(entry.ttl, entry.expires_at)
 }
 
 fn instance_of(entry: &Entry) -> AgentInstance {
-    AgentInstance {
-        card: Some(entry.instance.card.clone()),
-        lease: Some(lease_of(entry)),
-        registered_at: Some(entry.instance.registered_at.into()),
-        in_flight: entry.instance.in_flight.load(Ordering::Relaxed),
-        breaker: match entry.instance.breaker.state() {
-            Breaker::Closed => BreakerState::Closed,
-            Breaker::Open => BreakerState::Open,
-            Breaker::HalfOpen => BreakerState::HalfOpen,
-        } as i32,
-    }
+    entry.instance.describe(entry.ttl, entry.expires_at)
 }
 
 fn event_of(kind: WatchEventKind, entry: &Entry) -> WatchResponse {
     WatchResponse {
         kind: kind as i32,
         instance: Some(instance_of(entry)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use agentmesh_proto::v1::Skill;
+
+    use super::*;
+
+    fn card(name: &str, skill: &str) -> AgentCard {
+        AgentCard {
+            name: name.into(),
+            endpoint: "http://127.0.0.1:9000".into(),
+            skills: vec![Skill {
+                id: skill.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_lease_is_granted_within_the_bounds() {
+        let config = LeaseConfig::default();
+        assert_eq!(config.grant(None), config.default_ttl);
+        assert_eq!(config.grant(Some(Duration::from_millis(1))), config.min_ttl);
+        assert_eq!(
+            config.grant(Some(Duration::from_secs(86_400))),
+            config.max_ttl
+        );
+        assert_eq!(
+            config.grant(Some(Duration::from_secs(30))),
+            Duration::from_secs(30)
+        );
+    }
+
+    #[test]
+    fn a_card_is_admitted_with_an_instance_id_or_refused() {
+        let mut good = card("echo", "say");
+        admit_card(&mut good).unwrap();
+        assert!(!good.instance_id.is_empty());
+        let mut kept = card("echo", "say");
+        kept.instance_id = "mine".into();
+        admit_card(&mut kept).unwrap();
+        assert_eq!(kept.instance_id, "mine");
+        let mut bad = card("skill:echo", "say");
+        assert!(matches!(
+            admit_card(&mut bad),
+            Err(MeshError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn an_instance_built_elsewhere_describes_itself_like_a_registered_one() {
+        let instance = Arc::new(Instance::new(
+            card("echo", "say"),
+            "lease-1".into(),
+            SystemTime::now(),
+            &BreakerConfig::default(),
+        ));
+        assert!(instance.addressed_by("echo") && instance.addressed_by("skill:say"));
+        assert!(!instance.addressed_by("say") && !instance.addressed_by("skill:echo"));
+        let _call = instance.start_call();
+        let described = instance.describe(
+            Duration::from_secs(10),
+            Instant::now() + Duration::from_secs(4),
+        );
+        assert_eq!(described.in_flight, 1);
+        assert_eq!(described.breaker, BreakerState::Closed as i32);
+        let lease = described.lease.unwrap();
+        assert_eq!(
+            (lease.lease_id.as_str(), lease.ttl.unwrap().seconds),
+            ("lease-1", 10)
+        );
+    }
+
+    #[test]
+    fn lookups_sort_by_name_then_instance() {
+        let described = |name: &str, id: &str| {
+            let mut card = card(name, "s");
+            card.instance_id = id.into();
+            Instance::new(
+                card,
+                "l".into(),
+                SystemTime::now(),
+                &BreakerConfig::default(),
+            )
+            .describe(Duration::from_secs(1), Instant::now())
+        };
+        let mut found = vec![
+            described("b", "1"),
+            described("a", "2"),
+            described("a", "1"),
+        ];
+        sort_for_lookup(&mut found);
+        let order: Vec<(String, String)> = found
+            .into_iter()
+            .map(|i| i.card.unwrap())
+            .map(|c| (c.name, c.instance_id))
+            .collect();
+        assert_eq!(
+            order,
+            [("a", "1"), ("a", "2"), ("b", "1")].map(|(n, i)| (n.to_owned(), i.to_owned()))
+        );
+    }
+
+    #[tokio::test]
+    async fn the_memory_registry_resolves_by_name_and_skill() {
+        let registry = MemoryRegistry::new(LeaseConfig::default(), BreakerConfig::default());
+        let (lease, _) = registry.register(card("echo", "say"), None).await.unwrap();
+        assert_eq!(registry.resolve("echo").len(), 1);
+        assert_eq!(registry.resolve("skill:say").len(), 1);
+        assert_eq!(registry.lookup(&AgentFilter::default()).len(), 1);
+        registry.deregister(&lease.lease_id).await.unwrap();
+        assert!(registry.resolve("echo").is_empty());
     }
 }
