@@ -101,6 +101,7 @@ async fn a_duplicate_through_the_other_node_replays_the_first_reply() {
     lead(&b, "echo\u{0}order-2")
         .await
         .complete(&Ok(reply("second")));
+    assert_eq!(replay(&a, "echo\u{0}order-2").await.id, "second");
 }
 
 #[tokio::test]
@@ -268,6 +269,7 @@ async fn a_reply_is_forgotten_after_the_window() {
     assert_eq!(replay(&b, "k").await.id, "once");
     tokio::time::sleep(Duration::from_millis(400)).await;
     lead(&b, "k").await.complete(&Ok(reply("again")));
+    assert_eq!(replay(&a, "k").await.id, "again");
 }
 
 #[tokio::test]
