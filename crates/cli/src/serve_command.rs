@@ -102,20 +102,26 @@ impl ServeArgs {
     /// Runs the node until Ctrl-C or SIGTERM.
     pub(crate) async fn run(self, matches: &ArgMatches) -> anyhow::Result<()> {
         let config = self.node_config(matches, std::env::vars())?;
-        let queue = agentmesh_node::QueueHandle::open(&config.queue)
+        let mut stores = agentmesh_node::Stores::open(&config)
             .await
-            .with_context(|| {
-                format!(
-                    "cannot open the queue store in {}",
-                    config.queue.data_dir.display()
-                )
-            })?;
+            .context("cannot open the shared store (store.url)")?;
+        let queue = match stores.queue.take() {
+            Some(shared) => shared,
+            None => agentmesh_node::QueueHandle::open(&config.queue)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot open the queue store in {}",
+                        config.queue.data_dir.display()
+                    )
+                })?,
+        };
         let listen = self.listen;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let address = listener.local_addr()?;
-        let node = Node::new(config).with_queue(queue.clone());
+        let node = Node::with_stores(config, stores).with_queue(queue.clone());
         let server = tokio::spawn(node.serve(listener, crate::shutdown_signal()));
         let demos = if self.demo_agents {
             let demos = demo::start(&address.to_string()).await?;

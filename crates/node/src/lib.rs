@@ -5,6 +5,7 @@
 //! - [`edge`] builds each call's `CallContext` (correlation id, deadline, trace context,
 //!   idempotency key) once, for gRPC and HTTP alike;
 //! - [`grpc`] holds the gRPC services, each a thin face over the core;
+//! - [`stores`] picks where shared state lives (this process, or Redis for several nodes);
 //! - [`server`] puts them, health, reflection, the HTTP gateway and `/metrics` on one port;
 //! - [`metrics`] renders `/metrics`, with [`process_metrics`] for the process's own CPU,
 //!   memory and descriptors;
@@ -18,6 +19,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod process_metrics;
 pub mod server;
+pub mod stores;
 
 pub use agentmesh_core::{
     MeshError,
@@ -29,3 +31,4 @@ pub use agentmesh_core::{
 pub use config::{NodeConfig, StoreSettings};
 pub use config_layers::{ConfigError, ConfigLayer};
 pub use server::Node;
+pub use stores::Stores;

@@ -16,11 +16,12 @@ use tower::ServiceBuilder;
 use agentmesh_core::{
     MeshCore, Router,
     queue::{QueueHandle, Queues},
-    registry::{AgentRegistry, MemoryRegistry},
+    registry::AgentRegistry,
 };
 use agentmesh_proto::DeadlinePolicy;
 
 use crate::{
+    Stores,
     config::NodeConfig,
     edge::CallContextLayer,
     grpc::{AgentFace, Discovery, FanOutFace, QueueFace},
@@ -42,26 +43,31 @@ pub struct Node {
     router: Router,
     shutdown: CancellationToken,
     queue: Option<QueueHandle>,
+    roster: Option<agentmesh_redis::NodeRoster>,
 }
 
 impl Node {
-    /// A node with the given configuration.
+    /// A node with the given configuration, its state in this process.
     pub fn new(config: NodeConfig) -> Self {
-        let registry: Arc<dyn AgentRegistry> = Arc::new(MemoryRegistry::new(
-            config.leases.clone(),
-            config.breaker.clone(),
-        ));
-        let router = Router::new(
-            Arc::clone(&registry),
+        let stores = Stores::in_memory(&config);
+        Self::with_stores(config, stores)
+    }
+
+    /// A node over the given stores (see [`Stores::open`]).
+    pub fn with_stores(config: NodeConfig, stores: Stores) -> Self {
+        let router = Router::with_stores(
+            Arc::clone(&stores.registry),
+            stores.replay,
+            stores.idempotency,
             config.router.clone(),
-            config.replay.clone(),
         );
         Self {
             config,
-            registry,
+            registry: stores.registry,
             router,
             shutdown: CancellationToken::new(),
-            queue: None,
+            queue: stores.queue,
+            roster: stores.roster,
         }
     }
 
@@ -169,6 +175,17 @@ impl Node {
                 );
 
         let address = listener.local_addr()?;
+        if let Some(roster) = &self.roster {
+            // Other nodes forward resumes of this node's streams here.
+            let advertised = match self.config.store.advertise.as_str() {
+                "" => format!("http://{address}"),
+                set => set.to_owned(),
+            };
+            roster
+                .announce(&advertised)
+                .await
+                .map_err(std::io::Error::other)?;
+        }
         set_health(&health, ServingStatus::Serving).await;
         ready.store(true, std::sync::atomic::Ordering::Release);
         tracing::info!(%address, "agentmesh node serving gRPC and HTTP");
@@ -204,6 +221,11 @@ impl Node {
         };
         if own_queue {
             queue.close().await;
+        }
+        if let Some(roster) = &self.roster {
+            if let Err(error) = roster.withdraw().await {
+                tracing::warn!(%error, "could not take this node off the mesh's list");
+            }
         }
         result
     }

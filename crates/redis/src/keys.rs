@@ -34,6 +34,11 @@ impl Keys {
         &self.prefix
     }
 
+    /// Hash: node id → the gRPC address it advertises (see [`crate::NodeRoster`]).
+    pub fn nodes(&self) -> String {
+        format!("{}:nodes", self.prefix)
+    }
+
     /// Hash: instance id → encoded record.
     pub fn registry_instances(&self) -> String {
         format!("{}:registry:instances", self.prefix)

@@ -23,10 +23,12 @@
 mod follow;
 pub mod idempotency;
 pub mod keys;
+pub mod nodes;
 pub mod registry;
 pub mod store;
 
 pub use idempotency::{IdempotencyOptions, RedisIdempotency};
 pub use keys::Keys;
+pub use nodes::NodeRoster;
 pub use registry::RedisRegistry;
 pub use store::{RedisStore, StoreOptions};
