@@ -97,6 +97,24 @@
 //! although the batch was appended (resend with idempotency keys). Acks, nacks and leases are
 //! never waited for: a lost ack only means a redelivery.
 //!
+//! # What [`RedisOptions`] controls
+//!
+//! * `durability`: [`RedisDurability::Primary`] or [`RedisDurability::Wait`], above;
+//! * `response_timeout` (5 s) and `connect_timeout` (2 s): how long a command may wait for its
+//!   answer (blocking reads: their block time plus this) and a connection for its handshake,
+//!   so a Redis that hangs or vanishes yields errors, not stuck calls;
+//! * `max_idle_blocking_connections` (16): dedicated connections kept for blocking reads and
+//!   `WAIT`; as many more are opened as there are waits at once;
+//! * `release_leases_on_drop` (on): whether dropping the backend hands back its leases.
+//!
+//! # Throughput
+//!
+//! `cargo bench -p agentmesh-queue --bench queue_throughput` with `AGENTMESH_TEST_REDIS` set,
+//! 256-byte bodies, Redis 7.0 without AOF on the same 2 cores as the bench (one busy run):
+//! 148k msgs/s submitting one message per call from 64 tasks, 350k at 64 per call;
+//! submit→receive→ack 40k, with `ack_many` 77k. End to end, Redis's single thread is the
+//! limit: the functions spend about 3 µs of it per message leasing and 2 µs acking.
+//!
 //! # When Redis is away
 //!
 //! Every call fails with [`QueueError::Storage`] naming the server and the operation (or
