@@ -1,0 +1,280 @@
+//! Several `agentmesh serve` processes sharing one Redis (`--store redis://…`) behave as one
+//! mesh: an agent registered through node A is called through B and C, `Watch` on C sees a
+//! registration made through A, a message submitted through A is consumed through B, and a
+//! stream opened through A and cut is resumed through B with no gap and no duplicate.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use agentmesh_proto::v1::{
+    AgentFilter, ConsumeAck, ConsumeRequest, ConsumeSubscribe, Envelope, StreamEventKind,
+    WatchEventKind, WatchRequest, consume_request::Action, consume_response::Event,
+};
+use agentmesh_sdk::{AgentRuntime, MeshClient, RunningAgent};
+use agentmesh_tests::{Echo, Streamer, card, outside_tool};
+use futures::StreamExt;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_agentmesh");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The Redis these tests share, and a key prefix of this test's own, deleted on drop.
+struct SharedRedis {
+    url: String,
+    prefix: String,
+}
+
+impl SharedRedis {
+    fn new() -> Self {
+        let url = outside_tool(
+            "AGENTMESH_TEST_REDIS",
+            "a Redis URL, e.g. redis://127.0.0.1:6379",
+        );
+        let prefix = format!("mesh-test-{}", uuid::Uuid::now_v7().simple());
+        Self { url, prefix }
+    }
+}
+
+impl Drop for SharedRedis {
+    fn drop(&mut self) {
+        let Ok(client) = redis::Client::open(self.url.as_str()) else {
+            return;
+        };
+        let Ok(mut connection) = client.get_connection() else {
+            return;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.prefix))
+            .query(&mut connection)
+            .unwrap_or_default();
+        for key in keys {
+            let _: Result<(), _> = redis::cmd("DEL").arg(key).query(&mut connection);
+        }
+    }
+}
+
+/// One `agentmesh serve` on the shared Redis; killed on drop.
+struct MeshNode {
+    child: Child,
+    address: String,
+    _data: tempfile::TempDir,
+}
+
+impl MeshNode {
+    async fn start(redis: &SharedRedis, id: &str) -> Self {
+        let address = format!("127.0.0.1:{}", free_port());
+        let data = tempfile::tempdir().unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", &address, "--store", &redis.url])
+            .arg("--set")
+            .arg(format!("store.key_prefix={}", redis.prefix))
+            .arg("--set")
+            .arg(format!("store.node_id={id}"))
+            .arg("--data-dir")
+            .arg(data.path())
+            .env("AGENTMESH_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let node = Self {
+            child,
+            address,
+            _data: data,
+        };
+        let client = node.client();
+        let until = Instant::now() + Duration::from_secs(20);
+        while client.list_queues().await.is_err() {
+            assert!(Instant::now() < until, "node {id} did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        node
+    }
+
+    fn client(&self) -> MeshClient {
+        MeshClient::connect_lazy(&self.address).unwrap()
+    }
+}
+
+impl Drop for MeshNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_agent<A: agentmesh_sdk::Agent>(
+    node: &MeshNode,
+    name: &str,
+    agent: A,
+) -> RunningAgent {
+    let running = AgentRuntime::new(card(name), agent)
+        .node(node.address.clone())
+        .ttl(Duration::from_secs(10))
+        .start()
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), running.registered(1))
+        .await
+        .expect("agent registers within 5 s");
+    running
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs AGENTMESH_TEST_REDIS"]
+async fn three_nodes_on_one_redis_are_one_mesh() {
+    let redis = SharedRedis::new();
+    let a = MeshNode::start(&redis, "node-a").await;
+    let b = MeshNode::start(&redis, "node-b").await;
+    let c = MeshNode::start(&redis, "node-c").await;
+
+    // Watch through C before anything registers through A.
+    let mut watch = c
+        .client()
+        .discovery()
+        .watch(WatchRequest {
+            filter: Some(AgentFilter {
+                name: "echo".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let _echo = start_agent(&a, "echo", Echo).await;
+    let seen = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(event) = watch.next().await {
+            let event = event.unwrap();
+            if event.kind == WatchEventKind::Added as i32 {
+                return event;
+            }
+        }
+        panic!("watch ended");
+    })
+    .await
+    .expect("Watch on C sees the registration made through A");
+    assert_eq!(seen.instance.unwrap().card.unwrap().name, "echo");
+
+    // Registered through A, called through B and C.
+    for node in [&b, &c] {
+        let reply = node
+            .client()
+            .invoke("echo", Envelope::json("t", json!({ "via": node.address })))
+            .await
+            .unwrap();
+        assert_eq!(reply.json_payload().unwrap()["via"], json!(node.address));
+    }
+
+    // Submitted through A, consumed through B.
+    let submitted = a
+        .client()
+        .submit(
+            "shared-jobs",
+            (0..5).map(|i| Envelope::json("job", json!({ "i": i }))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(submitted.accepted, 5);
+    let (tx, rx) = mpsc::channel(64);
+    tx.send(ConsumeRequest {
+        action: Some(Action::Subscribe(ConsumeSubscribe {
+            queue: "shared-jobs".into(),
+            prefetch: 16,
+            lease: prost_types::Duration::try_from(Duration::from_secs(30)).ok(),
+            consumer_id: "on-b".into(),
+            max_batch: 0,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut deliveries = b
+        .client()
+        .queues()
+        .consume(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut got, mut acked) = (Vec::new(), 0);
+    while acked < 5 {
+        let frame = tokio::time::timeout(Duration::from_secs(10), deliveries.message())
+            .await
+            .expect("deliveries through B")
+            .unwrap()
+            .unwrap();
+        match frame.event {
+            Some(Event::Delivery(d)) => {
+                got.push(
+                    d.envelope.unwrap().json_payload().unwrap()["i"]
+                        .as_u64()
+                        .unwrap(),
+                );
+                tx.send(ConsumeRequest {
+                    action: Some(Action::Ack(ConsumeAck {
+                        receipt: d.receipt,
+                        result: None,
+                    })),
+                })
+                .await
+                .unwrap();
+            }
+            Some(Event::Receipt(r)) => {
+                assert!(r.error.is_none(), "{r:?}");
+                acked += 1;
+            }
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+    got.sort();
+    assert_eq!(got, vec![0, 1, 2, 3, 4]);
+    let stats = c.client().list_queues().await.unwrap();
+    let shared = stats.iter().find(|q| q.name == "shared-jobs").unwrap();
+    assert_eq!((shared.depth, shared.in_flight), (0, 0), "{shared:?}");
+
+    // A stream opened through A, cut after three events, resumed through B.
+    let _streamer = start_agent(&a, "streamer", Streamer).await;
+    let mut events = a
+        .client()
+        .stream("streamer", Envelope::json("count", json!({ "n": 8 })))
+        .await
+        .unwrap();
+    let mut first = Vec::new();
+    while first.len() < 3 {
+        first.push(events.message().await.unwrap().unwrap());
+    }
+    drop(events);
+    let last = first.last().unwrap();
+    assert!(
+        last.stream_id.starts_with("node-a~"),
+        "stream ids name their node: {}",
+        last.stream_id
+    );
+    let mut rest = b
+        .client()
+        .resume(&last.stream_id, last.sequence)
+        .await
+        .expect("resume through B is forwarded to A");
+    let mut sequences: Vec<u64> = first.iter().map(|e| e.sequence).collect();
+    let mut ended = false;
+    while let Some(event) = rest.message().await.unwrap() {
+        sequences.push(event.sequence);
+        if event.kind == StreamEventKind::Result as i32 {
+            ended = true;
+        }
+    }
+    assert!(ended, "the resumed stream reaches its result");
+    let expected: Vec<u64> = (1..=sequences.len() as u64).collect();
+    assert_eq!(sequences, expected, "no gap and no duplicate");
+}
