@@ -278,3 +278,131 @@ async fn three_nodes_on_one_redis_are_one_mesh() {
     let expected: Vec<u64> = (1..=sequences.len() as u64).collect();
     assert_eq!(sequences, expected, "no gap and no duplicate");
 }
+
+/// Node A is killed (SIGKILL) while producers submit through A and B and a consumer drains
+/// through C: every acknowledged message is processed at least once, messages A had leased
+/// go to the consumer on C once their lease lapses, and nothing is left waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs AGENTMESH_TEST_REDIS"]
+async fn losing_a_node_loses_no_acknowledged_message() {
+    use std::{
+        collections::{HashMap, HashSet},
+        sync::{Arc, Mutex},
+    };
+
+    let redis = SharedRedis::new();
+    let mut a = MeshNode::start(&redis, "node-a").await;
+    let b = MeshNode::start(&redis, "node-b").await;
+    let c = MeshNode::start(&redis, "node-c").await;
+    let queue = "storm";
+
+    // A consumer on A holds some messages (short leases) when A dies.
+    let (a_tx, a_rx) = mpsc::channel(64);
+    a_tx.send(ConsumeRequest {
+        action: Some(Action::Subscribe(ConsumeSubscribe {
+            queue: queue.into(),
+            prefetch: 32,
+            lease: prost_types::Duration::try_from(Duration::from_secs(1)).ok(),
+            consumer_id: "on-a".into(),
+            max_batch: 0,
+        })),
+    })
+    .await
+    .unwrap();
+    let _held_on_a = a
+        .client()
+        .queues()
+        .consume(ReceiverStream::new(a_rx))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Producers through A and B record what was acknowledged.
+    let acknowledged = Arc::new(Mutex::new(HashSet::new()));
+    let mut producers = Vec::new();
+    for (name, client) in [("a", a.client()), ("b", b.client())] {
+        let acknowledged = Arc::clone(&acknowledged);
+        producers.push(tokio::spawn(async move {
+            for round in 0..200 {
+                let batch = (0..10).map(|i| {
+                    Envelope::json("job", json!({ "from": name, "round": round, "i": i }))
+                });
+                match client.submit(queue, batch).await {
+                    Ok(response) => {
+                        let mut set = acknowledged.lock().unwrap();
+                        for outcome in response.outcomes {
+                            set.insert(outcome.message_id);
+                        }
+                    }
+                    // A is gone: its producer stops; B's keeps going.
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    for producer in producers {
+        producer.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() >= 100,
+        "the storm got going: {}",
+        acknowledged.len()
+    );
+
+    // Drain through C until the queue stays empty.
+    let (tx, rx) = mpsc::channel(4096);
+    tx.send(ConsumeRequest {
+        action: Some(Action::Subscribe(ConsumeSubscribe {
+            queue: queue.into(),
+            prefetch: 512,
+            lease: prost_types::Duration::try_from(Duration::from_secs(30)).ok(),
+            consumer_id: "on-c".into(),
+            max_batch: 0,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = c
+        .client()
+        .queues()
+        .consume(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    while let Ok(Ok(Some(frame))) =
+        tokio::time::timeout(Duration::from_secs(4), inbound.message()).await
+    {
+        if let Some(Event::Delivery(d)) = frame.event {
+            *seen.entry(d.envelope.unwrap().id).or_default() += 1;
+            tx.send(ConsumeRequest {
+                action: Some(Action::Ack(ConsumeAck {
+                    receipt: d.receipt,
+                    result: None,
+                })),
+            })
+            .await
+            .unwrap();
+        }
+    }
+    let lost: Vec<&String> = acknowledged
+        .iter()
+        .filter(|id| !seen.contains_key(*id))
+        .collect();
+    let duplicates: u32 = seen.values().map(|n| n - 1).sum();
+    println!(
+        "node lost mid-storm: {} acknowledged, {} delivered through C, {} lost, {} duplicates",
+        acknowledged.len(),
+        seen.len(),
+        lost.len(),
+        duplicates
+    );
+    assert!(lost.is_empty(), "{} acknowledged messages lost", lost.len());
+    let stats = b.client().list_queues().await.unwrap();
+    let storm = stats.iter().find(|q| q.name == queue).unwrap();
+    assert_eq!((storm.depth, storm.in_flight), (0, 0), "{storm:?}");
+}
