@@ -15,7 +15,7 @@
 //! Knobs: `AGENTMESH_BENCH_MESSAGES` (default 200000), `AGENTMESH_BENCH_PRODUCERS` (4),
 //! `AGENTMESH_BENCH_BATCH` (500 per submit), `AGENTMESH_BENCH_CONSUMERS` (4),
 //! `AGENTMESH_BENCH_PREFETCH` (1024), `AGENTMESH_BENCH_ROUNDS` (1; the best round counts),
-//! `AGENTMESH_BENCH_ONLY` (agentmesh|redis|nats), `AGENTMESH_BENCH_SPLIT` (set: also time
+//! `AGENTMESH_BENCH_ONLY` (agentmesh|agentmesh-redis|redis|nats), `AGENTMESH_BENCH_SPLIT` (set: also time
 //! agentmesh's submit and consume halves on their own first), `AGENTMESH_BENCH_IDLE_SECS` (10:
 //! after each agentmesh run, the node's CPU-seconds over this many idle seconds; 0 skips it).
 
@@ -119,8 +119,34 @@ impl Drop for NodeProcess {
     }
 }
 
-async fn agentmesh(w: Workload) -> Measured {
+/// Deletes the keys a run left under `prefix`.
+async fn delete_keys(url: &str, prefix: &str) {
+    let Ok(client) = redis::Client::open(url) else {
+        return;
+    };
+    let Ok(mut con) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut con)
+        .await
+        .unwrap_or_default();
+    for chunk in keys.chunks(512) {
+        let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut con).await;
+    }
+}
+
+/// agentmesh end to end: a real node on its embedded store, or with `store` (a Redis URL)
+/// on Redis under a key prefix of this run's own.
+async fn agentmesh(w: Workload, store: Option<&str>) -> Measured {
     let data = tempfile::tempdir().expect("temp dir");
+    let prefix = format!("bench-{}", uuid::Uuid::now_v7().simple());
+    let mut shared = Vec::new();
+    if let Some(url) = store {
+        shared.extend(["--store".to_owned(), url.to_owned()]);
+        shared.extend(["--set".to_owned(), format!("store.key_prefix={prefix}")]);
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -131,6 +157,7 @@ async fn agentmesh(w: Workload) -> Measured {
         Command::new(env!("CARGO_BIN_EXE_agentmesh"))
             .args(["serve", "--listen", &address, "--data-dir"])
             .arg(data.path())
+            .args(&shared)
             .env("AGENTMESH_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
@@ -171,6 +198,10 @@ async fn agentmesh(w: Workload) -> Measured {
         c.abort();
     }
     idle_cpu_after_load(node.0.id()).await;
+    if let Some(url) = store {
+        drop(node);
+        delete_keys(url, &prefix).await;
+    }
     Measured {
         end_to_end: w.messages as f64 / elapsed.as_secs_f64(),
         submit: w.messages as f64 / submitted.as_secs_f64(),
@@ -604,6 +635,7 @@ fn main() {
         );
     };
     let mut ours = Vec::new();
+    let mut ours_on_redis = Vec::new();
     let mut redis = Vec::new();
     let mut nats = Vec::new();
     let redis_url = std::env::var("AGENTMESH_TEST_REDIS").ok();
@@ -611,9 +643,17 @@ fn main() {
     for round in 0..rounds {
         if wants("agentmesh") {
             settle_disk();
-            let m = runtime.block_on(agentmesh(w));
+            let m = runtime.block_on(agentmesh(w, None));
             report(&format!("agentmesh #{}", round + 1), m);
             ours.push(m);
+        }
+        if wants("agentmesh-redis") {
+            if let Some(url) = &redis_url {
+                settle_disk();
+                let m = runtime.block_on(agentmesh(w, Some(url)));
+                report(&format!("agentmesh/redis #{}", round + 1), m);
+                ours_on_redis.push(m);
+            }
         }
         if wants("redis") {
             match &redis_url {
@@ -650,12 +690,20 @@ fn main() {
     let ours = best(&ours);
     for (name, m) in [
         ("agentmesh", ours),
+        ("agentmesh/redis", best(&ours_on_redis)),
         ("redis streams", best(&redis)),
         ("nats jetstream", best(&nats)),
     ] {
         if let Some(m) = m {
             report(name, m);
         }
+    }
+    if let (Some(on_redis), Some(theirs)) = (best(&ours_on_redis), best(&redis)) {
+        println!(
+            "agentmesh on Redis / Redis Streams: {:.2}x end to end, {:.2}x submit (target >= 0.8)",
+            on_redis.end_to_end / theirs.end_to_end,
+            on_redis.submit / theirs.submit
+        );
     }
     if let Some(ours) = ours {
         for (name, theirs) in [
