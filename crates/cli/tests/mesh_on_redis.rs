@@ -406,3 +406,116 @@ async fn losing_a_node_loses_no_acknowledged_message() {
     let storm = stats.iter().find(|q| q.name == queue).unwrap();
     assert_eq!((storm.depth, storm.in_flight), (0, 0), "{storm:?}");
 }
+
+/// A Redis of this test's own (another process on a free port), so it can be stopped and
+/// started again without disturbing anything else that uses the machine's Redis.
+struct OwnRedis {
+    server: String,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    fn start() -> Self {
+        let server = outside_tool(
+            "AGENTMESH_TEST_REDIS_SERVER",
+            "a redis-server binary (a test starts and stops a Redis of its own)",
+        );
+        let mut redis = Self {
+            server,
+            port: free_port(),
+            child: None,
+        };
+        redis.up();
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn up(&mut self) {
+        let child = Command::new(&self.server)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let until = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < until, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn down(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// Redis goes away and comes back (empty: it kept nothing). Meanwhile the nodes keep
+/// serving: routing works from their caches, what needs Redis fails with UNAVAILABLE naming
+/// the store, and no process dies. Afterwards they reconnect by themselves, the agent is
+/// registered again (its heartbeat finds its lease gone), and the queue works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs AGENTMESH_TEST_REDIS_SERVER"]
+async fn nodes_ride_out_a_redis_restart() {
+    let mut own = OwnRedis::start();
+    let redis = SharedRedis {
+        url: own.url(),
+        prefix: "restart".into(),
+    };
+    let mut a = MeshNode::start(&redis, "node-a").await;
+    let mut b = MeshNode::start(&redis, "node-b").await;
+    let _echo = start_agent(&a, "echo", Echo).await;
+    let call = |node: &MeshNode| {
+        let client = node.client();
+        async move { client.invoke("echo", Envelope::json("t", json!({}))).await }
+    };
+    call(&b).await.expect("echo through B before the restart");
+
+    own.down();
+    // Routing needs no Redis: B still reaches the agent from its cache.
+    call(&b).await.expect("echo through B while Redis is down");
+    let refused = a
+        .client()
+        .submit("jobs", [Envelope::json("job", json!({}))])
+        .await
+        .expect_err("a submit cannot be stored while Redis is down");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(!refused.message().is_empty(), "{refused:?}");
+    for node in [&mut a, &mut b] {
+        assert!(
+            node.child.try_wait().unwrap().is_none(),
+            "a node exited while Redis was down"
+        );
+    }
+
+    own.up();
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let submitted = a
+            .client()
+            .submit("jobs", [Envelope::json("job", json!({}))])
+            .await;
+        let called = call(&b).await;
+        if submitted.is_ok_and(|r| r.accepted == 1) && called.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the mesh did not recover after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
