@@ -1,10 +1,14 @@
 //! Several `agentmesh serve` processes sharing one Redis (`--store redis://…`) behave as one
 //! mesh: an agent registered through node A is called through B and C, `Watch` on C sees a
 //! registration made through A, a message submitted through A is consumed through B, and a
-//! stream opened through A and cut is resumed through B with no gap and no duplicate.
+//! stream opened through A and cut is resumed through B with no gap and no duplicate; a
+//! duplicate idempotent invoke through B replays A's reply; a result stored through B is
+//! awaited through C; a node killed mid-storm loses nothing acknowledged; a Redis restart
+//! is ridden out.
 
 use std::{
     process::{Child, Command, Stdio},
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -12,8 +16,8 @@ use agentmesh_proto::v1::{
     AgentFilter, ConsumeAck, ConsumeRequest, ConsumeSubscribe, Envelope, StreamEventKind,
     WatchEventKind, WatchRequest, consume_request::Action, consume_response::Event,
 };
-use agentmesh_sdk::{AgentRuntime, MeshClient, RunningAgent};
-use agentmesh_tests::{Echo, Streamer, card, outside_tool};
+use agentmesh_sdk::{AgentRuntime, CallOptions, MeshClient, RunningAgent};
+use agentmesh_tests::{Controlled, Echo, Streamer, card, outside_tool};
 use futures::StreamExt;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -178,6 +182,27 @@ async fn three_nodes_on_one_redis_are_one_mesh() {
         assert_eq!(reply.json_payload().unwrap()["via"], json!(node.address));
     }
 
+    // A duplicate idempotent invoke through B returns the reply A got; the agent runs once.
+    let counted = Controlled::default();
+    let calls = Arc::clone(&counted.calls);
+    let _counted = start_agent(&a, "counted", counted).await;
+    let keyed = || CallOptions {
+        idempotency_key: Some("once-only".into()),
+        ..Default::default()
+    };
+    let first = a
+        .client()
+        .invoke_with("counted", Envelope::json("t", json!({ "n": 1 })), keyed())
+        .await
+        .unwrap();
+    let again = b
+        .client()
+        .invoke_with("counted", Envelope::json("t", json!({ "n": 1 })), keyed())
+        .await
+        .unwrap();
+    assert_eq!(again.id, first.id, "the duplicate replays the first reply");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the agent ran once");
+
     // Submitted through A, consumed through B.
     let submitted = a
         .client()
@@ -208,6 +233,7 @@ async fn three_nodes_on_one_redis_are_one_mesh() {
         .unwrap()
         .into_inner();
     let (mut got, mut acked) = (Vec::new(), 0);
+    let mut correlation = std::collections::HashMap::new();
     while acked < 5 {
         let frame = tokio::time::timeout(Duration::from_secs(10), deliveries.message())
             .await
@@ -216,15 +242,14 @@ async fn three_nodes_on_one_redis_are_one_mesh() {
             .unwrap();
         match frame.event {
             Some(Event::Delivery(d)) => {
-                got.push(
-                    d.envelope.unwrap().json_payload().unwrap()["i"]
-                        .as_u64()
-                        .unwrap(),
-                );
+                let envelope = d.envelope.unwrap();
+                let i = envelope.json_payload().unwrap()["i"].as_u64().unwrap();
+                got.push(i);
+                correlation.insert(i, envelope.correlation_id.clone());
                 tx.send(ConsumeRequest {
                     action: Some(Action::Ack(ConsumeAck {
                         receipt: d.receipt,
-                        result: None,
+                        result: Some(Box::new(Envelope::json("done", json!({ "i": i })))),
                     })),
                 })
                 .await
@@ -242,6 +267,13 @@ async fn three_nodes_on_one_redis_are_one_mesh() {
     let stats = c.client().list_queues().await.unwrap();
     let shared = stats.iter().find(|q| q.name == "shared-jobs").unwrap();
     assert_eq!((shared.depth, shared.in_flight), (0, 0), "{shared:?}");
+    // The result B's consumer stored is read through C.
+    let result = c
+        .client()
+        .await_result(&correlation[&3], Some(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(result.json_payload().unwrap()["i"], json!(3));
 
     // A stream opened through A, cut after three events, resumed through B.
     let _streamer = start_agent(&a, "streamer", Streamer).await;
