@@ -135,6 +135,39 @@ async fn start_agent<A: agentmesh_sdk::Agent>(
     running
 }
 
+/// Opens a `Consume` stream on `queue` through `node`: the sender for acks, and the frames.
+async fn subscribe(
+    node: &MeshNode,
+    queue: &str,
+    prefetch: u32,
+    lease: Duration,
+    consumer: &str,
+) -> (
+    mpsc::Sender<ConsumeRequest>,
+    tonic::Streaming<agentmesh_proto::v1::ConsumeResponse>,
+) {
+    let (tx, rx) = mpsc::channel(4096);
+    tx.send(ConsumeRequest {
+        action: Some(Action::Subscribe(ConsumeSubscribe {
+            queue: queue.into(),
+            prefetch,
+            lease: prost_types::Duration::try_from(lease).ok(),
+            consumer_id: consumer.into(),
+            max_batch: 0,
+        })),
+    })
+    .await
+    .unwrap();
+    let frames = node
+        .client()
+        .queues()
+        .consume(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, frames)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs AGENTMESH_TEST_REDIS"]
 async fn three_nodes_on_one_redis_are_one_mesh() {
@@ -213,25 +246,8 @@ async fn three_nodes_on_one_redis_are_one_mesh() {
         .await
         .unwrap();
     assert_eq!(submitted.accepted, 5);
-    let (tx, rx) = mpsc::channel(64);
-    tx.send(ConsumeRequest {
-        action: Some(Action::Subscribe(ConsumeSubscribe {
-            queue: "shared-jobs".into(),
-            prefetch: 16,
-            lease: prost_types::Duration::try_from(Duration::from_secs(30)).ok(),
-            consumer_id: "on-b".into(),
-            max_batch: 0,
-        })),
-    })
-    .await
-    .unwrap();
-    let mut deliveries = b
-        .client()
-        .queues()
-        .consume(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut deliveries) =
+        subscribe(&b, "shared-jobs", 16, Duration::from_secs(30), "on-b").await;
     let (mut got, mut acked) = (Vec::new(), 0);
     let mut correlation = std::collections::HashMap::new();
     while acked < 5 {
@@ -329,25 +345,7 @@ async fn losing_a_node_loses_no_acknowledged_message() {
     let queue = "storm";
 
     // A consumer on A holds some messages (short leases) when A dies.
-    let (a_tx, a_rx) = mpsc::channel(64);
-    a_tx.send(ConsumeRequest {
-        action: Some(Action::Subscribe(ConsumeSubscribe {
-            queue: queue.into(),
-            prefetch: 32,
-            lease: prost_types::Duration::try_from(Duration::from_secs(1)).ok(),
-            consumer_id: "on-a".into(),
-            max_batch: 0,
-        })),
-    })
-    .await
-    .unwrap();
-    let _held_on_a = a
-        .client()
-        .queues()
-        .consume(ReceiverStream::new(a_rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (_a_tx, _held_on_a) = subscribe(&a, queue, 32, Duration::from_secs(1), "on-a").await;
 
     // Producers through A and B record what was acknowledged.
     let acknowledged = Arc::new(Mutex::new(HashSet::new()));
@@ -386,25 +384,7 @@ async fn losing_a_node_loses_no_acknowledged_message() {
     );
 
     // Drain through C until the queue stays empty.
-    let (tx, rx) = mpsc::channel(4096);
-    tx.send(ConsumeRequest {
-        action: Some(Action::Subscribe(ConsumeSubscribe {
-            queue: queue.into(),
-            prefetch: 512,
-            lease: prost_types::Duration::try_from(Duration::from_secs(30)).ok(),
-            consumer_id: "on-c".into(),
-            max_batch: 0,
-        })),
-    })
-    .await
-    .unwrap();
-    let mut inbound = c
-        .client()
-        .queues()
-        .consume(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = subscribe(&c, queue, 512, Duration::from_secs(30), "on-c").await;
     let mut seen: HashMap<String, u32> = HashMap::new();
     while let Ok(Ok(Some(frame))) =
         tokio::time::timeout(Duration::from_secs(4), inbound.message()).await
