@@ -1,5 +1,5 @@
 //! Puts the node together: every gRPC service, health and reflection, and the
-//! HTTP gateway, behind the correlation and deadline layers, on one port.
+//! HTTP gateway, behind the edge layer that builds each call's context, on one port.
 
 use std::{future::Future, sync::Arc};
 
