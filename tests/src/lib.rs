@@ -11,6 +11,7 @@
 //! - [`sse`]: a reader of Server-Sent Events over an HTTP response.
 //! - [`queue`]: a node with quick queue timings, a raw `Consume` stream and the
 //!   queue figures the tests wait for.
+//! - [`process`]: a real `agentmesh serve` process, for the binary's own tests.
 //! - [`outside_tool`]: the tool or server a test needs from outside, named by an
 //!   `AGENTMESH_TEST_*` variable.
 
@@ -19,6 +20,7 @@ pub mod eventually;
 pub mod http;
 pub mod node;
 pub mod outside_tool;
+pub mod process;
 pub mod queue;
 pub mod sse;
 
@@ -27,4 +29,5 @@ pub use eventually::eventually;
 pub use http::{expect_gateway_error, http_client};
 pub use node::{TestNode, test_config};
 pub use outside_tool::outside_tool;
+pub use process::{NodeProcess, free_port};
 pub use sse::{SseEvent, SseReader};

@@ -17,21 +17,13 @@ use agentmesh_proto::v1::{
     WatchEventKind, WatchRequest, consume_request::Action, consume_response::Event,
 };
 use agentmesh_sdk::{AgentRuntime, CallOptions, MeshClient, RunningAgent};
-use agentmesh_tests::{Controlled, Echo, Streamer, card, outside_tool};
+use agentmesh_tests::{Controlled, Echo, NodeProcess, Streamer, card, free_port, outside_tool};
 use futures::StreamExt;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_agentmesh");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The Redis these tests share, and a key prefix of this test's own, deleted on drop.
 struct SharedRedis {
@@ -68,53 +60,34 @@ impl Drop for SharedRedis {
     }
 }
 
-/// One `agentmesh serve` on the shared Redis; killed on drop.
+/// One `agentmesh serve` on the shared Redis, with a data directory of its own.
 struct MeshNode {
-    child: Child,
+    process: NodeProcess,
     address: String,
     _data: tempfile::TempDir,
 }
 
 impl MeshNode {
     async fn start(redis: &SharedRedis, id: &str) -> Self {
-        let address = format!("127.0.0.1:{}", free_port());
         let data = tempfile::tempdir().unwrap();
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", &address, "--store", &redis.url])
-            .arg("--set")
-            .arg(format!("store.key_prefix={}", redis.prefix))
-            .arg("--set")
-            .arg(format!("store.node_id={id}"))
-            .arg("--data-dir")
-            .arg(data.path())
-            .env("AGENTMESH_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let node = Self {
-            child,
-            address,
+        let shared = [
+            "--store".to_owned(),
+            redis.url.clone(),
+            "--set".to_owned(),
+            format!("store.key_prefix={}", redis.prefix),
+            "--set".to_owned(),
+            format!("store.node_id={id}"),
+        ];
+        let process = NodeProcess::start(BIN, data.path(), &shared).await;
+        Self {
+            address: process.address.clone(),
+            process,
             _data: data,
-        };
-        let client = node.client();
-        let until = Instant::now() + Duration::from_secs(20);
-        while client.list_queues().await.is_err() {
-            assert!(Instant::now() < until, "node {id} did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        node
     }
 
     fn client(&self) -> MeshClient {
-        MeshClient::connect_lazy(&self.address).unwrap()
-    }
-}
-
-impl Drop for MeshNode {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.client()
     }
 }
 
@@ -371,8 +344,7 @@ async fn losing_a_node_loses_no_acknowledged_message() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    a.child.kill().unwrap();
-    a.child.wait().unwrap();
+    a.process.kill();
     for producer in producers {
         producer.await.unwrap();
     }
@@ -508,7 +480,7 @@ async fn nodes_ride_out_a_redis_restart() {
     assert!(!refused.message().is_empty(), "{refused:?}");
     for node in [&mut a, &mut b] {
         assert!(
-            node.child.try_wait().unwrap().is_none(),
+            node.process.child.try_wait().unwrap().is_none(),
             "a node exited while Redis was down"
         );
     }

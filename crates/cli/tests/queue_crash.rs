@@ -17,64 +17,15 @@ use agentmesh_proto::v1::{
     consume_response::Event, queue_service_client::QueueServiceClient,
 };
 use agentmesh_sdk::MeshClient;
+use agentmesh_tests::{NodeProcess, free_port};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_agentmesh");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `agentmesh serve` on a fresh port over `data_dir`; killed on drop.
-struct NodeProcess {
-    child: Child,
-    address: String,
-}
-
-impl NodeProcess {
-    async fn start(data_dir: &std::path::Path) -> Self {
-        let address = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", &address, "--data-dir"])
-            .arg(data_dir)
-            .env("AGENTMESH_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        Self { child, address }.wait_up().await
-    }
-
-    async fn wait_up(self) -> Self {
-        let client = self.client();
-        let until = Instant::now() + Duration::from_secs(20);
-        while client.list_queues().await.is_err() {
-            assert!(Instant::now() < until, "node did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        self
-    }
-
-    fn client(&self) -> MeshClient {
-        MeshClient::connect_lazy(&self.address).unwrap()
-    }
-
-    fn kill(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `agentmesh serve` on a fresh port over `data_dir`.
+async fn start_node(data_dir: &std::path::Path) -> NodeProcess {
+    NodeProcess::start(BIN, data_dir, &[]).await
 }
 
 /// Submits batches from several tasks until the node dies; returns every acknowledged id.
@@ -161,7 +112,7 @@ async fn drain(client: &MeshClient, queue: &str, idle: Duration) -> HashMap<Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_mid_storm_loses_no_acknowledged_message() {
     let data = tempfile::tempdir().unwrap();
-    let mut node = NodeProcess::start(data.path()).await;
+    let mut node = start_node(data.path()).await;
     let accepted = storm(node.client(), 8, 64).await;
     // Kill once the storm is well under way.
     let until = Instant::now() + Duration::from_secs(20);
@@ -174,7 +125,7 @@ async fn sigkill_mid_storm_loses_no_acknowledged_message() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let acked: HashSet<String> = accepted.lock().unwrap().clone();
 
-    let node = NodeProcess::start(data.path()).await;
+    let node = start_node(data.path()).await;
     let seen = drain(&node.client(), "storm", Duration::from_secs(3)).await;
     let lost: Vec<&String> = acked.iter().filter(|id| !seen.contains_key(*id)).collect();
     let duplicates: u32 = seen.values().map(|c| c - 1).sum();
@@ -289,7 +240,7 @@ async fn full_disk_fails_submits_clearly_and_freed_space_is_used_again() {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let node = NodeProcess { child, address }.wait_up().await;
+    let node = NodeProcess::adopt(child, address).await;
     // `unshare` and `sh` exec, so the child is the node; its mounts show under /proc/<pid>/root.
     let ballast = std::path::PathBuf::from(format!("/proc/{}/root", node.child.id()))
         .join(mount.path().strip_prefix("/").unwrap())
@@ -449,7 +400,7 @@ async fn consume_and_ack(client: &MeshClient, queue: &str, count: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_node_stays_idle_and_flushes_acks_durably() {
     let data = tempfile::tempdir().unwrap();
-    let mut node = NodeProcess::start(data.path()).await;
+    let mut node = start_node(data.path()).await;
     let client = node.client();
     let count = 200;
     let envelopes = (0..count).map(|i| Envelope::json("idle", serde_json::json!({ "i": i })));
@@ -483,7 +434,7 @@ async fn idle_node_stays_idle_and_flushes_acks_durably() {
     assert!(cpu < 0.15, "the idle node used {cpu} s of CPU in 1.5 s");
 
     node.kill();
-    let node = NodeProcess::start(data.path()).await;
+    let node = start_node(data.path()).await;
     let again = drain(&node.client(), "idle", Duration::from_millis(1500)).await;
     assert!(
         again.is_empty(),
