@@ -2,10 +2,11 @@
 //! in batches while consumers receive and ack them; the rate is messages
 //! acknowledged by consumers per second, from the first submit to the last
 //! ack. The same workload runs against agentmesh (a real `agentmesh serve`
-//! process over gRPC), Redis Streams (XADD pipelines, XREADGROUP, batched
-//! XACK; AOF with `appendfsync everysec` for the run) and NATS JetStream
+//! process over gRPC, on its embedded store and on Redis), Redis Streams (XADD
+//! pipelines, XREADGROUP, batched XACK) and NATS JetStream
 //! (file storage, batched publish with async acks, pull consumers, explicit
-//! acks), and prints the ratios.
+//! acks), and prints the ratios. Both Redis runs use AOF with `appendfsync
+//! everysec`; each prints the CPU it cost the node and redis-server per 1k messages.
 //!
 //! ```text
 //! AGENTMESH_TEST_REDIS=redis://127.0.0.1:6379 AGENTMESH_TEST_NATS=127.0.0.1:4222 \
@@ -143,7 +144,15 @@ async fn agentmesh(w: Workload, store: Option<&str>) -> Measured {
     let data = tempfile::tempdir().expect("temp dir");
     let prefix = format!("bench-{}", uuid::Uuid::now_v7().simple());
     let mut shared = Vec::new();
+    let mut aof = None;
     if let Some(url) = store {
+        let mut admin = redis::Client::open(url)
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis");
+        let saved = aof_everysec(&mut admin).await;
+        aof = Some((admin, saved));
         shared.extend(["--store".to_owned(), url.to_owned()]);
         shared.extend(["--set".to_owned(), format!("store.key_prefix={prefix}")]);
     }
@@ -190,10 +199,25 @@ async fn agentmesh(w: Workload, store: Option<&str>) -> Measured {
     }
     // Consumers first, then the producers; the clock runs from the first submit.
     let consumers = agentmesh_consumers(&address, w, &acked).await;
+    let node_cpu = cpu_seconds(node.0.id());
+    let store_cpu = store
+        .and_then(|_| redis_server_pid())
+        .map(|pid| (pid, cpu_seconds(pid)));
     let started = Instant::now();
     agentmesh_producers(&address, w).await;
     let submitted = started.elapsed();
     let elapsed = until_done(&acked, w.messages, started).await;
+    let per_1k = |before: Option<f64>, pid: u32| {
+        let used = cpu_seconds(pid)? - before?;
+        Some(used * 1e3 / w.messages as f64 * 1e3)
+    };
+    if let Some(node_ms) = per_1k(node_cpu, node.0.id()) {
+        let redis_ms = store_cpu.and_then(|(pid, before)| per_1k(before, pid));
+        println!(
+            "  CPU per 1k messages: node {node_ms:.1} ms{}",
+            redis_ms.map_or(String::new(), |r| format!(", redis-server {r:.1} ms"))
+        );
+    }
     for c in consumers {
         c.abort();
     }
@@ -202,10 +226,28 @@ async fn agentmesh(w: Workload, store: Option<&str>) -> Measured {
         drop(node);
         delete_keys(url, &prefix).await;
     }
+    if let Some((mut admin, saved)) = aof {
+        aof_restore(&mut admin, saved).await;
+    }
     Measured {
         end_to_end: w.messages as f64 / elapsed.as_secs_f64(),
         submit: w.messages as f64 / submitted.as_secs_f64(),
     }
+}
+
+/// The local redis-server's pid (its CPU is reported beside the node's; loopback only).
+fn redis_server_pid() -> Option<u32> {
+    let out = Command::new("pgrep")
+        .args(["-x", "redis-server"])
+        .output()
+        .ok()?;
+    String::from_utf8(out.stdout)
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat` (in `USER_HZ`,
@@ -381,17 +423,31 @@ async fn aof_rewrite_done(con: &mut redis::aio::MultiplexedConnection) {
     }
 }
 
+/// Turns on AOF with `appendfsync everysec` (what both Redis runs are measured with) and returns
+/// the settings to restore.
+async fn aof_everysec(admin: &mut redis::aio::MultiplexedConnection) -> (String, String) {
+    let saved = (
+        redis_config(admin, "appendonly").await,
+        redis_config(admin, "appendfsync").await,
+    );
+    redis_set(admin, "appendonly", "yes").await;
+    redis_set(admin, "appendfsync", "everysec").await;
+    aof_rewrite_done(admin).await;
+    saved
+}
+
+async fn aof_restore(admin: &mut redis::aio::MultiplexedConnection, saved: (String, String)) {
+    redis_set(admin, "appendfsync", &saved.1).await;
+    redis_set(admin, "appendonly", &saved.0).await;
+}
+
 async fn redis_streams(url: &str, w: Workload) -> Measured {
     let client = redis::Client::open(url).expect("redis url");
     let mut admin = client
         .get_multiplexed_async_connection()
         .await
         .expect("connect to redis");
-    let appendonly = redis_config(&mut admin, "appendonly").await;
-    let appendfsync = redis_config(&mut admin, "appendfsync").await;
-    redis_set(&mut admin, "appendonly", "yes").await;
-    redis_set(&mut admin, "appendfsync", "everysec").await;
-    aof_rewrite_done(&mut admin).await;
+    let saved = aof_everysec(&mut admin).await;
     let key = "agentmesh:bench:stream";
     let group = "workers";
     let () = redis::cmd("DEL")
@@ -455,6 +511,7 @@ async fn redis_streams(url: &str, w: Workload) -> Measured {
         }));
     }
     let body = body();
+    let redis_cpu = redis_server_pid().map(|pid| (pid, cpu_seconds(pid)));
     let started = Instant::now();
     let mut producers = Vec::new();
     for p in 0..w.producers {
@@ -484,6 +541,14 @@ async fn redis_streams(url: &str, w: Workload) -> Measured {
     }
     let submitted = started.elapsed();
     let elapsed = until_done(&acked, w.messages, started).await;
+    if let Some((pid, Some(before))) = redis_cpu {
+        if let Some(after) = cpu_seconds(pid) {
+            println!(
+                "  CPU per 1k messages: redis-server {:.1} ms",
+                (after - before) * 1e6 / w.messages as f64
+            );
+        }
+    }
     for c in consumers {
         let _ = c.await;
     }
@@ -492,8 +557,7 @@ async fn redis_streams(url: &str, w: Workload) -> Measured {
         .query_async(&mut admin)
         .await
         .unwrap();
-    redis_set(&mut admin, "appendfsync", &appendfsync).await;
-    redis_set(&mut admin, "appendonly", &appendonly).await;
+    aof_restore(&mut admin, saved).await;
     Measured {
         end_to_end: w.messages as f64 / elapsed.as_secs_f64(),
         submit: w.messages as f64 / submitted.as_secs_f64(),

@@ -69,8 +69,13 @@ struct MeshNode {
 
 impl MeshNode {
     async fn start(redis: &SharedRedis, id: &str) -> Self {
+        Self::start_with(redis, id, &[]).await
+    }
+
+    /// A node with more `--set KEY=VALUE` settings.
+    async fn start_with(redis: &SharedRedis, id: &str, settings: &[&str]) -> Self {
         let data = tempfile::tempdir().unwrap();
-        let shared = [
+        let mut shared = vec![
             "--store".to_owned(),
             redis.url.clone(),
             "--set".to_owned(),
@@ -78,6 +83,9 @@ impl MeshNode {
             "--set".to_owned(),
             format!("store.node_id={id}"),
         ];
+        for setting in settings {
+            shared.extend(["--set".to_owned(), (*setting).to_owned()]);
+        }
         let process = NodeProcess::start(BIN, data.path(), &shared).await;
         Self {
             address: process.address.clone(),
@@ -298,6 +306,61 @@ async fn three_nodes_on_one_redis_are_one_mesh() {
     assert!(ended, "the resumed stream reaches its result");
     let expected: Vec<u64> = (1..=sequences.len() as u64).collect();
     assert_eq!(sequences, expected, "no gap and no duplicate");
+}
+
+/// A node stays on the mesh's list while it serves (renewing its entry) and drops off it once
+/// its entry's time to live has passed after it was killed, so forwarding never waits on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs AGENTMESH_TEST_REDIS"]
+async fn a_killed_node_drops_off_the_list_of_nodes() {
+    let redis = SharedRedis::new();
+    let mut a = MeshNode::start_with(&redis, "node-a", &["store.node_ttl=600ms"]).await;
+    let b = MeshNode::start_with(&redis, "node-b", &["store.node_ttl=600ms"]).await;
+    let mut con = redis::Client::open(redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let entry = |id: &str| format!("{}:node:{id}", redis.prefix);
+    let address_of = |key: String| {
+        let mut con = con.clone();
+        async move {
+            redis::cmd("GET")
+                .arg(key)
+                .query_async::<Option<String>>(&mut con)
+                .await
+                .unwrap()
+        }
+    };
+    // Longer than the time to live: the serving nodes renewed their entries.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        address_of(entry("node-a")).await.as_deref(),
+        Some(format!("http://{}", a.address).as_str())
+    );
+    assert!(address_of(entry("node-b")).await.is_some());
+
+    a.process.kill();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        address_of(entry("node-a")).await,
+        None,
+        "the killed node is off the list"
+    );
+    assert!(
+        address_of(entry("node-b")).await.is_some(),
+        "the live one stays"
+    );
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(entry("node-b"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(
+        (1..=600).contains(&ttl),
+        "the entry is a lease: {ttl} ms left"
+    );
+    drop(b);
 }
 
 /// Node A is killed (SIGKILL) while producers submit through A and B and a consumer drains

@@ -63,6 +63,10 @@ pub struct StoreSettings {
     /// How long a submit waits for those replicas before it fails.
     #[serde(with = "humantime_serde")]
     pub redis_wait_timeout: Duration,
+    /// How long this node stays on the mesh's list of nodes after its last renewal (renewed
+    /// at a third of it): a crashed node's streams are known lost once it has passed.
+    #[serde(with = "humantime_serde")]
+    pub node_ttl: Duration,
 }
 
 impl Default for StoreSettings {
@@ -74,6 +78,7 @@ impl Default for StoreSettings {
             advertise: String::new(),
             redis_wait_replicas: 0,
             redis_wait_timeout: Duration::from_secs(1),
+            node_ttl: agentmesh_redis::DEFAULT_NODE_TTL,
         }
     }
 }

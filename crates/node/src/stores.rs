@@ -80,7 +80,7 @@ impl Stores {
             },
         )
         .await?;
-        let roster = NodeRoster::new(store.clone());
+        let roster = NodeRoster::new(store.clone(), settings.node_ttl);
         let replay = ForwardingReplay::new(
             store.node_id().to_owned(),
             Arc::new(StreamHub::owned_by(config.replay.clone(), store.node_id())),

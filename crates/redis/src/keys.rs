@@ -34,9 +34,10 @@ impl Keys {
         &self.prefix
     }
 
-    /// Hash: node id → the gRPC address it advertises (see [`crate::NodeRoster`]).
-    pub fn nodes(&self) -> String {
-        format!("{}:nodes", self.prefix)
+    /// String with a time to live: the gRPC address node `node_id` advertises (see
+    /// [`crate::NodeRoster`]).
+    pub fn node(&self, node_id: &str) -> String {
+        format!("{}:node:{node_id}", self.prefix)
     }
 
     /// Hash: instance id → encoded record.

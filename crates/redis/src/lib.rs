@@ -29,6 +29,6 @@ pub mod store;
 
 pub use idempotency::{IdempotencyOptions, RedisIdempotency};
 pub use keys::Keys;
-pub use nodes::NodeRoster;
+pub use nodes::{DEFAULT_NODE_TTL, NodeRoster};
 pub use registry::RedisRegistry;
 pub use store::{RedisStore, StoreOptions};

@@ -18,8 +18,10 @@ const PRELUDE: &str = include_str!("lua/prelude.lua");
 /// The functions of the library.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Function {
+    Ensure,
     Submit,
-    Receive,
+    ReceiveOpen,
+    ReceiveClose,
     Ack,
     Nack,
     Extend,
@@ -29,9 +31,11 @@ pub(super) enum Function {
 }
 
 impl Function {
-    const ALL: [Function; 8] = [
+    const ALL: [Function; 10] = [
+        Function::Ensure,
         Function::Submit,
-        Function::Receive,
+        Function::ReceiveOpen,
+        Function::ReceiveClose,
         Function::Ack,
         Function::Nack,
         Function::Extend,
@@ -42,8 +46,10 @@ impl Function {
 
     fn suffix(self) -> &'static str {
         match self {
+            Function::Ensure => "ensure",
             Function::Submit => "submit",
-            Function::Receive => "receive",
+            Function::ReceiveOpen => "receive_open",
+            Function::ReceiveClose => "receive_close",
             Function::Ack => "ack",
             Function::Nack => "nack",
             Function::Extend => "extend",
@@ -55,8 +61,10 @@ impl Function {
 
     fn body(self) -> &'static str {
         match self {
+            Function::Ensure => include_str!("lua/ensure.lua"),
             Function::Submit => include_str!("lua/submit.lua"),
-            Function::Receive => include_str!("lua/receive.lua"),
+            Function::ReceiveOpen => include_str!("lua/receive_open.lua"),
+            Function::ReceiveClose => include_str!("lua/receive_close.lua"),
             Function::Ack => include_str!("lua/ack.lua"),
             Function::Nack => include_str!("lua/nack.lua"),
             Function::Extend => include_str!("lua/extend.lua"),
@@ -126,6 +134,15 @@ impl Library {
         }
     }
 
+    /// Loads the library (after a call found it missing).
+    pub(super) async fn load<C: ::redis::aio::ConnectionLike>(
+        &self,
+        con: &mut C,
+    ) -> RedisResult<()> {
+        let _: String = self.load_cmd().query_async(con).await?;
+        Ok(())
+    }
+
     /// [`Library::run`] on a synchronous connection (where no runtime can be awaited: `Drop`).
     pub(super) fn run_sync(
         &self,
@@ -150,6 +167,14 @@ impl Library {
 /// Whether Redis answered that the function does not exist (the library is not loaded).
 pub(super) fn is_missing_function(e: &RedisError) -> bool {
     e.code() == Some("ERR") && e.detail().is_some_and(|d| d.contains("Function not found"))
+}
+
+/// Whether one reply of a pipeline run with `ignore_errors` says the function does not exist.
+pub(super) fn is_missing_function_reply(v: &Value) -> bool {
+    match v {
+        Value::ServerError(e) => is_missing_function(&RedisError::from(e.clone())),
+        _ => false,
+    }
 }
 
 /// 64-bit FNV-1a: names a version of the code, nothing more.

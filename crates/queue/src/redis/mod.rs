@@ -23,8 +23,8 @@
 //! | key               | type   | holds                                                       |
 //! |-------------------|--------|-------------------------------------------------------------|
 //! | `{p}:q:{q}`       | stream | every message not yet acked nor dead: fields `m` id, `c` correlation id, `r` reply_to, `b` body (`t`: first enqueue time of a redriven one); consumer group `agentmesh` |
-//! | `{p}:lease:{q}`   | hash   | entry id → lease: token, expiry, delivered at, attempt, consumer |
-//! | `{p}:leases:{q}`  | zset   | entry id by lease expiry                                    |
+//! | `{p}:leases:{q}`  | zset   | lease name by expiry (one lease per receive; see below)     |
+//! | `{p}:holders:{q}` | hash   | lease name → when it was taken, how many of its entries were claimed retries, by which consumer |
 //! | `{p}:retry:{q}`   | zset   | entry id by the time it is ready again (released: 0, nacked: now + delay) |
 //! | `{p}:fails:{q}`   | hash   | entry id → failed attempts and their history               |
 //! | `{p}:dlq:{q}`     | stream | dead letters: the message, `e` last error, `h` history      |
@@ -32,29 +32,41 @@
 //! | `{p}:wake:{q}`    | stream | one entry, appended when a message is ready again without an append |
 //! | `{p}:dedup:{len(q)}:{q}:{key}` | string | the message id that used an idempotency key (`SET NX PX` window) |
 //!
-//! and `{p}:queues` (set of names), `{p}:tokens` (lease token counter), `{p}:result:{corr}`
+//! and `{p}:queues` (set of names), `{p}:result:{corr}`
 //! (`SET PX` with the queue's result TTL) and `{p}:result-ready:{corr}` (a one-entry stream,
 //! same TTL). The Lua functions build key names from the prefix and from stored data (a
 //! reply_to queue), so this needs a standalone Redis (with or without replicas), not Redis
 //! Cluster.
 //!
 //! A message enters the group's pending entries list when it is first read (`XREADGROUP >`)
-//! and stays there until it is acked (`XACK` + `XDEL`) or dead-lettered; while pending it is
-//! either leased (in `leases`) or waiting (in `retry`), never both. Depth is the stream's
-//! length minus the leased ones; the oldest age is that of the stream's first entry (its id is
-//! Redis's clock when it was appended; a redriven message rejoins at the tail with its first
-//! enqueue time, so while it is not first it does not count).
+//! and stays there until it is acked (`XACK` + `XDEL`) or dead-lettered. While pending it is
+//! held either by a lease (group consumer `L{name}`) or by the group consumer `parked` while it
+//! waits in `retry`. Depth is the stream's length minus the leased ones (pending minus
+//! parked); the oldest age is that of the stream's first entry (its id is Redis's clock when
+//! it was appended; a redriven message rejoins at the tail with its first enqueue time, so
+//! while it is not first it does not count).
 //!
 //! # Leases, attempts, delays
 //!
-//! Leases are our own zset rather than `XAUTOCLAIM`: a lease has its own duration per receive
-//! and can be extended, while `XAUTOCLAIM` knows one idle time per call; and the attempt count
-//! is our own (`fails`), because the group's delivery count also counts releases, which must
-//! not count as attempts. Each receive (and `stats`) first lapses the expired leases of its
-//! queue: a failed attempt ("lease expired"), ready again at once or dead-lettered on the last
-//! attempt. A nack puts the entry in `retry` at now + delay; a receive claims due entries of
-//! `retry` (`XCLAIM`) before reading new ones. Times are Redis's clock (`TIME`), so nodes with
-//! skewed clocks agree.
+//! Each receive opens one lease: a fresh random name (also the receipts' token), a group
+//! consumer `L{name}` that holds what the receive took in the pending entries list, and one
+//! expiry in `leases`. So a receive of a thousand messages writes one lease record, not a
+//! thousand, and an ack batch checks its entries with one `XPENDING` over that consumer. The
+//! lease is ours rather than `XAUTOCLAIM`'s idle time because each receive asks for its own
+//! duration and a lease can be extended: an entry extended on its own moves to a lease of its
+//! own (`{name}/{entry id}`), so its siblings keep their expiry. The attempt count is ours too
+//! (`fails`), because the group's delivery count also counts releases, which must not count
+//! as attempts. Each receive (and `stats`) first lapses the expired leases of its queue: each
+//! entry they hold is a failed attempt ("lease expired"), ready again at once or dead-lettered
+//! on the last attempt. A nack parks the entry in `retry` at now + delay; a receive claims due
+//! entries of `retry` (`XCLAIM`) before reading new ones. Times are Redis's clock (`TIME`), so
+//! nodes with skewed clocks agree.
+//!
+//! Hot paths keep per-message work out of Lua, which cost Redis more than the commands
+//! themselves: a submit without idempotency keys is a `MULTI` of plain `XADD`s behind the
+//! `ensure` function; a receive is a `MULTI` of `receive_open`, `XREADGROUP` and
+//! `receive_close`, so new entries go from Redis to the node untouched; an ack is one function
+//! call whose per-entry work is a table lookup.
 //!
 //! A receive that finds nothing blocks on a dedicated connection with `XREAD BLOCK` on the
 //! queue stream and its `wake` stream, from their last ids, for at most the time until the

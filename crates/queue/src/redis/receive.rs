@@ -1,9 +1,11 @@
-//! Receive: one function call lapses expired leases, claims due retries and reads new entries, and
-//! leases what it got; when nothing was ready, a blocking `XREAD` on a dedicated connection
-//! waits for an append to the queue or its wake stream, or for the next due time.
+//! Receive: one `MULTI` opens a lease (lapsing expired leases and claiming due retries for it),
+//! reads new entries into it with `XREADGROUP` and closes it; when nothing was ready, a blocking
+//! `XREAD` on a dedicated connection waits for an append to the queue or its wake stream, or for
+//! the next due time. New entries go straight from `XREADGROUP` to the node: passing them through
+//! a Lua function cost more of Redis's time than reading them.
 
 use super::keys::{Receipt, stream_id_ms};
-use super::library::Function;
+use super::library::{Function, is_missing_function_reply};
 use super::reply::{self, BadReply, Fields, ms_to_time};
 use super::{Store, ms, positive_ms};
 use crate::{Leased, MAX_RECEIVE_BATCH, QueueError, validate_queue_name};
@@ -96,19 +98,32 @@ impl Store {
         max: usize,
         lease_ms: u64,
     ) -> Result<Picked, QueueError> {
-        let mut cmd = self.lib.call(Function::Receive, self.keys.prefix());
-        cmd.arg(queue)
-            .arg(consumer)
-            .arg(max)
-            .arg(lease_ms)
-            .arg(self.config.for_queue(queue).max_attempts);
+        // The lease's name, also the receipts' token: random, so nodes need not coordinate.
+        let name = rand::random::<u64>().to_string();
+        let pipe = self.receive_pipeline(queue, &name, consumer, max, lease_ms);
         let mut con = self.conns.shared();
-        let reply = self
-            .lib
-            .run(&mut con, &cmd)
+        let run = |mut con: ::redis::aio::ConnectionManager| {
+            let pipe = pipe.clone();
+            async move { pipe.query_async::<Vec<Value>>(&mut con).await }
+        };
+        let mut replies = run(con.clone())
             .await
             .map_err(|e| self.conns.error("receive", &e))?;
-        let picked = read_picked(reply, queue).map_err(|e| self.conns.bad_reply("receive", e))?;
+        let mut read_before = None;
+        if replies.first().is_some_and(is_missing_function_reply) {
+            // The read ran without its lease: run the step again under the same name (the
+            // lease then holds what the first read took too) and deliver both reads.
+            self.lib
+                .load(&mut con)
+                .await
+                .map_err(|e| self.conns.error("receive (loading functions)", &e))?;
+            read_before = replies.get_mut(1).map(std::mem::take);
+            replies = run(con)
+                .await
+                .map_err(|e| self.conns.error("receive", &e))?;
+        }
+        let picked = read_picked(replies, read_before, queue, &name)
+            .map_err(|e| self.conns.bad_reply("receive", e))?;
         if let Picked::Leased(leased, expires_ms) = &picked {
             if self.options.release_leases_on_drop {
                 self.held
@@ -116,6 +131,44 @@ impl Store {
             }
         }
         Ok(picked)
+    }
+
+    /// `MULTI`, open the lease, `XREADGROUP` into it, close it, `EXEC`; errors are kept per
+    /// command so that a missing function library can be told apart.
+    fn receive_pipeline(
+        &self,
+        queue: &str,
+        name: &str,
+        consumer: &str,
+        max: usize,
+        lease_ms: u64,
+    ) -> ::redis::Pipeline {
+        let prefix = self.keys.prefix();
+        let mut open = self.lib.call(Function::ReceiveOpen, prefix);
+        open.arg(queue)
+            .arg(name)
+            .arg(consumer)
+            .arg(max)
+            .arg(lease_ms)
+            .arg(self.config.for_queue(queue).max_attempts);
+        let mut read = ::redis::cmd("XREADGROUP");
+        read.arg("GROUP")
+            .arg(GROUP)
+            .arg(format!("L{name}"))
+            .arg("COUNT")
+            .arg(max)
+            .arg("STREAMS")
+            .arg(self.keys.stream(queue))
+            .arg(">");
+        let mut close = self.lib.call(Function::ReceiveClose, prefix);
+        close.arg(queue).arg(name).arg(max);
+        let mut pipe = ::redis::pipe();
+        pipe.atomic()
+            .ignore_errors()
+            .add_command(open)
+            .add_command(read)
+            .add_command(close);
+        pipe
     }
 
     /// Blocks until something is appended to the queue or its wake stream after the ids the
@@ -148,26 +201,32 @@ impl Store {
     }
 }
 
-fn read_picked(reply: Value, queue: &str) -> Result<Picked, BadReply> {
-    let mut items = reply::array(reply)?.into_iter();
+/// The consumer group of every queue stream (see `lua/prelude.lua`).
+const GROUP: &str = "agentmesh";
+
+/// Reads the replies of [`Store::receive_pipeline`] (with the entries of an earlier read under
+/// the same lease, if one ran without its lease).
+fn read_picked(
+    replies: Vec<Value>,
+    read_before: Option<Value>,
+    queue: &str,
+    name: &str,
+) -> Result<Picked, BadReply> {
+    let [open, read, close]: [Value; 3] = replies
+        .try_into()
+        .map_err(|r: Vec<Value>| BadReply(format!("{} replies to a receive", r.len())))?;
+    let mut items = reply::array(ok(open)?)?.into_iter();
     let now_ms = reply::int(reply::next(&mut items, "the time")?)? as u64;
     let expires_ms = reply::int(reply::next(&mut items, "the lease expiry")?)? as u64;
-    let next_due = reply::string(reply::next(&mut items, "the next due time")?)?;
-    let stream_last = reply::string(reply::next(&mut items, "the stream's last id")?)?;
-    let wake_last = reply::string(reply::next(&mut items, "the wake stream's last id")?)?;
     let mut leased = Vec::new();
-    while let Some(entry) = items.next() {
-        let entry = reply::string(entry)?;
-        let token = reply::string(reply::next(&mut items, "a token")?)?;
-        let attempt = u32::try_from(reply::int(reply::next(&mut items, "an attempt")?)?)
-            .map_err(|e| BadReply(format!("attempt out of range: {e}")))?;
-        let fields = Fields::parse(reply::next(&mut items, "an entry's fields")?)?;
+    let mut deliver = |entry: String, attempt: u32, fields: Value| -> Result<(), BadReply> {
+        let fields = Fields::parse(fields)?;
         let enqueued_ms = fields
             .enqueued_ms
             .or_else(|| stream_id_ms(&entry))
             .unwrap_or(0);
         leased.push(Leased {
-            receipt: Receipt::format(&entry, &token, attempt, queue),
+            receipt: Receipt::format(&entry, name, attempt, queue),
             message_id: fields.id,
             correlation_id: fields.correlation_id,
             body: fields.body,
@@ -175,14 +234,73 @@ fn read_picked(reply: Value, queue: &str) -> Result<Picked, BadReply> {
             lease_expires_at: ms_to_time(expires_ms),
             enqueued_at: ms_to_time(enqueued_ms),
         });
+        Ok(())
+    };
+    // Claimed retries first: entry id, attempt, fields.
+    while let Some(entry) = items.next() {
+        let entry = reply::string(entry)?;
+        let attempt = u32::try_from(reply::int(reply::next(&mut items, "an attempt")?)?)
+            .map_err(|e| BadReply(format!("attempt out of range: {e}")))?;
+        deliver(
+            entry,
+            attempt,
+            reply::next(&mut items, "an entry's fields")?,
+        )?;
     }
-    if !leased.is_empty() {
+    let mut close = reply::array(ok(close)?)?.into_iter();
+    let holds = reply::int(reply::next(&mut close, "whether the lease holds entries")?)?;
+    if holds == 1 {
+        // New entries, on their first attempt, but those handed back.
+        let handed_back: Vec<String> = close.map(reply::string).collect::<Result<_, _>>()?;
+        let before = read_before.filter(|v| !matches!(v, Value::ServerError(_)));
+        for read in before.into_iter().chain([read]) {
+            for (entry, fields) in stream_entries(ok(read)?)? {
+                if !handed_back.contains(&entry) {
+                    deliver(entry, 1, fields)?;
+                }
+            }
+        }
         return Ok(Picked::Leased(leased, expires_ms));
     }
+    let next_due = reply::string(reply::next(&mut close, "the next due time")?)?;
+    let stream_last = reply::string(reply::next(&mut close, "the stream's last id")?)?;
+    let wake_last = reply::string(reply::next(&mut close, "the wake stream's last id")?)?;
     Ok(Picked::Idle(Idle {
         now_ms,
         next_due_ms: next_due.parse().ok(),
         stream_last,
         wake_last,
     }))
+}
+
+/// A reply that is not an error.
+fn ok(v: Value) -> Result<Value, BadReply> {
+    match v {
+        Value::ServerError(e) => Err(BadReply(format!("redis error: {e:?}"))),
+        other => Ok(other),
+    }
+}
+
+/// The entries of an `XREAD`/`XREADGROUP` reply of one stream: (id, fields).
+fn stream_entries(v: Value) -> Result<Vec<(String, Value)>, BadReply> {
+    let streams = match v {
+        Value::Map(pairs) => pairs.into_iter().map(|(_, entries)| entries).collect(),
+        other => reply::array(other)?
+            .into_iter()
+            .map(|stream| {
+                let mut kv = reply::array(stream)?.into_iter();
+                reply::next(&mut kv, "a stream's name")?;
+                reply::next(&mut kv, "a stream's entries")
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    let mut out = Vec::new();
+    for entries in streams {
+        for entry in reply::array(entries)? {
+            let mut e = reply::array(entry)?.into_iter();
+            let id = reply::string(reply::next(&mut e, "an entry id")?)?;
+            out.push((id, reply::next(&mut e, "an entry's fields")?));
+        }
+    }
+    Ok(out)
 }

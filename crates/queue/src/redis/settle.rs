@@ -9,6 +9,7 @@ use crate::{MAX_BODY_BYTES, NackOutcome, QueueError};
 use ::redis::{Cmd, Value};
 use agentmesh_resilience::full_jitter_delay;
 use bytes::Bytes;
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 /// Most leases one release call hands back.
@@ -26,8 +27,9 @@ impl Store {
         acks: Vec<(String, Option<Bytes>)>,
     ) -> Result<Vec<Result<(), QueueError>>, QueueError> {
         let mut outcomes: Vec<Option<Result<(), QueueError>>> = Vec::with_capacity(acks.len());
-        let mut cmd = self.lib.call(Function::Ack, self.keys.prefix());
-        let mut sent = Vec::new();
+        // Acks of one lease (queue and token) travel as one group: see `lua/ack.lua`.
+        let mut groups: Vec<AckGroup<'_>> = Vec::new();
+        let mut group_of: HashMap<(&str, &str), usize> = HashMap::new();
         for (i, (receipt, result)) in acks.iter().enumerate() {
             let r = match Receipt::parse(receipt) {
                 Ok(r) => r,
@@ -43,22 +45,52 @@ impl Store {
                 )))));
                 continue;
             }
-            let ttl = ms(self.config.for_queue(r.queue).result_ttl).max(1);
-            cmd.arg(r.queue).arg(r.entry).arg(r.token);
-            match result {
-                Some(body) => cmd.arg("1").arg(&body[..]),
-                None => cmd.arg("0").arg(""),
-            };
-            // The reply message's id, used only if the message has a reply_to.
-            let reply_id = match result {
-                Some(_) => uuid::Uuid::now_v7().to_string(),
-                None => String::new(),
-            };
-            cmd.arg(ttl).arg(reply_id);
             outcomes.push(None);
-            sent.push(i);
+            let at = *group_of.entry((r.queue, r.token)).or_insert_with(|| {
+                groups.push(AckGroup {
+                    queue: r.queue,
+                    token: r.token,
+                    first: r.entry,
+                    last: r.entry,
+                    acks: Vec::new(),
+                });
+                groups.len() - 1
+            });
+            let g = &mut groups[at];
+            if stream_id_key(r.entry) < stream_id_key(g.first) {
+                g.first = r.entry;
+            }
+            if stream_id_key(r.entry) > stream_id_key(g.last) {
+                g.last = r.entry;
+            }
+            g.acks.push((i, r.entry, result.as_ref()));
         }
-        if !sent.is_empty() {
+        if !groups.is_empty() {
+            let mut cmd = self.lib.call(Function::Ack, self.keys.prefix());
+            for g in &groups {
+                cmd.arg(g.queue)
+                    .arg(g.token)
+                    .arg(g.first)
+                    .arg(g.last)
+                    .arg(g.acks.len());
+                for (_, entry, _) in &g.acks {
+                    cmd.arg(*entry);
+                }
+                let with_result = g.acks.iter().filter(|(_, _, r)| r.is_some()).count();
+                cmd.arg(with_result);
+                if with_result > 0 {
+                    let ttl = ms(self.config.for_queue(g.queue).result_ttl).max(1);
+                    for (j, (_, _, result)) in g.acks.iter().enumerate() {
+                        if let Some(body) = result {
+                            // The reply message's id, used only if the message has a reply_to.
+                            cmd.arg(j + 1)
+                                .arg(&body[..])
+                                .arg(ttl)
+                                .arg(uuid::Uuid::now_v7().to_string());
+                        }
+                    }
+                }
+            }
             let mut con = self.conns.shared();
             let reply = self
                 .lib
@@ -66,6 +98,10 @@ impl Store {
                 .await
                 .map_err(|e| self.conns.error("ack", &e))?;
             let acked = read_ints(reply).map_err(|e| self.conns.bad_reply("ack", e))?;
+            let sent: Vec<usize> = groups
+                .iter()
+                .flat_map(|g| g.acks.iter().map(|(i, _, _)| *i))
+                .collect();
             if acked.len() != sent.len() {
                 return Err(self.conns.bad_reply(
                     "ack",
@@ -204,6 +240,24 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// The acks of one lease in one ack call.
+struct AckGroup<'a> {
+    queue: &'a str,
+    token: &'a str,
+    /// The span of the entries, for the one `XPENDING` that checks them.
+    first: &'a str,
+    last: &'a str,
+    /// Index in the call, entry id, result.
+    acks: Vec<(usize, &'a str, Option<&'a Bytes>)>,
+}
+
+/// A stream id as a pair that sorts as Redis sorts ids (receipts were checked to hold one).
+fn stream_id_key(id: &str) -> (u64, u64) {
+    id.split_once('-')
+        .and_then(|(ms, seq)| Some((ms.parse().ok()?, seq.parse().ok()?)))
+        .unwrap_or_default()
 }
 
 fn read_ints(reply: Value) -> Result<Vec<i64>, BadReply> {

@@ -1,7 +1,9 @@
-//! Submit: one function call appends the batch (duplicates by idempotency key suppressed in the same
-//! step), followed by `WAIT` in the same round trip when the durability asks for replicas.
+//! Submit: a batch without idempotency keys is a `MULTI` of plain `XADD`s (after a function that
+//! creates the queue if it is new), the cheapest append Redis has; a batch with keys is one
+//! function call that suppresses duplicates in the same step, followed by `WAIT` in the same
+//! round trip when the durability asks for replicas (every batch takes that path then).
 
-use super::library::{Function, is_missing_function};
+use super::library::{Function, is_missing_function, is_missing_function_reply};
 use super::reply::{self, BadReply};
 use super::{RedisDurability, Store, ms};
 use crate::{NewMessage, QueueError, SubmitFate, validate_queue_name};
@@ -40,6 +42,10 @@ impl Store {
         if sent == 0 {
             return Ok(fates.into_iter().flatten().collect());
         }
+        let keyless = messages.iter().all(|m| m.idempotency_key.is_none());
+        if keyless && self.options.durability == RedisDurability::Primary {
+            return self.append_plain(queue, messages, fates, sent).await;
+        }
         let reply = match self.options.durability {
             RedisDurability::Primary => {
                 let mut con = self.conns.shared();
@@ -70,6 +76,76 @@ impl Store {
                     None => unreachable!("counted above"),
                 })
             })
+            .collect())
+    }
+
+    /// Appends a batch without idempotency keys: `MULTI`, the `ensure` function, one `XADD` per
+    /// message (the fields the Lua `append` writes), `EXEC`.
+    async fn append_plain(
+        &self,
+        queue: &str,
+        messages: Vec<NewMessage>,
+        fates: Vec<Option<SubmitFate>>,
+        sent: usize,
+    ) -> Result<Vec<SubmitFate>, QueueError> {
+        let stream = self.keys.stream(queue);
+        let mut ensure = self.lib.call(Function::Ensure, self.keys.prefix());
+        ensure.arg(queue);
+        let mut pipe = ::redis::pipe();
+        pipe.atomic().ignore_errors().add_command(ensure.clone());
+        for (m, fate) in messages.iter().zip(&fates) {
+            if fate.is_some() {
+                continue;
+            }
+            let xadd = pipe
+                .cmd("XADD")
+                .arg(&stream)
+                .arg("*")
+                .arg("m")
+                .arg(&m.id)
+                .arg("c")
+                .arg(&m.correlation_id)
+                .arg("b")
+                .arg(&m.body[..]);
+            if let Some(r) = &m.reply_to {
+                xadd.arg("r").arg(r);
+            }
+        }
+        let mut con = self.conns.shared();
+        let replies: Vec<Value> = pipe
+            .query_async(&mut con)
+            .await
+            .map_err(|e| self.conns.error("submit", &e))?;
+        if replies.first().is_some_and(is_missing_function_reply) {
+            // The appends went through; the queue's group may be missing: create it now.
+            self.lib
+                .load(&mut con)
+                .await
+                .map_err(|e| self.conns.error("submit (loading functions)", &e))?;
+            self.lib
+                .run(&mut con, &ensure)
+                .await
+                .map_err(|e| self.conns.error("submit", &e))?;
+        }
+        let appended = replies.len().saturating_sub(1);
+        if let Some(Value::ServerError(e)) = replies
+            .iter()
+            .skip(1)
+            .find(|v| matches!(v, Value::ServerError(_)))
+        {
+            return Err(self
+                .conns
+                .bad_reply("submit", format!("an append failed: {e:?}")));
+        }
+        if appended != sent {
+            return Err(self
+                .conns
+                .bad_reply("submit", format!("{appended} appends for {sent} messages")));
+        }
+        Ok(fates
+            .into_iter()
+            .zip(messages)
+            .map(|(fate, m)| fate.unwrap_or(SubmitFate::Accepted { id: m.id }))
             .collect())
     }
 

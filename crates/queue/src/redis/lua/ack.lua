@@ -1,65 +1,89 @@
 -- Completes deliveries; with a result, stores it by correlation id (SET PX), wakes its
--- waiters and appends it to the message's reply_to queue. The acks of one queue are applied
--- with one command of each kind, whatever their number.
--- ARGV: prefix, then 7 values per ack: queue, entry id, token, has result ("1"/"0"), result,
--- result TTL (ms), id of the reply message.
--- Returns one integer per ack: 1 acked, 0 lease lost.
+-- waiters and appends it to the message's reply_to queue. The caller groups acks by lease, so
+-- each group is checked with one XPENDING over the span of its entries, and applied with one
+-- command of each kind per queue: per-ack work in Lua is what an ack costs most.
+-- ARGV: prefix, then per group: queue, token, first entry id, last entry id, n, the n entry
+-- ids, m, and m times (index in the group from 1, result, result TTL (ms), reply message id).
+-- Returns, per group in order, one integer per entry: 1 acked, 0 lease lost.
 local now = now_ms()
 local out = {}
-local by_queue, queues = {}, {}
-for i = 2, #ARGV, 7 do
-  local q = ARGV[i]
-  if not by_queue[q] then
-    by_queue[q] = {}
+local done_by_queue, queues, touched = {}, {}, {}
+local i = 2
+while i <= #ARGV do
+  local q, token, first, last = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local n = tonumber(ARGV[i + 4])
+  local ids = i + 5
+  local m = tonumber(ARGV[ids + n])
+  local results = ids + n + 1
+  i = results + 4 * m
+  local s = qkey('q', q)
+  local done = done_by_queue[q]
+  if not done then
+    done = {}
+    done_by_queue[q] = done
     queues[#queues + 1] = q
   end
-  table.insert(by_queue[q], i)
-end
-for _, q in ipairs(queues) do
-  local s = qkey('q', q)
-  local at = by_queue[q]
-  local ids = {}
-  for j, i in ipairs(at) do
-    ids[j] = ARGV[i + 1]
+  -- The entries the lease still holds over the span of the acks.
+  local held = {}
+  if lease_live(q, token, now) then
+    for _, p in ipairs(redis.call('XPENDING', s, GROUP, first, last, MAX_HELD, owner(token))) do
+      held[p[1]] = true
+    end
+    touched[#touched + 1] = {q, token}
   end
-  local leases = hmget_chunked(qkey('lease', q), ids)
-  local done, failed_before, seen = {}, {}, {}
-  for j, i in ipairs(at) do
-    local id = ids[j]
-    local l = parse_lease(leases[j])
-    if l and l.token == ARGV[i + 2] and l.expires > now and not seen[id] then
-      seen[id] = true
+  local base = #out
+  for j = 0, n - 1 do
+    local id = ARGV[ids + j]
+    local ok = held[id]
+    if ok == nil then
+      -- Not in the lease: extended on its own, or lost.
+      local name = live_lease(q, id, token, now)
+      if name then
+        ok = true
+        touched[#touched + 1] = {q, name}
+      end
+    end
+    if ok then
+      -- A second ack of the same entry in this call is lost.
+      held[id] = false
       done[#done + 1] = id
-      if l.attempt > 1 then
-        failed_before[#failed_before + 1] = id
-      end
-      if ARGV[i + 3] == '1' then
-        local e = redis.call('XRANGE', s, id, id)
-        if #e == 1 then
-          local f = fields_of(e[1][2])
-          local result, ttl = ARGV[i + 4], ARGV[i + 5]
-          if f['c'] ~= '' then
-            redis.call('SET', P .. ':result:' .. f['c'], result, 'PX', ttl)
-            local ready = P .. ':result-ready:' .. f['c']
-            redis.call('XADD', ready, 'MAXLEN', '1', '*', 'r', '1')
-            redis.call('PEXPIRE', ready, ttl)
-          end
-          if f['r'] then
-            append(f['r'], ARGV[i + 6], f['c'], nil, result, nil)
-          end
-        end
-      end
-      out[(i - 2) / 7 + 1] = 1
+      out[base + j + 1] = 1
     else
-      out[(i - 2) / 7 + 1] = 0
+      out[base + j + 1] = 0
     end
   end
+  for k = results, results + 4 * (m - 1), 4 do
+    local j = tonumber(ARGV[k])
+    if out[base + j] == 1 then
+      local e = redis.call('XRANGE', s, ARGV[ids + j - 1], ARGV[ids + j - 1])
+      if #e == 1 then
+        local f = fields_of(e[1][2])
+        local result, ttl = ARGV[k + 1], ARGV[k + 2]
+        if f['c'] ~= '' then
+          redis.call('SET', P .. ':result:' .. f['c'], result, 'PX', ttl)
+          local ready = P .. ':result-ready:' .. f['c']
+          redis.call('XADD', ready, 'MAXLEN', '1', '*', 'r', '1')
+          redis.call('PEXPIRE', ready, ttl)
+        end
+        if f['r'] then
+          append(f['r'], ARGV[k + 3], f['c'], nil, result, nil)
+        end
+      end
+    end
+  end
+end
+for _, q in ipairs(queues) do
+  local done = done_by_queue[q]
   if #done > 0 then
-    call_chunked({'HDEL', qkey('lease', q)}, done, 1)
-    call_chunked({'ZREM', qkey('leases', q)}, done, 1)
+    local s = qkey('q', q)
     call_chunked({'XACK', s, GROUP}, done, 1)
     call_chunked({'XDEL', s}, done, 1)
-    call_chunked({'HDEL', qkey('fails', q)}, failed_before, 1)
+    if redis.call('EXISTS', qkey('fails', q)) == 1 then
+      call_chunked({'HDEL', qkey('fails', q)}, done, 1)
+    end
   end
+end
+for _, t in ipairs(touched) do
+  forget_lease_if_empty(t[1], t[2])
 end
 return out

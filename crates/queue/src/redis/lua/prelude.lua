@@ -101,45 +101,98 @@ local function wake(q)
   redis.call('XADD', qkey('wake', q), 'MAXLEN', '1', '*', 'w', '1')
 end
 
--- A lease record, "token expires delivered attempt consumer", read (nil for none).
-local function parse_lease(v)
-  if not v then
-    return nil
+-- Leases. Each receive opens one lease, named by a fresh token: the group consumer
+-- 'L<name>' holds its entries in the group's pending entries list, `leases` holds its expiry
+-- and `holders` who took it and when ("delivered-ms consumer"). An entry extended on its own
+-- moves to a lease of its own named '<token>/<entry id>', so a receipt (entry, token) names
+-- at most two leases. Entries waiting for a retry are held by the consumer PARKED.
+local PARKED = 'parked'
+-- More than one lease can hold (MAX_RECEIVE_BATCH is 4096).
+local MAX_HELD = 5000
+
+local function owner(name)
+  return 'L' .. name
+end
+
+-- The ids of q's pending entries in [first, last] held by lease `name` (at most `count`).
+local function held_ids(q, name, first, last, count)
+  local out = {}
+  for _, p in ipairs(redis.call('XPENDING', qkey('q', q), GROUP, first, last, count, owner(name))) do
+    out[#out + 1] = p[1]
   end
-  local tok, exp, dlv, att, who = string.match(v, '^(%d+) (%d+) (%d+) (%d+) (.*)$')
-  if not tok then
-    return nil
+  return out
+end
+
+-- The lease that holds entry id under receipt token `token`, lapsed or not (nil for none).
+local function lease_name(q, id, token)
+  if #held_ids(q, token, id, id, 1) == 1 then
+    return token
   end
-  return {
-    token = tok,
-    expires = tonumber(exp),
-    delivered = tonumber(dlv),
-    attempt = tonumber(att),
-    consumer = who,
-  }
-end
-
--- The lease record of entry id of q.
-local function lease_of(q, id)
-  return parse_lease(redis.call('HGET', qkey('lease', q), id))
-end
-
-local function encode_lease(token, expires, delivered, attempt, consumer)
-  return token .. ' ' .. fmt(expires) .. ' ' .. fmt(delivered) .. ' ' .. fmt(attempt) .. ' ' .. consumer
-end
-
--- The lease of entry id if `token` still names it and it has not lapsed.
-local function live_lease(q, id, token, now)
-  local l = lease_of(q, id)
-  if l and l.token == token and l.expires > now then
-    return l
+  local own = token .. '/' .. id
+  if #held_ids(q, own, id, id, 1) == 1 then
+    return own
   end
   return nil
 end
 
-local function end_lease(q, id)
-  redis.call('HDEL', qkey('lease', q), id)
-  redis.call('ZREM', qkey('leases', q), id)
+-- Whether lease `name` of q has not lapsed at `now`.
+local function lease_live(q, name, now)
+  local exp = redis.call('ZSCORE', qkey('leases', q), name)
+  return exp ~= false and exp ~= nil and tonumber(exp) > now
+end
+
+-- The live lease that holds entry id under receipt token `token` (nil for none).
+local function live_lease(q, id, token, now)
+  local name = lease_name(q, id, token)
+  if name and lease_live(q, name, now) then
+    return name
+  end
+  return nil
+end
+
+-- A `holders` record: when the lease was taken, how many of its entries were claimed retries
+-- (the rest were new), and by which consumer.
+local function holder_record(delivered, claimed, consumer)
+  return fmt(delivered) .. ' ' .. fmt(claimed) .. ' ' .. consumer
+end
+
+local function holder_of(q, name)
+  local v = redis.call('HGET', qkey('holders', q), name)
+  local delivered, claimed, consumer = string.match(v or '', '^(%d+) (%d+) (.*)$')
+  return {
+    delivered = delivered or '0',
+    claimed = tonumber(claimed or '0'),
+    consumer = consumer or '',
+  }
+end
+
+local function forget_lease(q, name)
+  redis.call('XGROUP', 'DELCONSUMER', qkey('q', q), GROUP, owner(name))
+  redis.call('ZREM', qkey('leases', q), name)
+  redis.call('HDEL', qkey('holders', q), name)
+end
+
+-- Forgets lease `name` of q once it holds no entry.
+local function forget_lease_if_empty(q, name)
+  if #held_ids(q, name, '-', '+', 1) == 0 then
+    forget_lease(q, name)
+  end
+end
+
+-- Moves entry id of q out of its lease to wait in `retry` until `at`.
+local function park(q, id, at)
+  redis.call('XCLAIM', qkey('q', q), GROUP, PARKED, 0, id, 'JUSTID')
+  redis.call('ZADD', qkey('retry', q), at, id)
+end
+
+-- Failed attempts so far of entry id of q, and their history.
+local function failures(q, id)
+  local prev = redis.call('HGET', qkey('fails', q), id)
+  if not prev then
+    return 0, ''
+  end
+  local n, hist = string.match(prev, '^(%d+)\n(.*)$')
+  return tonumber(n), hist
 end
 
 -- Takes entry id out of q's stream and group (acked or dead-lettered), with its history.
@@ -194,42 +247,36 @@ local function dead_letter(q, id, err, hist)
   remove_entry(q, id)
 end
 
--- Records the failed attempt of lease l on entry id (its lease ends): a retry at now + delay,
--- or, on its last attempt, a dead letter. Returns the retry time, or -1 when dead-lettered.
--- The history ("count\n" then four netstrings per attempt) is what a dead letter shows.
-local function fail_attempt(q, id, l, err, delay, max_attempts, now)
-  end_lease(q, id)
-  local fk = qkey('fails', q)
-  local prev = redis.call('HGET', fk, id)
-  local hist = ''
-  if prev then
-    hist = string.match(prev, '^%d+\n(.*)$') or ''
-  end
-  hist = hist .. ns(fmt(l.attempt)) .. ns(fmt(l.delivered)) .. ns(l.consumer) .. ns(err)
-  if l.attempt >= max_attempts then
+-- Records the failed attempt of entry id held by lease `name` (the entry leaves the lease): a
+-- retry at now + delay, or, on its last attempt, a dead letter. Returns the retry time, or -1
+-- when dead-lettered. The history ("count\n" then four netstrings per attempt: attempt,
+-- delivered at, consumer, error) is what a dead letter shows.
+local function fail_attempt(q, id, name, err, delay, max_attempts, now)
+  local failed, hist = failures(q, id)
+  local attempt = failed + 1
+  local holder = holder_of(q, name)
+  hist = hist .. ns(fmt(attempt)) .. ns(holder.delivered) .. ns(holder.consumer) .. ns(err)
+  if attempt >= max_attempts then
     dead_letter(q, id, err, hist)
     return -1
   end
-  redis.call('HSET', fk, id, fmt(l.attempt) .. '\n' .. hist)
+  redis.call('HSET', qkey('fails', q), id, fmt(attempt) .. '\n' .. hist)
   local at = now + delay
-  redis.call('ZADD', qkey('retry', q), at, id)
+  park(q, id, at)
   if delay <= 0 then
     wake(q)
   end
   return at
 end
 
--- Lapses up to `limit` leases of q whose time is up: each a failed attempt ("lease expired"),
--- ready again at once or dead-lettered on its last attempt.
+-- Lapses up to `limit` leases of q whose time is up: each entry they hold a failed attempt
+-- ("lease expired"), ready again at once or dead-lettered on its last attempt.
 local function lapse_leases(q, max_attempts, now, limit)
-  local lk = qkey('leases', q)
-  local ids = redis.call('ZRANGEBYSCORE', lk, '-inf', now, 'LIMIT', 0, limit)
-  for _, id in ipairs(ids) do
-    local l = lease_of(q, id)
-    if l then
-      fail_attempt(q, id, l, 'lease expired', 0, max_attempts, now)
-    else
-      redis.call('ZREM', lk, id)
+  local names = redis.call('ZRANGEBYSCORE', qkey('leases', q), '-inf', now, 'LIMIT', 0, limit)
+  for _, name in ipairs(names) do
+    for _, id in ipairs(held_ids(q, name, '-', '+', MAX_HELD)) do
+      fail_attempt(q, id, name, 'lease expired', 0, max_attempts, now)
     end
+    forget_lease(q, name)
   end
 end

@@ -3,17 +3,21 @@
 -- Returns how many leases were still held (stale ones are ignored).
 local released = 0
 local woken = {}
+local touched = {}
 for i = 2, #ARGV, 3 do
   local q, id = ARGV[i], ARGV[i + 1]
-  local l = lease_of(q, id)
-  if l and l.token == ARGV[i + 2] then
-    end_lease(q, id)
-    redis.call('ZADD', qkey('retry', q), 0, id)
+  local name = lease_name(q, id, ARGV[i + 2])
+  if name then
+    park(q, id, 0)
     released = released + 1
+    touched[#touched + 1] = {q, name}
     if not woken[q] then
       wake(q)
       woken[q] = true
     end
   end
+end
+for _, t in ipairs(touched) do
+  forget_lease_if_empty(t[1], t[2])
 end
 return released
