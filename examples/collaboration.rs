@@ -33,6 +33,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             other => return Err(format!("unexpected argument {other:?}\n{USAGE}").into()),
         }
     }
+    if let Some(name) = options.kill_worker.as_deref() {
+        if !WORKERS.contains(&name) {
+            return Err(format!(
+                "no worker named {name}; the workers are {}",
+                WORKERS.join(", ")
+            )
+            .into());
+        }
+    }
     let local = match &mesh {
         Some(_) => None,
         None => Some(LocalNode::start().await?),
