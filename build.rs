@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "proto/agentmesh/v1/discovery.proto",
     "proto/agentmesh/v1/queue.proto",
     "proto/agentmesh/v1/fanout.proto",
+    "proto/agentmesh/v1/trace.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -4,6 +4,7 @@ mod demo;
 mod queue_commands;
 mod serve_command;
 mod table_output;
+mod trace_command;
 
 use std::time::Duration;
 
@@ -117,6 +118,9 @@ enum Command {
         #[command(flatten)]
         node: NodeArgs,
     },
+    /// Show the hops the node's trace journal recorded under a correlation id, as a
+    /// waterfall (`--follow`: as they happen).
+    Trace(trace_command::TraceArgs),
     /// Stream from an agent and print events as they arrive.
     Stream {
         /// Agent name or skill:<id>.
@@ -173,6 +177,7 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Queue(command) => queue_commands::run(command).await,
         Command::Agents { node, skill } => agents(node, skill).await,
+        Command::Trace(args) => trace_command::run(args).await,
         Command::FanOut {
             targets,
             skill,

@@ -308,6 +308,63 @@ async fn three_nodes_on_one_redis_are_one_mesh() {
     assert_eq!(sequences, expected, "no gap and no duplicate");
 }
 
+/// The trace journal lives in Redis: hops carried by node A and node B under one
+/// correlation id read back as one chain through node C, each naming its node; and
+/// `agentmesh trace` draws it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs AGENTMESH_TEST_REDIS"]
+async fn one_chain_across_nodes_is_one_trace() {
+    let redis = SharedRedis::new();
+    let a = MeshNode::start(&redis, "node-a").await;
+    let b = MeshNode::start(&redis, "node-b").await;
+    let c = MeshNode::start(&redis, "node-c").await;
+    let _echo = start_agent(&a, "echo", Echo).await;
+    let chain = format!("chain-{}", uuid::Uuid::now_v7());
+    let sent = Envelope {
+        correlation_id: chain.clone(),
+        ..Envelope::json("t", json!({}))
+    };
+    a.client().invoke("echo", sent.clone()).await.unwrap();
+    b.client().submit("jobs", [sent]).await.unwrap();
+
+    let through_c = c.client();
+    let mut hops = Vec::new();
+    for _ in 0..100 {
+        hops = through_c.trace(&chain).await.unwrap_or_default();
+        if hops.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        hops.len(),
+        2,
+        "both hops reach the shared journal: {hops:?}"
+    );
+    let by_style = |style: &str| hops.iter().find(|h| h.style == style).unwrap();
+    assert_eq!(by_style("unary").node, "node-a");
+    assert_eq!(by_style("submit").node, "node-b");
+
+    let drawn = std::process::Command::new(BIN)
+        .args(["trace", &chain, "--node", &c.address])
+        .output()
+        .unwrap();
+    assert!(drawn.status.success(), "{drawn:?}");
+    let text = String::from_utf8(drawn.stdout).unwrap();
+    assert!(
+        text.starts_with(&format!("trace {chain}: 2 hops")),
+        "{text}"
+    );
+    assert!(
+        text.contains("unary") && text.contains("[node-a]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("submit") && text.contains("queue:jobs"),
+        "{text}"
+    );
+}
+
 /// A node stays on the mesh's list while it serves (renewing its entry) and drops off it once
 /// its entry's time to live has passed after it was killed, so forwarding never waits on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

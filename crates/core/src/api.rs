@@ -5,11 +5,12 @@ use agentmesh_proto::{
     CallContext,
     v1::{
         AwaitResultRequest, AwaitResultResponse, ConsumeRequest, ConsumeResponse, ConverseRequest,
-        ConverseResponse, FanOutRequest, FanOutResponse, GetResultRequest, GetResultResponse,
-        InvokeRequest, InvokeResponse, ListDeadLettersRequest, ListDeadLettersResponse,
-        ListQueuesRequest, ListQueuesResponse, LookupRequest, LookupResponse,
-        PurgeDeadLettersRequest, PurgeDeadLettersResponse, RedriveDeadLettersRequest,
-        RedriveDeadLettersResponse, StreamRequest, StreamResponse, SubmitRequest, SubmitResponse,
+        ConverseResponse, FanOutRequest, FanOutResponse, FollowTraceRequest, GetResultRequest,
+        GetResultResponse, GetTraceRequest, GetTraceResponse, Hop, InvokeRequest, InvokeResponse,
+        ListDeadLettersRequest, ListDeadLettersResponse, ListQueuesRequest, ListQueuesResponse,
+        LookupRequest, LookupResponse, PurgeDeadLettersRequest, PurgeDeadLettersResponse,
+        RedriveDeadLettersRequest, RedriveDeadLettersResponse, StreamRequest, StreamResponse,
+        SubmitRequest, SubmitResponse,
     },
 };
 use futures::stream::BoxStream;
@@ -55,6 +56,20 @@ pub trait Mesh: Send + Sync + 'static {
         ctx: CallContext,
         request: FanOutRequest,
     ) -> Result<FanOutResponse, Status>;
+
+    /// `TraceService.GetTrace`: the journal's hops of one correlation id.
+    async fn get_trace(
+        &self,
+        ctx: CallContext,
+        request: GetTraceRequest,
+    ) -> Result<GetTraceResponse, Status>;
+
+    /// `TraceService.FollowTrace`: those hops, then each new one.
+    async fn follow_trace(
+        &self,
+        ctx: CallContext,
+        request: FollowTraceRequest,
+    ) -> Result<EventStream<Hop>, Status>;
 
     /// Whether the node is ready to serve (for `/readyz`).
     fn ready(&self) -> bool;

@@ -61,6 +61,12 @@ pub enum MeshError {
     /// The node is shutting down or overloaded.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The trace journal holds no hop of a correlation id.
+    #[error("no hops recorded for correlation id {0} (never seen, or aged out of the journal)")]
+    TraceNotFound(String),
+    /// The operation needs something this node has turned off.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// Another node's answer, passed on unchanged (a forwarded stream resume).
     #[error("{}", .0.message())]
     Forwarded(Status),
@@ -72,9 +78,12 @@ impl MeshError {
             MeshError::InvalidArgument(_) => Code::InvalidArgument,
             MeshError::LeaseNotFound(_)
             | MeshError::AgentNotFound { .. }
-            | MeshError::StreamNotFound(_) => Code::NotFound,
+            | MeshError::StreamNotFound(_)
+            | MeshError::TraceNotFound(_) => Code::NotFound,
             MeshError::OutOfRange(_) => Code::OutOfRange,
-            MeshError::NoCompatibleVersion { .. } => Code::FailedPrecondition,
+            MeshError::NoCompatibleVersion { .. } | MeshError::FailedPrecondition(_) => {
+                Code::FailedPrecondition
+            }
             MeshError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             MeshError::Unavailable(_) | MeshError::BreakerOpen { .. } => Code::Unavailable,
             MeshError::ResourceExhausted(_) => Code::ResourceExhausted,
@@ -94,6 +103,8 @@ impl MeshError {
             MeshError::Unavailable(_) => "AGENT_UNAVAILABLE",
             MeshError::BreakerOpen { .. } => "CIRCUIT_OPEN",
             MeshError::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
+            MeshError::TraceNotFound(_) => "TRACE_NOT_FOUND",
+            MeshError::FailedPrecondition(_) => "FAILED_PRECONDITION",
             MeshError::Forwarded(_) => "FORWARDED",
         }
     }

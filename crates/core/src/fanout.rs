@@ -1,7 +1,7 @@
 //! Fan-out: one request to many targets under a completion policy (all, quorum, first,
 //! best effort), with every target's outcome reported.
 
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use agentmesh_proto::v1::{
     ErrorStatus, FanOutPolicy, FanOutRequest, FanOutResponse, FanOutResult, fan_out_result,
@@ -11,7 +11,7 @@ use tonic::Status;
 
 use agentmesh_proto::CallContext;
 
-use crate::{error::MeshError, router::Router};
+use crate::{error::MeshError, journal::hop_of, router::Router};
 
 /// Most targets of one fan-out.
 const MAX_TARGETS: usize = 256;
@@ -70,6 +70,8 @@ impl Router {
         };
         envelope.target.clear();
         envelope.fill_from(&call);
+        let began = (Instant::now(), SystemTime::now());
+        let targets: Vec<String> = destinations.iter().map(|(t, _)| t.clone()).collect();
 
         let mut results: Vec<FanOutResult> = destinations
             .iter()
@@ -158,6 +160,25 @@ impl Router {
             if result.outcome.is_none() {
                 result.outcome = Some(fan_out_result::Outcome::Error(unfinished.clone()));
             }
+        }
+        if self.journal().enabled() {
+            let outcome = if satisfied {
+                Ok(())
+            } else {
+                Err(Status::unavailable(format!(
+                    "the {} policy was not satisfied",
+                    policy.as_str_name()
+                )))
+            };
+            envelope.payload = None;
+            self.journal().record(hop_of(
+                &envelope,
+                targets.join(","),
+                "fanout",
+                began.1,
+                began.0.elapsed(),
+                outcome.as_ref().map(|_| ()),
+            ));
         }
         Ok(FanOutResponse { results, satisfied })
     }

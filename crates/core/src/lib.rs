@@ -13,6 +13,8 @@
 //! - [`replay`]: the numbered, resumable window of every server stream
 //!   ([`replay::ReplayStore`], kept in memory by [`replay::StreamHub`]);
 //! - [`fanout`]: one request to many targets under a completion policy;
+//! - [`journal`]: every hop of every envelope by correlation id ([`journal::TraceJournal`],
+//!   kept in memory by [`journal::MemoryJournal`]);
 //! - [`idempotency`]: replies remembered by idempotency key, single flight
 //!   ([`idempotency::IdempotencyStore`], kept in memory by [`idempotency::IdempotencyCache`]);
 //! - [`queue`]: the durable queue's operations over an [`agentmesh_queue::QueueBackend`];
@@ -22,6 +24,7 @@ pub mod api;
 pub mod error;
 pub mod fanout;
 pub mod idempotency;
+pub mod journal;
 pub mod mesh;
 pub mod queue;
 pub mod registry;

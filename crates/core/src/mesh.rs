@@ -9,15 +9,18 @@ use std::sync::{
 use agentmesh_proto::{
     CallContext,
     v1::{
-        ConverseRequest, ConverseResponse, FanOutRequest, FanOutResponse, InvokeRequest,
-        InvokeResponse, LookupRequest, LookupResponse, StreamRequest, StreamResponse,
+        ConverseRequest, ConverseResponse, FanOutRequest, FanOutResponse, FollowTraceRequest,
+        GetTraceRequest, GetTraceResponse, Hop, InvokeRequest, InvokeResponse, LookupRequest,
+        LookupResponse, StreamRequest, StreamResponse,
     },
 };
+use futures::StreamExt;
 use tonic::Status;
 
 use crate::{
     api::{EventStream, Mesh},
     error::MeshError,
+    journal::record_lookup,
     registry::AgentRegistry,
     router::Router,
 };
@@ -85,13 +88,19 @@ impl Mesh for MeshCore {
 
     async fn lookup(
         &self,
-        _ctx: CallContext,
+        ctx: CallContext,
         request: LookupRequest,
     ) -> Result<LookupResponse, Status> {
+        let began = std::time::SystemTime::now();
         let filter = request.filter.unwrap_or_default();
-        Ok(LookupResponse {
-            instances: self.registry.lookup(&filter),
-        })
+        let instances = self.registry.lookup(&filter);
+        record_lookup(
+            self.router.journal().as_ref(),
+            &ctx.correlation_id,
+            instances.len(),
+            began,
+        );
+        Ok(LookupResponse { instances })
     }
 
     async fn fan_out(
@@ -102,7 +111,48 @@ impl Mesh for MeshCore {
         self.router.fan_out(ctx, request).await
     }
 
+    async fn get_trace(
+        &self,
+        _ctx: CallContext,
+        request: GetTraceRequest,
+    ) -> Result<GetTraceResponse, Status> {
+        let id = required_correlation_id(&request.correlation_id)?;
+        let hops = self.router.journal().hops(id).await?;
+        if hops.is_empty() {
+            return Err(MeshError::TraceNotFound(id.to_owned()).into());
+        }
+        Ok(GetTraceResponse { hops })
+    }
+
+    async fn follow_trace(
+        &self,
+        ctx: CallContext,
+        request: FollowTraceRequest,
+    ) -> Result<EventStream<Hop>, Status> {
+        let id = required_correlation_id(&request.correlation_id)?;
+        let hops = self.router.journal().follow(id).await?;
+        // Following ends with the caller's deadline, when it set one.
+        let until = ctx
+            .deadline
+            .explicit
+            .then(|| tokio::time::Instant::from_std(ctx.deadline.at));
+        let hops = hops.map(|hop| hop.map_err(Status::from));
+        Ok(match until {
+            Some(until) => hops.take_until(tokio::time::sleep_until(until)).boxed(),
+            None => hops.boxed(),
+        })
+    }
+
     fn ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
+}
+
+fn required_correlation_id(id: &str) -> Result<&str, MeshError> {
+    if id.is_empty() {
+        return Err(MeshError::InvalidArgument(
+            "correlation_id is required".into(),
+        ));
+    }
+    Ok(id)
 }

@@ -12,7 +12,8 @@ use agentmesh_resilience::BreakerConfig;
 use serde::{Deserialize, Serialize};
 
 use agentmesh_core::{
-    queue::QueueSettings, registry::LeaseConfig, replay::ReplayConfig, router::RouterConfig,
+    journal::JournalConfig, queue::QueueSettings, registry::LeaseConfig, replay::ReplayConfig,
+    router::RouterConfig,
 };
 
 /// Everything a node can be configured with.
@@ -41,6 +42,8 @@ pub struct NodeConfig {
     pub queue: QueueSettings,
     /// Where shared state lives: in this process (the default) or in Redis, for several nodes.
     pub store: StoreSettings,
+    /// The trace journal: every hop by correlation id, bounded by count and age.
+    pub trace: JournalConfig,
 }
 
 /// Where the registry, the queue, results, idempotency keys and the node directory live.
@@ -103,6 +106,7 @@ impl Default for NodeConfig {
             gateway: GatewayConfig::default(),
             queue: Default::default(),
             store: StoreSettings::default(),
+            trace: JournalConfig::default(),
         }
     }
 }

@@ -5,7 +5,7 @@ use std::{future::Future, sync::Arc};
 
 use agentmesh_proto::v1::{
     agent_service_server::AgentServiceServer, discovery_service_server::DiscoveryServiceServer,
-    fan_out_service_server::FanOutServiceServer,
+    fan_out_service_server::FanOutServiceServer, trace_service_server::TraceServiceServer,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +24,7 @@ use crate::{
     Stores,
     config::NodeConfig,
     edge::CallContextLayer,
-    grpc::{AgentFace, Discovery, FanOutFace, QueueFace},
+    grpc::{AgentFace, Discovery, FanOutFace, QueueFace, TraceFace},
 };
 
 /// gRPC services the node reports in `grpc.health.v1.Health`.
@@ -60,7 +60,8 @@ impl Node {
             stores.replay,
             stores.idempotency,
             config.router.clone(),
-        );
+        )
+        .with_journal(stores.journal);
         Self {
             config,
             registry: stores.registry,
@@ -104,7 +105,8 @@ impl Node {
             queue.backend().clone(),
             self.config.queue.keep_alive,
             self.shutdown.clone(),
-        );
+        )
+        .with_journal(Arc::clone(self.router.journal()));
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mesh = Arc::new(MeshCore::new(
             self.router.clone(),
@@ -133,6 +135,7 @@ impl Node {
             .add_service(
                 DiscoveryServiceServer::new(Discovery::new(
                     Arc::clone(&self.registry),
+                    Arc::clone(&mesh),
                     self.shutdown.clone(),
                 ))
                 .max_decoding_message_size(max),
@@ -142,6 +145,7 @@ impl Node {
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
             )
+            .add_service(TraceServiceServer::new(TraceFace::new(Arc::clone(&mesh))))
             .add_service(
                 agentmesh_proto::v1::queue_service_server::QueueServiceServer::new(QueueFace::new(
                     queues.clone(),

@@ -8,13 +8,15 @@ use std::sync::Arc;
 use agentmesh_core::{
     MeshError,
     idempotency::{IdempotencyCache, IdempotencyStore},
+    journal::{MemoryJournal, NoJournal, TraceJournal},
     queue::QueueHandle,
     registry::{AgentRegistry, MemoryRegistry},
     replay::{ForwardingReplay, ReplayStore, StreamHub},
 };
 use agentmesh_queue::{QueueError, RedisBackend, RedisDurability, RedisOptions};
 use agentmesh_redis::{
-    IdempotencyOptions, NodeRoster, RedisIdempotency, RedisRegistry, RedisStore, StoreOptions,
+    IdempotencyOptions, NodeRoster, RedisIdempotency, RedisJournal, RedisRegistry, RedisStore,
+    StoreOptions,
 };
 
 use crate::config::NodeConfig;
@@ -33,6 +35,8 @@ pub struct Stores {
     pub queue: Option<QueueHandle>,
     /// The mesh's list of nodes, when several share Redis.
     pub roster: Option<NodeRoster>,
+    /// The trace journal.
+    pub journal: Arc<dyn TraceJournal>,
 }
 
 impl Stores {
@@ -50,6 +54,13 @@ impl Stores {
             )),
             queue: None,
             roster: None,
+            journal: match config.trace.journal {
+                true => Arc::new(MemoryJournal::new(
+                    config.trace.clone(),
+                    config.store.node_id.clone(),
+                )),
+                false => Arc::new(NoJournal),
+            },
         }
     }
 
@@ -114,6 +125,10 @@ impl Stores {
             idempotency: Arc::new(idempotency),
             queue: Some(QueueHandle::from_backend(Arc::new(backend))),
             roster: Some(roster),
+            journal: match config.trace.journal {
+                true => Arc::new(RedisJournal::new(store.clone(), config.trace.clone())),
+                false => Arc::new(NoJournal),
+            },
         })
     }
 }

@@ -34,6 +34,12 @@ impl Keys {
         &self.prefix
     }
 
+    /// Stream (capped, with a time to live): the journal's hops of one correlation id, each
+    /// an encoded `agentmesh.v1.Hop` in field `h`.
+    pub fn trace(&self, correlation_id: &str) -> String {
+        format!("{}:trace:{correlation_id}", self.prefix)
+    }
+
     /// String with a time to live: the gRPC address node `node_id` advertises (see
     /// [`crate::NodeRoster`]).
     pub fn node(&self, node_id: &str) -> String {

@@ -14,6 +14,7 @@
 //!   announcements, so routing never waits on Redis; a reaper per node for lapsed leases;
 //! - [`idempotency`]: [`RedisIdempotency`] — one key per idempotency key (`SET NX PX`
 //!   to lead, the reply kept for the window), duplicates woken through pub/sub;
+//! - [`journal`]: [`RedisJournal`] — the trace journal, one capped stream per correlation id;
 //! - `follow`: following a change channel through reconnects, used by both.
 //!
 //! When Redis is unreachable, operations that must write fail with `UNAVAILABLE` and a
@@ -22,12 +23,14 @@
 
 mod follow;
 pub mod idempotency;
+pub mod journal;
 pub mod keys;
 pub mod nodes;
 pub mod registry;
 pub mod store;
 
 pub use idempotency::{IdempotencyOptions, RedisIdempotency};
+pub use journal::RedisJournal;
 pub use keys::Keys;
 pub use nodes::{DEFAULT_NODE_TTL, NodeRoster};
 pub use registry::RedisRegistry;

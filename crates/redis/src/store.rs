@@ -110,6 +110,16 @@ impl RedisStore {
         self.connection.clone()
     }
 
+    /// A connection of its own, for a blocking read that must not hold up the shared one.
+    pub(crate) async fn dedicated(&self) -> Result<redis::aio::MultiplexedConnection, RedisError> {
+        self.client
+            .get_multiplexed_async_connection_with_config(
+                &redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.options.connect_timeout)),
+            )
+            .await
+    }
+
     /// A connection of its own subscribed to `channel`.
     pub(crate) async fn subscribe(
         &self,

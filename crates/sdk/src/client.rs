@@ -6,9 +6,10 @@ use agentmesh_resilience::{BreakerConfig, CircuitBreaker, is_destination_failure
 use parking_lot::Mutex;
 
 use agentmesh_proto::v1::{
-    AgentFilter, AgentInstance, Envelope, FanOutRequest, FanOutResponse, InvokeRequest,
-    LookupRequest, StreamRequest, StreamResponse, agent_service_client::AgentServiceClient,
-    discovery_service_client::DiscoveryServiceClient, fan_out_service_client::FanOutServiceClient,
+    AgentFilter, AgentInstance, Envelope, FanOutRequest, FanOutResponse, FollowTraceRequest,
+    GetTraceRequest, Hop, InvokeRequest, LookupRequest, StreamRequest, StreamResponse,
+    agent_service_client::AgentServiceClient, discovery_service_client::DiscoveryServiceClient,
+    fan_out_service_client::FanOutServiceClient, trace_service_client::TraceServiceClient,
 };
 use tonic::{
     Request, Status, Streaming,
@@ -243,6 +244,28 @@ impl MeshClient {
             Err(_) => Err(Status::deadline_exceeded("fan-out did not answer in time")),
             Ok(result) => Ok(result?.into_inner()),
         }
+    }
+
+    /// The hops the node's trace journal recorded under `correlation_id`, in the order they
+    /// started (NOT_FOUND when none).
+    pub async fn trace(&self, correlation_id: &str) -> Result<Vec<Hop>, Status> {
+        Ok(TraceServiceClient::new(self.channel.clone())
+            .get_trace(GetTraceRequest {
+                correlation_id: correlation_id.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .hops)
+    }
+
+    /// The hops of `correlation_id` recorded so far, then each new one as it is recorded.
+    pub async fn follow_trace(&self, correlation_id: &str) -> Result<Streaming<Hop>, Status> {
+        Ok(TraceServiceClient::new(self.channel.clone())
+            .follow_trace(FollowTraceRequest {
+                correlation_id: correlation_id.to_owned(),
+            })
+            .await?
+            .into_inner())
     }
 
     /// Finds registered instances.

@@ -28,6 +28,7 @@ use super::{
     timestamp,
 };
 use crate::api::EventStream;
+use crate::journal::{TraceJournal, hop_of};
 
 /// How long one backend long-poll waits before it is renewed.
 const LONG_POLL: Duration = Duration::from_secs(10);
@@ -67,6 +68,7 @@ type Receiving = Pin<Box<dyn Future<Output = Result<Vec<Leased>, QueueError>> + 
 /// One `Consume` call.
 struct Consumer {
     backend: Arc<dyn QueueBackend>,
+    journal: Arc<dyn TraceJournal>,
     queue: Arc<str>,
     consumer_id: Arc<str>,
     prefetch: usize,
@@ -101,6 +103,7 @@ impl Consumer {
         // One receive hands out leases with one expiry: convert it once.
         let mut expiry: Option<(SystemTime, Instant, prost_types::Timestamp)> = None;
         let mut deliveries = Vec::with_capacity(leased.len());
+        let mut hops = Vec::new();
         for m in leased {
             let mut envelope = match Envelope::decode(m.body.clone()) {
                 Ok(envelope) => envelope,
@@ -112,6 +115,22 @@ impl Consumer {
                 }
             };
             envelope.attempt = m.attempt;
+            if self.journal.enabled() {
+                let mut hop = hop_of(
+                    &Envelope {
+                        payload: None,
+                        headers: Default::default(),
+                        ..envelope.clone()
+                    },
+                    self.consumer_id.to_string(),
+                    "deliver",
+                    wall_now,
+                    Duration::ZERO,
+                    Ok(()),
+                );
+                hop.from = format!("queue:{}", self.queue);
+                hops.push(hop);
+            }
             let (expires, expires_at) = match &expiry {
                 Some((at, expires, stamp)) if *at == m.lease_expires_at => (*expires, *stamp),
                 _ => {
@@ -139,6 +158,9 @@ impl Consumer {
                 attempt: m.attempt,
                 lease_expires_at: Some(expires_at),
             });
+        }
+        if !hops.is_empty() {
+            self.journal.record_many(hops);
         }
         if deliveries.is_empty() {
             return true;
@@ -537,6 +559,7 @@ impl Queues {
         let (out, rx) = mpsc::channel(64);
         let consumer = Consumer {
             backend: self.backend.clone(),
+            journal: self.journal.clone(),
             queue: queue.into(),
             consumer_id: consumer_id.into(),
             prefetch,

@@ -49,6 +49,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::api::{EventStream, QueueApi};
+use crate::journal::{NoJournal, TraceJournal};
 
 pub use consume::ConsumeFrames;
 
@@ -213,6 +214,7 @@ pub struct Queues {
     backend: Arc<dyn QueueBackend>,
     keep_alive: Duration,
     shutdown: CancellationToken,
+    journal: Arc<dyn TraceJournal>,
 }
 
 impl std::fmt::Debug for Queues {
@@ -233,7 +235,14 @@ impl Queues {
             backend,
             keep_alive: keep_alive.max(Duration::from_millis(10)),
             shutdown,
+            journal: Arc::new(NoJournal),
         }
+    }
+
+    /// The same operations recording submits and deliveries in `journal`.
+    pub fn with_journal(mut self, journal: Arc<dyn TraceJournal>) -> Self {
+        self.journal = journal;
+        self
     }
 }
 

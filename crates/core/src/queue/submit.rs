@@ -1,17 +1,23 @@
 //! `Submit`: a client stream of frames, each with one or more messages, pipelined into the
 //! backend in chunks; one outcome per message, in order.
 
-use std::{collections::HashMap, time::SystemTime};
+use std::{
+    collections::HashMap,
+    time::{Duration, SystemTime},
+};
 
 use agentmesh_proto::{
     CallContext,
-    v1::{Envelope, SubmitOutcome, SubmitRequest, SubmitResponse, SubmitStatus},
+    envelope::code_name,
+    v1::{Envelope, Hop, SubmitOutcome, SubmitRequest, SubmitResponse, SubmitStatus},
 };
 use agentmesh_queue::{MAX_BODY_BYTES, NewMessage, QueueError, SubmitFate};
 use bytes::Bytes;
 use futures::{Stream, StreamExt, future::BoxFuture, stream::FuturesUnordered};
 use prost::Message;
-use tonic::Status;
+use tonic::{Code, Status};
+
+use crate::journal::hop_of;
 
 use super::{MAX_SUBMIT_MESSAGES, Queues, queue_error_status, timestamp};
 
@@ -30,10 +36,13 @@ impl Queues {
     /// Turns the messages of one `SubmitRequest` (`envelope`, then `envelopes`) into backend
     /// messages for its queue, or the reason each is rejected; `received_at` becomes the
     /// `created_at` of those without one. A frame without any message counts as one, rejected.
+    ///
+    /// With `hops`, a journal hop is added for each message that is not rejected, in order.
     pub(super) fn prepare(
         call: &CallContext,
         request: SubmitRequest,
         received_at: &prost_types::Timestamp,
+        mut hops: Option<&mut Vec<Hop>>,
     ) -> (String, Vec<Result<NewMessage, String>>) {
         let bad_queue = if request.queue.is_empty() {
             Some("queue is required".to_owned())
@@ -58,7 +67,13 @@ impl Queues {
                 .into_iter()
                 .map(|envelope| match &bad_queue {
                     Some(reason) => Err(reason.clone()),
-                    None => Self::prepare_envelope(call, envelope, received_at),
+                    None => Self::prepare_envelope(
+                        call,
+                        envelope,
+                        received_at,
+                        &request.queue,
+                        hops.as_deref_mut(),
+                    ),
                 })
                 .collect()
         };
@@ -70,6 +85,8 @@ impl Queues {
         call: &CallContext,
         mut envelope: Envelope,
         received_at: &prost_types::Timestamp,
+        queue: &str,
+        hops: Option<&mut Vec<Hop>>,
     ) -> Result<NewMessage, String> {
         // One timestamp for the whole frame; a queued message keeps the caller's chain and
         // trace but not its deadline (it outlives the call), and has not been attempted yet.
@@ -82,6 +99,23 @@ impl Queues {
         if size > MAX_BODY_BYTES {
             return Err(format!(
                 "envelope is {size} bytes, the limit is {MAX_BODY_BYTES}"
+            ));
+        }
+        if let Some(hops) = hops {
+            // Its code is set once the backend has said what became of the message.
+            let sent = Envelope {
+                payload: None,
+                headers: Default::default(),
+                attempt: 1,
+                ..envelope.clone()
+            };
+            hops.push(hop_of(
+                &sent,
+                format!("queue:{queue}"),
+                "submit",
+                SystemTime::now(),
+                Duration::ZERO,
+                Ok(()),
             ));
         }
         let message = NewMessage {
@@ -105,10 +139,13 @@ impl Queues {
     where
         S: Stream<Item = Result<SubmitRequest, Status>> + Unpin + Send,
     {
-        type Done = (Vec<u32>, Result<Vec<SubmitFate>, QueueError>);
+        type Done = (Vec<u32>, Vec<Hop>, Result<Vec<SubmitFate>, QueueError>);
+        let journal_on = self.journal.enabled();
         let mut slots: Vec<Slot> = Vec::new();
         let mut in_flight: FuturesUnordered<BoxFuture<'static, Done>> = FuturesUnordered::new();
-        let mut chunk: HashMap<String, (Vec<u32>, Vec<NewMessage>)> = HashMap::new();
+        // Per queue: the messages' indices in the call, the messages, their journal hops.
+        type Chunk = (Vec<u32>, Vec<NewMessage>, Vec<Hop>);
+        let mut chunk: HashMap<String, Chunk> = HashMap::new();
         let mut chunk_len = 0usize;
         let mut ended = false;
         let mut storage_error: Option<QueueError> = None;
@@ -116,7 +153,24 @@ impl Queues {
             // Settle what the backend finished first, then read on while the pipeline has room.
             tokio::select! {
                 biased;
-                Some((indices, fates)) = in_flight.next(), if !in_flight.is_empty() => {
+                Some((indices, mut hops, fates)) = in_flight.next(), if !in_flight.is_empty() => {
+                    if !hops.is_empty() {
+                        match &fates {
+                            Ok(fates) => {
+                                for (hop, fate) in hops.iter_mut().zip(fates) {
+                                    stamp_fate(hop, fate);
+                                }
+                            }
+                            Err(error) => {
+                                let status = queue_error_status(error.clone());
+                                for hop in &mut hops {
+                                    hop.code = code_name(status.code()).to_owned();
+                                    hop.message = status.message().to_owned();
+                                }
+                            }
+                        }
+                        self.journal.record_many(hops);
+                    }
                     match fates {
                         Ok(fates) => {
                             for (index, fate) in indices.into_iter().zip(fates) {
@@ -149,8 +203,14 @@ impl Queues {
                             }
                             Some(Err(status)) => return Err(status),
                             Some(Ok(request)) => {
-                                let (queue, messages) =
-                                    Self::prepare(&call, request, &received_at);
+                                let mut hops = Vec::new();
+                                let (queue, messages) = Self::prepare(
+                                    &call,
+                                    request,
+                                    &received_at,
+                                    journal_on.then_some(&mut hops),
+                                );
+                                let mut hops = hops.into_iter();
                                 if slots.len() + messages.len() > MAX_SUBMIT_MESSAGES {
                                     return Err(Status::resource_exhausted(format!(
                                         "a Submit call takes at most {MAX_SUBMIT_MESSAGES} messages; \
@@ -165,6 +225,7 @@ impl Queues {
                                             slots.push(Slot::Pending);
                                             entry.0.push(index);
                                             entry.1.push(message);
+                                            entry.2.extend(hops.next());
                                             chunk_len += 1;
                                         }
                                         Err(reason) => slots.push(Slot::Ready(SubmitOutcome {
@@ -186,14 +247,14 @@ impl Queues {
                             None => break,
                         }
                     }
-                    for (queue, (indices, messages)) in chunk.drain() {
+                    for (queue, (indices, messages, hops)) in chunk.drain() {
                         if messages.is_empty() {
                             continue;
                         }
                         let backend = self.backend.clone();
                         in_flight.push(Box::pin(async move {
                             let fates = backend.submit(&queue, messages).await;
-                            (indices, fates)
+                            (indices, hops, fates)
                         }));
                     }
                     chunk_len = 0;
@@ -232,6 +293,21 @@ impl Queues {
     }
 }
 
+/// What became of a submitted message, on its journal hop.
+fn stamp_fate(hop: &mut Hop, fate: &SubmitFate) {
+    match fate {
+        SubmitFate::Accepted { .. } => {}
+        SubmitFate::Duplicate { id } => {
+            hop.code = code_name(Code::AlreadyExists).to_owned();
+            hop.message = format!("a duplicate of {id}: not stored again");
+        }
+        SubmitFate::Rejected { reason } => {
+            hop.code = code_name(Code::InvalidArgument).to_owned();
+            hop.message.clone_from(reason);
+        }
+    }
+}
+
 fn outcome(index: u32, fate: SubmitFate) -> SubmitOutcome {
     let (status, message_id, reason) = match fate {
         SubmitFate::Accepted { id } => (SubmitStatus::Accepted, id, String::new()),
@@ -248,7 +324,6 @@ fn outcome(index: u32, fate: SubmitFate) -> SubmitOutcome {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
 
     use agentmesh_proto::Deadline;
 
@@ -280,6 +355,7 @@ mod tests {
                 envelopes: vec![Envelope::default(), Envelope::default()],
             },
             &now,
+            None,
         );
         assert_eq!(queue, "jobs");
         // `envelope` first, then `envelopes`, each stamped on its own.
@@ -307,6 +383,7 @@ mod tests {
                     envelopes: Vec::new(),
                 },
                 &now,
+                None,
             );
             assert_eq!(messages.len(), 1);
             messages.remove(0).unwrap_err()

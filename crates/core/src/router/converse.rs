@@ -1,7 +1,7 @@
 //! Conversations through the mesh: the target comes from the first frame; frames are
 //! relayed both ways, heartbeats included, with backpressure per direction.
 
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use agentmesh_proto::{
     CallContext,
@@ -10,8 +10,8 @@ use agentmesh_proto::{
 use futures::StreamExt;
 use tonic::{Request, Status};
 
-use super::{Route, Router, agent_failure, hop_metadata, hop_name, retry::hop_budget};
-use crate::{api::EventStream, error::MeshError};
+use super::{Route, Router, Style, agent_failure, hop_metadata, hop_name, retry::hop_budget};
+use crate::{api::EventStream, error::MeshError, journal::hop_of};
 
 impl Router {
     /// A conversation through the mesh. The target comes from the first
@@ -90,28 +90,36 @@ impl Router {
         }
         let in_flight = instance.start_call();
         let started = Instant::now();
+        let began = SystemTime::now();
         let budget = call.deadline.remaining();
-        let response =
+        let opened =
             match tokio::time::timeout(self.config.connect_timeout * 2, client.converse(request))
                 .await
             {
-                Err(_) => {
-                    return Err(MeshError::Unavailable(format!(
-                        "{hop} did not open the conversation"
-                    ))
-                    .into());
-                }
-                Ok(Err(status)) => {
-                    return Err(agent_failure(
-                        status,
-                        &hop,
-                        &instance,
-                        budget,
-                        started.elapsed(),
-                    ));
-                }
-                Ok(Ok(response)) => response.into_inner(),
+                Err(_) => Err(Status::from(MeshError::Unavailable(format!(
+                    "{hop} did not open the conversation"
+                )))),
+                Ok(Err(status)) => Err(agent_failure(
+                    status,
+                    &hop,
+                    &instance,
+                    budget,
+                    started.elapsed(),
+                )),
+                Ok(Ok(response)) => Ok(response.into_inner()),
             };
+        if self.journal().enabled() {
+            let to = format!("{}/{}", instance.card.name, instance.card.instance_id);
+            self.journal().record(hop_of(
+                &probe,
+                to,
+                Style::Converse.as_str(),
+                began,
+                started.elapsed(),
+                opened.as_ref().map(|_| ()),
+            ));
+        }
+        let response = opened?;
         Ok(response
             .map(move |frame| {
                 let _ = &in_flight;

@@ -27,7 +27,8 @@ pub enum Style {
 }
 
 impl Style {
-    fn as_str(self) -> &'static str {
+    /// The style's name in metrics and the trace journal.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Unary => "unary",
             Self::Stream => "stream",

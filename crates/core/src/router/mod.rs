@@ -41,6 +41,7 @@ pub use retry::agent_failure;
 use crate::{
     error::MeshError,
     idempotency::{Claim, IdempotencyCache, IdempotencyStore},
+    journal::{JournalConfig, MemoryJournal, TraceJournal},
     registry::{AgentRegistry, Instance},
     replay::{ReplayConfig, ReplayStore, StreamHub},
 };
@@ -128,6 +129,7 @@ pub struct Router {
     slots: Arc<Semaphore>,
     idempotency: Arc<dyn IdempotencyStore>,
     metrics: Arc<RouterMetrics>,
+    journal: Arc<dyn TraceJournal>,
     config: RouterConfig,
 }
 
@@ -173,8 +175,20 @@ impl Router {
             slots: Arc::new(Semaphore::new(config.max_in_flight)),
             idempotency,
             metrics: Arc::default(),
+            journal: Arc::new(MemoryJournal::new(JournalConfig::default(), "")),
             config,
         }
+    }
+
+    /// The same router recording its hops in `journal`.
+    pub fn with_journal(mut self, journal: Arc<dyn TraceJournal>) -> Self {
+        self.journal = journal;
+        self
+    }
+
+    /// Where the router records its hops.
+    pub fn journal(&self) -> &Arc<dyn TraceJournal> {
+        &self.journal
     }
 
     /// Closes connections to agents that left: on every registry removal or
@@ -354,6 +368,7 @@ impl Router {
                 call,
                 route,
                 envelope,
+                Style::Unary,
                 |envelope| InvokeRequest {
                     envelope: Some(envelope),
                 },

@@ -3,7 +3,7 @@
 
 use std::{
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use agentmesh_proto::{
@@ -14,9 +14,10 @@ use agentmesh_resilience::{Backoff, is_destination_failure};
 use tonic::{Code, Request, Status, metadata::MetadataMap, transport::Channel};
 use tonic_types::StatusExt;
 
-use super::{Route, Router, hop_metadata, hop_name};
+use super::{Route, Router, Style, hop_metadata, hop_name};
 use crate::{
     error::MeshError,
+    journal::hop_of,
     registry::{InFlightGuard, Instance},
 };
 
@@ -101,6 +102,7 @@ impl Router {
         call: &CallContext,
         route: Route,
         envelope: Envelope,
+        style: Style,
         wrap: impl FnOnce(Envelope) -> M,
         send: impl FnOnce(AgentServiceClient<Channel>, Request<M>) -> Fut,
     ) -> Result<Attempt<T>, Status>
@@ -109,12 +111,27 @@ impl Router {
     {
         let Route { instance, client } = route;
         let hop = hop_name(&instance);
+        // What the journal needs of the envelope, kept before it is sent (not its payload).
+        let journaled = self.journal.enabled().then(|| Envelope {
+            payload: None,
+            headers: Default::default(),
+            ..envelope.clone()
+        });
+        let began = SystemTime::now();
+        let record = |outcome: Result<(), &Status>, took: Duration| {
+            if let Some(sent) = &journaled {
+                let to = format!("{}/{}", instance.card.name, instance.card.instance_id);
+                self.journal
+                    .record(hop_of(sent, to, style.as_str(), began, took, outcome));
+            }
+        };
         if let Err(open) = instance.breaker.try_acquire() {
-            return Err(MeshError::BreakerOpen {
+            let status = Status::from(MeshError::BreakerOpen {
                 target: hop,
                 retry_after: open.retry_after(),
-            }
-            .into());
+            });
+            record(Err(&status), Duration::ZERO);
+            return Err(status);
         }
         let metadata = hop_metadata(&envelope);
         let (request, budget) = match self.outgoing(wrap(envelope), metadata, call, &hop) {
@@ -122,7 +139,9 @@ impl Router {
             Err(error) => {
                 // No call was made: give the probe slot back as a non-failure.
                 instance.breaker.record(true);
-                return Err(error.into());
+                let status = Status::from(error);
+                record(Err(&status), Duration::ZERO);
+                return Err(status);
             }
         };
         let in_flight = instance.start_call();
@@ -142,6 +161,7 @@ impl Router {
             Ok(_) => true,
             Err(status) => !is_destination_failure(status.code()),
         });
+        record(outcome.as_ref().map(|_| ()), started.elapsed());
         Ok(Attempt {
             value: outcome?,
             instance,

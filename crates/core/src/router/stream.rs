@@ -11,7 +11,7 @@ use futures::StreamExt;
 use tonic::{Status, Streaming};
 
 use super::retry::Attempt;
-use super::{Route, Router, require_target};
+use super::{Route, Router, Style, require_target};
 use crate::{api::EventStream, error::MeshError};
 
 impl Router {
@@ -68,6 +68,7 @@ impl Router {
             call,
             route,
             envelope,
+            Style::Stream,
             |envelope| StreamRequest {
                 envelope: Some(envelope),
                 ..Default::default()

@@ -11,6 +11,7 @@ mod fanout;
 mod health;
 pub(crate) mod openapi;
 mod streams;
+mod traces;
 
 use std::sync::{Arc, OnceLock};
 
@@ -102,6 +103,20 @@ fn no_mesh() -> Arc<dyn Mesh> {
         ) -> Result<v1::FanOutResponse, Status> {
             Err(Status::unavailable("no mesh"))
         }
+        async fn get_trace(
+            &self,
+            _: CallContext,
+            _: v1::GetTraceRequest,
+        ) -> Result<v1::GetTraceResponse, Status> {
+            Err(Status::unavailable("no mesh"))
+        }
+        async fn follow_trace(
+            &self,
+            _: CallContext,
+            _: v1::FollowTraceRequest,
+        ) -> Result<crate::EventStream<v1::Hop>, Status> {
+            Err(Status::unavailable("no mesh"))
+        }
         fn ready(&self) -> bool {
             false
         }
@@ -126,6 +141,7 @@ fn api(mesh: Arc<dyn Mesh>, config: GatewayConfig) -> (axum::Router, utoipa::ope
         .routes(routes!(streams::events))
         .routes(routes!(converse::converse))
         .routes(routes!(fanout::fan_out))
+        .routes(routes!(traces::get))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(openapi::serve))

@@ -23,6 +23,7 @@ use crate::json;
 #[openapi(tags(
     (name = "agents", description = "Discover agents and call them"),
     (name = "streams", description = "Server-Sent Events of streaming calls"),
+    (name = "traces", description = "The trace journal: every hop of a chain of messages"),
     (name = "health", description = "Liveness, readiness and this document"),
 ))]
 struct Base;

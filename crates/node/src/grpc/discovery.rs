@@ -1,5 +1,6 @@
 //! `agentmesh.v1.DiscoveryService` over the [`AgentRegistry`].
 
+use agentmesh_core::{Mesh, MeshCore};
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use agentmesh_proto::v1::{
@@ -21,13 +22,24 @@ use agentmesh_core::{
 #[derive(Debug, Clone)]
 pub struct Discovery {
     registry: Arc<dyn AgentRegistry>,
+    /// Lookups go through the mesh, which records them in the trace journal.
+    mesh: Arc<MeshCore>,
     shutdown: CancellationToken,
 }
 
 impl Discovery {
-    /// Serves `registry`; `Watch` streams end when `shutdown` is cancelled.
-    pub fn new(registry: Arc<dyn AgentRegistry>, shutdown: CancellationToken) -> Self {
-        Self { registry, shutdown }
+    /// Serves `registry` (lookups through `mesh`); `Watch` streams end when `shutdown` is
+    /// cancelled.
+    pub fn new(
+        registry: Arc<dyn AgentRegistry>,
+        mesh: Arc<MeshCore>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            registry,
+            mesh,
+            shutdown,
+        }
     }
 }
 
@@ -81,10 +93,10 @@ impl DiscoveryService for Discovery {
         &self,
         request: Request<LookupRequest>,
     ) -> Result<Response<LookupResponse>, Status> {
-        let filter = request.into_inner().filter.unwrap_or_default();
-        Ok(Response::new(LookupResponse {
-            instances: self.registry.lookup(&filter),
-        }))
+        let ctx = super::context(&request);
+        Ok(Response::new(
+            self.mesh.lookup(ctx, request.into_inner()).await?,
+        ))
     }
 
     type WatchStream = WatchStream;

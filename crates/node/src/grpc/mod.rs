@@ -5,6 +5,7 @@ mod agent;
 mod discovery;
 mod fanout;
 mod queue;
+mod trace;
 
 use agentmesh_proto::{CallContext, DeadlinePolicy};
 use tonic::Request;
@@ -13,6 +14,7 @@ pub use agent::AgentFace;
 pub use discovery::Discovery;
 pub use fanout::FanOutFace;
 pub use queue::QueueFace;
+pub use trace::TraceFace;
 
 /// The context the edge layer stored on `request` (or, for a service mounted without that
 /// layer, one read from its metadata the same way).
