@@ -4,6 +4,7 @@ mod demo;
 mod queue_commands;
 mod serve_command;
 mod table_output;
+mod telemetry;
 mod trace_command;
 
 use std::time::Duration;
@@ -157,17 +158,14 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AGENTMESH_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     // The matches say whether a flag came from the command line or its variable, which
     // decides the precedence of `serve`'s named flags.
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    // `serve` sets up its output once its settings (span export among them) are loaded.
+    if !matches!(cli.command, Command::Serve(_)) {
+        telemetry::init_logs();
+    }
     match cli.command {
         Command::Serve(serve) => {
             let serve_matches = matches

@@ -102,6 +102,8 @@ impl ServeArgs {
     /// Runs the node until Ctrl-C or SIGTERM.
     pub(crate) async fn run(self, matches: &ArgMatches) -> anyhow::Result<()> {
         let config = self.node_config(matches, std::env::vars())?;
+        let _telemetry = crate::telemetry::init(&config.telemetry)
+            .context("cannot set up span export (telemetry.otlp_endpoint)")?;
         let mut stores = agentmesh_node::Stores::open(&config)
             .await
             .context("cannot open the shared store (store.url)")?;

@@ -11,7 +11,7 @@ use tonic::Status;
 
 use agentmesh_proto::CallContext;
 
-use crate::{error::MeshError, journal::hop_of, router::Router};
+use crate::{error::MeshError, journal::hop_of, router::Router, telemetry::HopSpan};
 
 /// Most targets of one fan-out.
 const MAX_TARGETS: usize = 256;
@@ -72,6 +72,14 @@ impl Router {
         envelope.fill_from(&call);
         let began = (Instant::now(), SystemTime::now());
         let targets: Vec<String> = destinations.iter().map(|(t, _)| t.clone()).collect();
+        // The fan-out's span is the parent of every target's hop.
+        let span = HopSpan::open(
+            &envelope.traceparent,
+            "fanout",
+            &targets.join(","),
+            &envelope.correlation_id,
+        );
+        envelope.traceparent.clone_from(&span.traceparent);
 
         let mut results: Vec<FanOutResult> = destinations
             .iter()
@@ -161,15 +169,16 @@ impl Router {
                 result.outcome = Some(fan_out_result::Outcome::Error(unfinished.clone()));
             }
         }
+        let outcome = if satisfied {
+            Ok(())
+        } else {
+            Err(Status::unavailable(format!(
+                "the {} policy was not satisfied",
+                policy.as_str_name()
+            )))
+        };
+        span.finish(outcome.as_ref().map(|_| ()));
         if self.journal().enabled() {
-            let outcome = if satisfied {
-                Ok(())
-            } else {
-                Err(Status::unavailable(format!(
-                    "the {} policy was not satisfied",
-                    policy.as_str_name()
-                )))
-            };
             envelope.payload = None;
             self.journal().record(hop_of(
                 &envelope,

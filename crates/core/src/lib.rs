@@ -18,6 +18,7 @@
 //! - [`idempotency`]: replies remembered by idempotency key, single flight
 //!   ([`idempotency::IdempotencyStore`], kept in memory by [`idempotency::IdempotencyCache`]);
 //! - [`queue`]: the durable queue's operations over an [`agentmesh_queue::QueueBackend`];
+//! - [`telemetry`]: a span per hop, child of the caller's W3C `traceparent`, passed on;
 //! - [`error`]: [`MeshError`], mapped once to `tonic::Status`.
 
 pub mod api;
@@ -30,6 +31,7 @@ pub mod queue;
 pub mod registry;
 pub mod replay;
 pub mod router;
+pub mod telemetry;
 
 pub use api::{EventStream, Mesh, QueueApi};
 pub use error::MeshError;

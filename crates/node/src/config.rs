@@ -44,6 +44,29 @@ pub struct NodeConfig {
     pub store: StoreSettings,
     /// The trace journal: every hop by correlation id, bounded by count and age.
     pub trace: JournalConfig,
+    /// OpenTelemetry: where the spans of hops are exported (off by default).
+    pub telemetry: TelemetryConfig,
+}
+
+/// OpenTelemetry export of the node's spans (one per hop, child of the caller's
+/// `traceparent`). The W3C `traceparent` is passed on whether or not spans are exported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC endpoint to export spans to, e.g. `http://127.0.0.1:4317`; empty: none.
+    /// Batching follows the standard `OTEL_BSP_*` variables (e.g. `OTEL_BSP_SCHEDULE_DELAY`).
+    pub otlp_endpoint: String,
+    /// The `service.name` of the exported spans.
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            service_name: "agentmesh".into(),
+        }
+    }
 }
 
 /// Where the registry, the queue, results, idempotency keys and the node directory live.
@@ -107,6 +130,7 @@ impl Default for NodeConfig {
             queue: Default::default(),
             store: StoreSettings::default(),
             trace: JournalConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }

@@ -28,7 +28,7 @@ pub use agentmesh_core::{
     replay::ReplayConfig,
     router::{RetryConfig, RouterConfig},
 };
-pub use config::{NodeConfig, StoreSettings};
+pub use config::{NodeConfig, StoreSettings, TelemetryConfig};
 pub use config_layers::{ConfigError, ConfigLayer};
 pub use server::Node;
 pub use stores::Stores;

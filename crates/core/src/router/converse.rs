@@ -11,7 +11,7 @@ use futures::StreamExt;
 use tonic::{Request, Status};
 
 use super::{Route, Router, Style, agent_failure, hop_metadata, hop_name, retry::hop_budget};
-use crate::{api::EventStream, error::MeshError, journal::hop_of};
+use crate::{api::EventStream, error::MeshError, journal::hop_of, telemetry::HopSpan};
 
 impl Router {
     /// A conversation through the mesh. The target comes from the first
@@ -57,6 +57,13 @@ impl Router {
             mut client,
         } = self.route(&probe, &[])?;
         let hop = hop_name(&instance);
+        let span = HopSpan::open(
+            &probe.traceparent,
+            Style::Converse.as_str(),
+            &instance.card.name,
+            &probe.correlation_id,
+        );
+        probe.traceparent.clone_from(&span.traceparent);
         let stamp_frame = {
             let call = call.clone();
             move |mut request: ConverseRequest| {
@@ -108,6 +115,7 @@ impl Router {
                 )),
                 Ok(Ok(response)) => Ok(response.into_inner()),
             };
+        span.finish(opened.as_ref().map(|_| ()));
         if self.journal().enabled() {
             let to = format!("{}/{}", instance.card.name, instance.card.instance_id);
             self.journal().record(hop_of(

@@ -19,6 +19,7 @@ use crate::{
     error::MeshError,
     journal::hop_of,
     registry::{InFlightGuard, Instance},
+    telemetry::HopSpan,
 };
 
 impl Router {
@@ -101,7 +102,7 @@ impl Router {
         &self,
         call: &CallContext,
         route: Route,
-        envelope: Envelope,
+        mut envelope: Envelope,
         style: Style,
         wrap: impl FnOnce(Envelope) -> M,
         send: impl FnOnce(AgentServiceClient<Channel>, Request<M>) -> Fut,
@@ -111,6 +112,14 @@ impl Router {
     {
         let Route { instance, client } = route;
         let hop = hop_name(&instance);
+        // The hop's span: the agent sees it as its caller.
+        let span = HopSpan::open(
+            &envelope.traceparent,
+            style.as_str(),
+            &instance.card.name,
+            &envelope.correlation_id,
+        );
+        envelope.traceparent.clone_from(&span.traceparent);
         // What the journal needs of the envelope, kept before it is sent (not its payload).
         let journaled = self.journal.enabled().then(|| Envelope {
             payload: None,
@@ -119,6 +128,7 @@ impl Router {
         });
         let began = SystemTime::now();
         let record = |outcome: Result<(), &Status>, took: Duration| {
+            span.finish(outcome);
             if let Some(sent) = &journaled {
                 let to = format!("{}/{}", instance.card.name, instance.card.instance_id);
                 self.journal
