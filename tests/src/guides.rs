@@ -423,8 +423,15 @@ mod tests {
 
     #[test]
     fn output_lines_match_in_order_with_ellipses() {
-        let output = "HTTP/1.1 200 OK\nx-correlation-id: abc\n\n{\"id\":\"1\",\"json\":{\"text\":\"hi\"}}\n";
-        assert!(check_output("HTTP/1.1 200 OK\n{\"id\":...\"json\":{\"text\":\"hi\"}...\n", output).is_ok());
+        let output =
+            "HTTP/1.1 200 OK\nx-correlation-id: abc\n\n{\"id\":\"1\",\"json\":{\"text\":\"hi\"}}\n";
+        assert!(
+            check_output(
+                "HTTP/1.1 200 OK\n{\"id\":...\"json\":{\"text\":\"hi\"}...\n",
+                output
+            )
+            .is_ok()
+        );
         assert!(check_output("x-correlation-id: ...\n", output).is_ok());
         // Out of order, or a piece missing.
         assert!(check_output("{\"id\"\nHTTP/1.1 200 OK\n", output).is_err());
@@ -434,7 +441,11 @@ mod tests {
     #[test]
     fn excerpts_must_be_consecutive_lines_of_their_file() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("x.rs"), "fn main() {\n    let a = 1;\n    let b = 2;\n}\n").unwrap();
+        std::fs::write(
+            dir.path().join("x.rs"),
+            "fn main() {\n    let a = 1;\n    let b = 2;\n}\n",
+        )
+        .unwrap();
         let excerpt = |code: &str| RustExcerpt {
             line: 1,
             file: "x.rs".into(),
@@ -448,15 +459,40 @@ mod tests {
     #[tokio::test]
     async fn a_broken_snippet_fails() {
         let runner = SnippetRunner::new().env("GREETING", "hi");
-        assert!(runner.run(&snippet("echo $GREETING", 0, Some("hi"))).await.is_ok());
+        assert!(
+            runner
+                .run(&snippet("echo $GREETING", 0, Some("hi")))
+                .await
+                .is_ok()
+        );
         // Wrong output, a failing command in the middle, a wrong exit status, an unset
         // variable, and a hang.
-        assert!(runner.run(&snippet("echo $GREETING", 0, Some("bye"))).await.is_err());
-        assert!(runner.run(&snippet("false\necho hi", 0, Some("hi"))).await.is_err());
+        assert!(
+            runner
+                .run(&snippet("echo $GREETING", 0, Some("bye")))
+                .await
+                .is_err()
+        );
+        assert!(
+            runner
+                .run(&snippet("false\necho hi", 0, Some("hi")))
+                .await
+                .is_err()
+        );
         assert!(runner.run(&snippet("exit 3", 69, None)).await.is_err());
         assert!(runner.run(&snippet("exit 69", 69, None)).await.is_ok());
-        assert!(runner.run(&snippet("echo $NOWHERE", 0, None)).await.is_err());
+        assert!(
+            runner
+                .run(&snippet("echo $NOWHERE", 0, None))
+                .await
+                .is_err()
+        );
         let quick = runner.clone().timeout(Duration::from_millis(200));
-        assert!(quick.run(&snippet("sleep 5 & wait", 0, None)).await.is_err());
+        assert!(
+            quick
+                .run(&snippet("sleep 5 & wait", 0, None))
+                .await
+                .is_err()
+        );
     }
 }
