@@ -18,10 +18,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client = MeshClient::connect_lazy(&node)?;
 
     // The simplest call: the node generates the correlation id, the deadline is 30 s.
-    let reply = client
-        .invoke("echo", Envelope::json("echo.request", json!({ "text": "hi" })))
-        .await?;
-    println!("{} {}", reply.r#type, reply.json_payload().unwrap_or_default());
+    let hi = Envelope::json("echo.request", json!({ "text": "hi" }));
+    let reply = client.invoke("echo", hi).await?;
+    println!(
+        "{} {}",
+        reply.r#type,
+        reply.json_payload().unwrap_or_default()
+    );
 
     // A correlation id of our own (it follows every hop), a 2 s deadline (every hop
     // below gets a shorter one) and an idempotency key: within the node's window, a
