@@ -12,11 +12,15 @@
 //! - [`queue`]: a node with quick queue timings, a raw `Consume` stream and the
 //!   queue figures the tests wait for.
 //! - [`process`]: a real `agentmesh serve` process, for the binary's own tests.
+//! - [`guides`]: the guides in `docs/guides/` as tests: their shell snippets run
+//!   against a node with their output checked, their Rust snippets checked against
+//!   the compiled examples they come from.
 //! - [`outside_tool`]: the tool or server a test needs from outside, named by an
 //!   `AGENTMESH_TEST_*` variable.
 
 pub mod agents;
 pub mod eventually;
+pub mod guides;
 pub mod http;
 pub mod node;
 pub mod outside_tool;
