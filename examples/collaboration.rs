@@ -56,6 +56,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     println!("{}", Step::header());
     let outcome = collaboration::run(&node, options).await?;
     println!("{outcome}");
+    // The node recorded every hop of the chain under its correlation id.
+    let hops = agentmesh_sdk::MeshClient::connect_lazy(&node)?
+        .trace(&outcome.correlation_id)
+        .await?;
+    let mut by_style = std::collections::BTreeMap::<String, usize>::new();
+    for hop in &hops {
+        *by_style.entry(hop.style.clone()).or_default() += 1;
+    }
+    let styles: Vec<String> = by_style.iter().map(|(s, n)| format!("{s} {n}")).collect();
+    println!("trace journal: {} hops ({})", hops.len(), styles.join(", "));
+    if local.is_none() {
+        println!(
+            "draw it: agentmesh trace {} --node {node}",
+            outcome.correlation_id
+        );
+    }
     if let Some(local) = local {
         local.stop().await?;
     }

@@ -126,6 +126,27 @@ async fn the_nine_steps_happen_in_order_under_one_correlation_id() {
             .to_string()
             .ends_with(&format!("correlation id: {}", outcome.correlation_id))
     );
+    // The node's trace journal holds the whole chain under that id, every style of it.
+    let hops = agentmesh_sdk::MeshClient::connect_lazy(&node.addr())
+        .unwrap()
+        .trace(&outcome.correlation_id)
+        .await
+        .unwrap();
+    let styles: BTreeSet<&str> = hops.iter().map(|h| h.style.as_str()).collect();
+    for style in [
+        "lookup", "fanout", "unary", "stream", "converse", "submit", "deliver",
+    ] {
+        assert!(
+            styles.contains(style),
+            "no {style} hop in the journal: {styles:?}"
+        );
+    }
+    assert!(
+        hops.iter()
+            .all(|h| h.correlation_id == outcome.correlation_id)
+    );
+    let roots = agentmesh_core::journal::tree(hops.clone());
+    assert!(roots.len() < hops.len(), "the hops form a tree, not a list");
     node.stop().await.unwrap();
 }
 
