@@ -165,11 +165,11 @@ async fn a_follower_sees_hops_as_they_are_recorded() {
         .await
         .unwrap();
     let mut follow = client.follow_trace("followed").await.unwrap();
-    let first = follow.message().await.unwrap().unwrap();
+    let first = follow.next().await.unwrap().unwrap();
     assert_eq!(first.style, "unary");
     let sent = in_chain("followed", Envelope::json("t", json!({ "n": 2 })));
     let second_id = client.invoke("echo", sent).await.unwrap().causation_id;
-    let second = tokio::time::timeout(Duration::from_secs(5), follow.message())
+    let second = tokio::time::timeout(Duration::from_secs(5), follow.next())
         .await
         .expect("the new hop arrives")
         .unwrap()

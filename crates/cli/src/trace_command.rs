@@ -31,7 +31,8 @@ pub(crate) async fn run(args: TraceArgs) -> anyhow::Result<()> {
             .await
             .map_err(status_error)?;
         let mut origin = None;
-        while let Some(hop) = hops.message().await.map_err(status_error)? {
+        while let Some(hop) = futures::StreamExt::next(&mut hops).await {
+            let hop = hop.map_err(status_error)?;
             match args.node.output {
                 Output::Json => println!("{}", agentmesh_proto::json::to_json(&hop)?),
                 Output::Text => {

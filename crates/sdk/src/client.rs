@@ -259,13 +259,22 @@ impl MeshClient {
     }
 
     /// The hops of `correlation_id` recorded so far, then each new one as it is recorded.
-    pub async fn follow_trace(&self, correlation_id: &str) -> Result<Streaming<Hop>, Status> {
-        Ok(TraceServiceClient::new(self.channel.clone())
+    pub async fn follow_trace(
+        &self,
+        correlation_id: &str,
+    ) -> Result<impl futures::Stream<Item = Result<Hop, Status>> + Unpin + use<>, Status> {
+        let frames = TraceServiceClient::new(self.channel.clone())
             .follow_trace(FollowTraceRequest {
                 correlation_id: correlation_id.to_owned(),
             })
             .await?
-            .into_inner())
+            .into_inner();
+        Ok(futures::StreamExt::filter_map(frames, |frame| {
+            std::future::ready(match frame {
+                Ok(frame) => frame.hop.map(Ok),
+                Err(status) => Some(Err(status)),
+            })
+        }))
     }
 
     /// Finds registered instances.

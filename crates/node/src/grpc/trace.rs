@@ -4,8 +4,10 @@ use std::sync::Arc;
 
 use agentmesh_core::{EventStream, Mesh, MeshCore};
 use agentmesh_proto::v1::{
-    FollowTraceRequest, GetTraceRequest, GetTraceResponse, Hop, trace_service_server::TraceService,
+    FollowTraceRequest, FollowTraceResponse, GetTraceRequest, GetTraceResponse,
+    trace_service_server::TraceService,
 };
+use futures::StreamExt;
 use tonic::{Request, Response, Status};
 
 use super::context;
@@ -25,7 +27,7 @@ impl TraceFace {
 
 #[tonic::async_trait]
 impl TraceService for TraceFace {
-    type FollowTraceStream = EventStream<Hop>;
+    type FollowTraceStream = EventStream<FollowTraceResponse>;
 
     async fn get_trace(
         &self,
@@ -42,8 +44,10 @@ impl TraceService for TraceFace {
         request: Request<FollowTraceRequest>,
     ) -> Result<Response<Self::FollowTraceStream>, Status> {
         let ctx = context(&request);
+        let hops = self.mesh.follow_trace(ctx, request.into_inner()).await?;
         Ok(Response::new(
-            self.mesh.follow_trace(ctx, request.into_inner()).await?,
+            hops.map(|hop| hop.map(|hop| FollowTraceResponse { hop: Some(hop) }))
+                .boxed(),
         ))
     }
 }
