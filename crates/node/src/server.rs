@@ -203,17 +203,9 @@ impl Node {
                 shutdown.cancel();
             }
         };
-        // Without TCP_NODELAY, Nagle's algorithm holds back the last small write of a
-        // response until the client's delayed ACK (~40 ms per client-streaming call).
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%error, "cannot set TCP_NODELAY");
-            }
-        });
-        let server =
-            axum::serve(listener, app.into_make_service()).with_graceful_shutdown(draining);
+        let server = crate::connections::serve(listener, app, &self.config.connections, draining);
         let result = tokio::select! {
-            result = server => result,
+            () = server => Ok(()),
             _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
                 tracing::warn!(grace_ms = grace.as_millis() as u64, "calls still open after the grace period; closing them");
                 Ok(())
