@@ -24,7 +24,7 @@ use crate::{
     Stores,
     config::NodeConfig,
     edge::CallContextLayer,
-    grpc::{AgentFace, Discovery, FanOutFace, QueueFace},
+    grpc::{AgentFace, Discovery, FanOutFace, OversizedRequestLayer, QueueFace},
 };
 
 /// gRPC services the node reports in `grpc.health.v1.Health`.
@@ -162,17 +162,17 @@ impl Node {
             self.router.clone(),
             queue.clone(),
         ));
-        let app =
-            routes
-                .routes()
-                .into_axum_router()
-                .merge(gateway)
-                .layer(
-                    ServiceBuilder::new().layer(CallContextLayer::new(DeadlinePolicy {
-                        default_timeout: self.config.router.default_timeout,
-                        max_timeout: self.config.max_timeout,
-                    })),
-                );
+        let app = routes
+            .routes()
+            .into_axum_router()
+            .layer(OversizedRequestLayer)
+            .merge(gateway)
+            .layer(
+                ServiceBuilder::new().layer(CallContextLayer::new(DeadlinePolicy {
+                    default_timeout: self.config.router.default_timeout,
+                    max_timeout: self.config.max_timeout,
+                })),
+            );
 
         let address = listener.local_addr()?;
         if let Some(roster) = &self.roster {

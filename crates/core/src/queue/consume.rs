@@ -412,8 +412,15 @@ impl Consumer {
                             }
                             // An empty frame (an action this node does not know): ignore it.
                             Some(Ok(ConsumeRequest { action: None })) => {}
-                            // The consumer half-closed or went away.
-                            Some(Err(_)) | None => {
+                            // A frame that could not be read (malformed, too large) ends the
+                            // call with its status; the consumer counts as gone.
+                            Some(Err(status)) => {
+                                failure = Some(status);
+                                ended = true;
+                                break;
+                            }
+                            // The consumer half-closed.
+                            None => {
                                 ended = true;
                                 break;
                             }
