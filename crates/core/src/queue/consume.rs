@@ -539,7 +539,8 @@ impl Queues {
                 "the first frame of Consume must be subscribe",
             ));
         };
-        agentmesh_queue::validate_queue_name(&queue).map_err(queue_error_status)?;
+        agentmesh_proto::names::check_name("queue name", &queue)
+            .map_err(Status::invalid_argument)?;
         let prefetch = match prefetch {
             0 => DEFAULT_PREFETCH,
             n => n.min(MAX_PREFETCH),
