@@ -12,6 +12,7 @@
 //! - [`envelope`]: filling an envelope from a context, answering one, its metadata, and
 //!   [`v1::ErrorStatus`] from a `tonic::Status`;
 //! - [`metadata`]: the names of the headers that carry them;
+//! - [`names`]: the rule for agent, skill and queue names;
 //! - [`codec`]: the gRPC codec that reports undecodable messages as `INVALID_ARGUMENT`.
 
 pub mod codec;
@@ -19,6 +20,7 @@ pub mod context;
 pub mod envelope;
 pub mod json;
 pub mod metadata;
+pub mod names;
 mod payload;
 
 /// Generated messages and gRPC clients/servers of the `agentmesh.v1` package.

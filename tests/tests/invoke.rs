@@ -383,7 +383,7 @@ async fn malformed_requests_are_invalid_argument_and_the_node_keeps_serving() {
         })
         .await
         .unwrap_err();
-    assert_eq!(error.code(), Code::OutOfRange, "{error:?}");
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
 
     // Still serving.
     let reply = node

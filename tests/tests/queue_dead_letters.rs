@@ -130,3 +130,39 @@ async fn poison_message_is_dead_lettered_while_others_flow_then_redriven() {
     assert_eq!(nothing.code(), Code::InvalidArgument);
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_that_kills_its_consumer_every_time_is_dead_lettered() {
+    let node = queue_node().await;
+    let client = node.client();
+    let response = client.submit("crashes", [job(13)]).await.unwrap();
+    let message_id = response.outcomes[0].message_id.clone();
+    // max_attempts is 3: each consumer takes the message and dies holding it (its
+    // connection drops without an ack or a nack).
+    for attempt in 1..=3 {
+        let mut doomed = RawConsumer::open(&node, "crashes", 1, Duration::from_secs(60)).await;
+        let d = doomed
+            .delivery(Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| panic!("attempt {attempt} was not delivered at once"));
+        assert_eq!(d.attempt, attempt);
+        assert_eq!(d.envelope.as_ref().unwrap().attempt, attempt);
+        drop(doomed);
+    }
+    let s = wait_for_queue_stats(&client, "crashes", Duration::from_secs(5), |s| {
+        s.dead_letters == 1
+    })
+    .await;
+    assert_eq!((s.depth, s.in_flight), (0, 0));
+    let page = client.list_dead_letters("crashes", 0, "").await.unwrap();
+    let dead = &page.dead_letters[0];
+    assert_eq!(dead.message_id, message_id);
+    assert!(dead.last_error.contains("consumer went away"), "{dead:?}");
+    let attempts: Vec<u32> = dead.attempts.iter().map(|a| a.attempt).collect();
+    assert_eq!(attempts, [1, 2, 3]);
+    for a in &dead.attempts {
+        assert!(a.error.contains("consumer went away"), "{a:?}");
+        assert!(a.consumer_id.starts_with("raw-"), "{a:?}");
+    }
+    node.stop().await;
+}

@@ -475,14 +475,11 @@ pub fn admit_card(card: &mut AgentCard) -> Result<(), MeshError> {
 }
 
 fn validate_card(card: &AgentCard) -> Result<(), MeshError> {
-    if card.name.is_empty() {
-        return Err(MeshError::InvalidArgument("card.name is required".into()));
-    }
-    if card.name.starts_with("skill:") || card.name.chars().any(char::is_whitespace) {
-        return Err(MeshError::InvalidArgument(format!(
-            "card.name {:?} must not contain whitespace or start with \"skill:\"",
-            card.name
-        )));
+    use agentmesh_proto::names::check_name;
+    // The name rule leaves out ':', so no name can pass for `skill:<id>`.
+    check_name("card.name", &card.name).map_err(MeshError::InvalidArgument)?;
+    for skill in &card.skills {
+        check_name("skill id", &skill.id).map_err(MeshError::InvalidArgument)?;
     }
     if card.endpoint.is_empty() {
         return Err(MeshError::InvalidArgument(

@@ -3,6 +3,8 @@
 //! the headers themselves for the few routes that read more of them.
 
 use agentmesh_proto::{CallContext, DeadlinePolicy, v1::Envelope};
+
+use crate::error::ApiError;
 use axum::{
     extract::FromRequestParts,
     http::{HeaderMap, request::Parts},
@@ -50,10 +52,30 @@ impl Call {
     }
 }
 
+/// Refuses an `X-Timeout-Ms` that is not a whole number of milliseconds from 1 up, rather than
+/// quietly running the call on the default deadline.
+fn check_timeout_header(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(agentmesh_proto::metadata::TIMEOUT_MS) else {
+        return Ok(());
+    };
+    let text = value.to_str().unwrap_or_default().trim();
+    match text.parse::<u64>() {
+        Ok(ms) if ms >= 1 => Ok(()),
+        _ => Err(ApiError::invalid_argument(
+            "INVALID_TIMEOUT",
+            format!(
+                "X-Timeout-Ms {} is not a whole number of milliseconds from 1 up",
+                agentmesh_proto::names::quoted(text)
+            ),
+        )),
+    }
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for Call {
-    type Rejection = std::convert::Infallible;
+    type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        check_timeout_header(&parts.headers)?;
         let ctx = parts
             .extensions
             .get::<CallContext>()

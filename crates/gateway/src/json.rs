@@ -128,6 +128,74 @@ pub(crate) fn parse<T: Message + Name + Default>(bytes: &[u8], what: &str) -> Re
         .map_err(|e| invalid(String::new(), e.to_string()))
 }
 
+/// Checks that no JSON object in `bytes` names a key twice (serde_json would keep the last one
+/// silently, where the proto3 JSON parser of the other routes refuses it).
+pub(crate) fn refuse_duplicate_keys(bytes: &[u8]) -> Result<(), serde_json::Error> {
+    use serde::de::{Deserializer as _, Error as _, MapAccess, SeqAccess, Visitor};
+
+    struct Unique;
+
+    impl<'de> Visitor<'de> for Unique {
+        type Value = ();
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if !seen.insert(key.clone()) {
+                    return Err(A::Error::custom(format!(
+                        "duplicate field {}",
+                        agentmesh_proto::names::quoted(&key)
+                    )));
+                }
+                map.next_value_seed(UniqueSeed)?;
+            }
+            Ok(())
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq.next_element_seed(UniqueSeed)?.is_some() {}
+            Ok(())
+        }
+
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+    }
+
+    struct UniqueSeed;
+
+    impl<'de> serde::de::DeserializeSeed<'de> for UniqueSeed {
+        type Value = ();
+
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(Unique)
+        }
+    }
+
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    deserializer.deserialize_any(Unique)?;
+    deserializer.end()
+}
+
 /// Writes integral floating-point numbers without a fraction. prost-reflect
 /// writes every `google.protobuf.Value` number as a double, so a payload's
 /// `1` would come back as `1.0`.

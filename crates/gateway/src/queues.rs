@@ -83,6 +83,8 @@ fn parse_messages(body: &[u8]) -> Result<(Vec<Envelope>, bool), ApiError> {
             "the request body is empty: send an Envelope or {\"messages\": [...]}".into(),
         ));
     }
+    crate::json::refuse_duplicate_keys(body)
+        .map_err(|e| invalid(format!("invalid JSON in the request body: {e}")))?;
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| invalid(format!("invalid JSON in the request body: {e}")))?;
     let parse = |value: serde_json::Value, what: &str| {
@@ -140,6 +142,8 @@ async fn submit(
     call: Call,
     body: Body,
 ) -> Result<Response, ApiError> {
+    agentmesh_proto::names::check_name("queue name", &queue)
+        .map_err(|message| ApiError::invalid_argument("INVALID_NAME", message))?;
     let (mut envelopes, batch) = parse_messages(&body.0)?;
     if !batch {
         // A single message may carry its idempotency key and trace context as headers.

@@ -46,6 +46,8 @@ pub struct NodeConfig {
     pub trace: JournalConfig,
     /// OpenTelemetry: where the spans of hops are exported (off by default).
     pub telemetry: TelemetryConfig,
+    /// Client connections: how many at once, and how long a silent or idle one stays open.
+    pub connections: ConnectionSettings,
 }
 
 /// OpenTelemetry export of the node's spans (one per hop, child of the caller's
@@ -65,6 +67,59 @@ impl Default for TelemetryConfig {
         Self {
             otlp_endpoint: String::new(),
             service_name: "agentmesh".into(),
+        }
+    }
+}
+
+/// Limits on the connections clients open to the node (gRPC and HTTP alike).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnectionSettings {
+    /// Connections open at once; one more is closed as soon as it is accepted. 0: half the
+    /// process's open-file limit (1024 where that limit is unknown).
+    pub max_connections: usize,
+    /// A new connection must start its first request within this, and an HTTP/1 request head
+    /// must arrive whole within it (an idle HTTP/1 keep-alive connection is closed after it).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection with no call in progress for this long is closed (HTTP/2: GOAWAY). Calls
+    /// in progress, streams included, keep their connection open however quiet they are.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How often the node pings an HTTP/2 client that has sent nothing.
+    #[serde(with = "humantime_serde")]
+    pub http2_keep_alive_interval: Duration,
+    /// A client that does not answer a ping within this is gone: its connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub http2_keep_alive_timeout: Duration,
+}
+
+/// Connections allowed when neither the settings nor the open-file limit say.
+const FALLBACK_MAX_CONNECTIONS: usize = 1024;
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 0,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            http2_keep_alive_interval: Duration::from_secs(20),
+            http2_keep_alive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl ConnectionSettings {
+    /// The connection cap in force: the setting, or half the open-file limit for 0 (the other
+    /// half is left to the queue store, connections to agents and Redis).
+    pub fn connection_cap(&self) -> usize {
+        match self.max_connections {
+            0 => crate::process_metrics::ProcessSample::read()
+                .and_then(|sample| sample.max_fds)
+                .map_or(FALLBACK_MAX_CONNECTIONS, |max_fds| {
+                    usize::try_from(max_fds / 2).unwrap_or(usize::MAX).max(16)
+                }),
+            set => set,
         }
     }
 }
@@ -131,6 +186,7 @@ impl Default for NodeConfig {
             store: StoreSettings::default(),
             trace: JournalConfig::default(),
             telemetry: TelemetryConfig::default(),
+            connections: ConnectionSettings::default(),
         }
     }
 }
@@ -162,6 +218,18 @@ impl NodeConfig {
         }
         if store.key_prefix.is_empty() || store.key_prefix.contains(char::is_whitespace) {
             return Err("store.key_prefix must be non-empty, without spaces".into());
+        }
+        let connections = &self.connections;
+        if [
+            connections.header_read_timeout,
+            connections.idle_timeout,
+            connections.http2_keep_alive_interval,
+            connections.http2_keep_alive_timeout,
+        ]
+        .iter()
+        .any(Duration::is_zero)
+        {
+            return Err("connections.header_read_timeout, idle_timeout, http2_keep_alive_interval and http2_keep_alive_timeout must be positive".into());
         }
         if self.leases.min_ttl > self.leases.max_ttl {
             return Err("leases.min_ttl must not exceed leases.max_ttl".into());

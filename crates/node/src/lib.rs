@@ -6,7 +6,8 @@
 //!   idempotency key) once, for gRPC and HTTP alike;
 //! - [`grpc`] holds the gRPC services, each a thin face over the core;
 //! - [`stores`] picks where shared state lives (this process, or Redis for several nodes);
-//! - [`server`] puts them, health, reflection, the HTTP gateway and `/metrics` on one port;
+//! - [`server`] puts them, health, reflection, the HTTP gateway and `/metrics` on one port,
+//!   served by [`connections`] (connection cap, header-read and idle timeouts, HTTP/2 pings);
 //! - [`metrics`] renders `/metrics`, with [`process_metrics`] for the process's own CPU,
 //!   memory and descriptors;
 //! - [`config`] holds the settings and their defaults; [`config_layers`] reads them from a TOML
@@ -14,6 +15,7 @@
 
 pub mod config;
 pub mod config_layers;
+pub mod connections;
 pub mod edge;
 pub mod grpc;
 pub mod metrics;
@@ -28,7 +30,7 @@ pub use agentmesh_core::{
     replay::ReplayConfig,
     router::{RetryConfig, RouterConfig},
 };
-pub use config::{NodeConfig, StoreSettings, TelemetryConfig};
+pub use config::{ConnectionSettings, NodeConfig, StoreSettings, TelemetryConfig};
 pub use config_layers::{ConfigError, ConfigLayer};
 pub use server::Node;
 pub use stores::Stores;

@@ -24,7 +24,7 @@ use crate::{
     Stores,
     config::NodeConfig,
     edge::CallContextLayer,
-    grpc::{AgentFace, Discovery, FanOutFace, QueueFace, TraceFace},
+    grpc::{AgentFace, Discovery, FanOutFace, OversizedRequestLayer, QueueFace, TraceFace},
 };
 
 /// gRPC services the node reports in `grpc.health.v1.Health`.
@@ -166,17 +166,17 @@ impl Node {
             self.router.clone(),
             queue.clone(),
         ));
-        let app =
-            routes
-                .routes()
-                .into_axum_router()
-                .merge(gateway)
-                .layer(
-                    ServiceBuilder::new().layer(CallContextLayer::new(DeadlinePolicy {
-                        default_timeout: self.config.router.default_timeout,
-                        max_timeout: self.config.max_timeout,
-                    })),
-                );
+        let app = routes
+            .routes()
+            .into_axum_router()
+            .layer(OversizedRequestLayer)
+            .merge(gateway)
+            .layer(
+                ServiceBuilder::new().layer(CallContextLayer::new(DeadlinePolicy {
+                    default_timeout: self.config.router.default_timeout,
+                    max_timeout: self.config.max_timeout,
+                })),
+            );
 
         let address = listener.local_addr()?;
         if let Some(roster) = &self.roster {
@@ -207,17 +207,9 @@ impl Node {
                 shutdown.cancel();
             }
         };
-        // Without TCP_NODELAY, Nagle's algorithm holds back the last small write of a
-        // response until the client's delayed ACK (~40 ms per client-streaming call).
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%error, "cannot set TCP_NODELAY");
-            }
-        });
-        let server =
-            axum::serve(listener, app.into_make_service()).with_graceful_shutdown(draining);
+        let server = crate::connections::serve(listener, app, &self.config.connections, draining);
         let result = tokio::select! {
-            result = server => result,
+            () = server => Ok(()),
             _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
                 tracing::warn!(grace_ms = grace.as_millis() as u64, "calls still open after the grace period; closing them");
                 Ok(())

@@ -34,8 +34,11 @@
 //!   (with a TTL) and forwarding it to the message's `reply_to` queue, atomically with the ack.
 //!   Acks are not fsync'd one by one: they ride on the next group commit or on a periodic flush
 //!   (100 ms by default). A lost ack only causes a redelivery.
-//! * [`QueueBackend::release`] hands leases back without counting a failed attempt (a consumer
-//!   that disconnects releases what it still holds, so others get it at once).
+//! * [`QueueBackend::release`] hands leases back without counting a failed attempt (a node
+//!   shutting down gracefully releases what its consumers still hold, so others get it at once).
+//! * [`QueueBackend::abandon`] fails the deliveries of a consumer that went away (crashed or
+//!   disconnected) while holding them: each is a failed attempt, ready again at once, so a
+//!   message that keeps killing its consumers reaches the dead letters.
 //! * [`QueueBackend::nack`] schedules a retry (explicit delay, or exponential backoff with full
 //!   jitter); after `max_attempts` failed attempts the message moves to the queue's dead-letter
 //!   set with its whole attempt history.
@@ -220,11 +223,32 @@ pub trait QueueBackend: Send + Sync + 'static {
     /// Extends a live lease to `lease` from now; returns the new expiry.
     async fn extend(&self, receipt: &str, lease: Duration) -> Result<SystemTime, QueueError>;
 
-    /// Hands leased messages back at once, e.g. when their consumer disconnects: each message is
+    /// Hands leased messages back at once, e.g. when the node shuts down: each message is
     /// ready again immediately and the delivery does not count as a failed attempt (the next
     /// delivery has the same attempt number). Stale or malformed receipts are ignored; returns
     /// how many leases were released.
     async fn release(&self, receipts: Vec<String>) -> Result<u64, QueueError>;
+
+    /// Fails the deliveries of a consumer that went away while holding them (it crashed, or its
+    /// connection dropped): each counts as a failed attempt with `error`, as a nack would, and is
+    /// ready again at once (the next delivery carries the next attempt number), or becomes a
+    /// dead letter on its last attempt. So a message that kills its consumer ends up a dead
+    /// letter instead of being handed out forever. Stale or malformed receipts are ignored;
+    /// returns how many deliveries were failed. The default nacks them all concurrently.
+    async fn abandon(&self, receipts: Vec<String>, error: &str) -> Result<u64, QueueError> {
+        let nacks = receipts
+            .iter()
+            .map(|receipt| self.nack(receipt, error, Some(Duration::ZERO)));
+        let mut abandoned = 0;
+        for outcome in futures::future::join_all(nacks).await {
+            match outcome {
+                Ok(_) => abandoned += 1,
+                Err(QueueError::LeaseLost(_) | QueueError::InvalidArgument(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(abandoned)
+    }
 
     /// Statistics for every known queue, sorted by name.
     async fn stats(&self) -> Result<Vec<QueueStats>, QueueError>;

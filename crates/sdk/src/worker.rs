@@ -314,8 +314,8 @@ impl Session {
         self.inbound = None;
         self.connecting = None;
         self.unconfirmed.clear();
-        // The node hands deliveries back when a consumer goes away: those not started yet are
-        // someone else's now. Handlers already running finish; their acks go out later.
+        // The node fails what a consumer held when it went away (one attempt each): those not
+        // started yet are someone else's now. Handlers already running finish; their acks go out later.
         for delivery in self.queued.drain(..) {
             self.held.remove(&delivery.receipt);
         }
@@ -597,7 +597,8 @@ impl Session {
                 _ = ticker.tick(), if !self.held.is_empty() => self.extend_leases(),
             }
         }
-        // Out of time: cancel what still runs; the node hands its messages back when we close.
+        // Out of time: cancel what still runs; when we close, the node counts a failed attempt
+        // for each message still held and hands it to another consumer.
         for (_, (_, cancel)) in self.tasks.drain() {
             cancel.cancel();
         }

@@ -1,6 +1,8 @@
 //! `Consume`: one consumer's session. Deliveries go out as credit allows (long-polling the
 //! backend), acks, nacks and extends are settled concurrently, each answered by a receipt,
-//! and whatever the consumer still holds when it goes away is released at once.
+//! and whatever the consumer still holds when it goes away is handed back at once: as a failed
+//! attempt (a crashed consumer must not let a poison message loop forever), or, when the node is
+//! shutting down, without counting one.
 
 use std::{
     collections::HashMap,
@@ -34,6 +36,8 @@ use crate::journal::{TraceJournal, hop_of};
 const LONG_POLL: Duration = Duration::from_secs(10);
 /// Most consumer frames read in one turn of a `Consume` loop.
 const MAX_FRAMES_PER_TURN: usize = 1024;
+/// The failed attempt recorded for each delivery a consumer held when it went away.
+const CONSUMER_GONE: &str = "consumer went away while holding the message";
 /// How long a `Consume` call waits for its `subscribe` frame.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -430,8 +434,15 @@ impl Consumer {
                             }
                             // An empty frame (an action this node does not know): ignore it.
                             Some(Ok(ConsumeRequest { action: None })) => {}
-                            // The consumer half-closed or went away.
-                            Some(Err(_)) | None => {
+                            // A frame that could not be read (malformed, too large) ends the
+                            // call with its status; the consumer counts as gone.
+                            Some(Err(status)) => {
+                                failure = Some(status);
+                                ended = true;
+                                break;
+                            }
+                            // The consumer half-closed.
+                            None => {
                                 ended = true;
                                 break;
                             }
@@ -488,18 +499,27 @@ impl Consumer {
         if !self.held.is_empty() {
             let receipts: Vec<String> = self.held.drain().map(|(r, _)| r).collect();
             let count = receipts.len();
-            match self.backend.release(receipts).await {
-                Ok(released) => tracing::debug!(
+            // A node shutting down hands deliveries back as they were. A consumer that went
+            // away holding them (crashed, dropped its connection) fails their attempt, so a
+            // message that kills every consumer it reaches still ends up a dead letter.
+            let handed_back = if shutdown.is_cancelled() {
+                self.backend.release(receipts).await
+            } else {
+                self.backend.abandon(receipts, CONSUMER_GONE).await
+            };
+            match handed_back {
+                Ok(handed_back) => tracing::debug!(
                     queue = %self.queue,
                     consumer = %self.consumer_id,
                     held = count,
-                    released,
-                    "consumer gone; released its deliveries"
+                    handed_back,
+                    node_shutdown = shutdown.is_cancelled(),
+                    "consumer gone; handed back its deliveries"
                 ),
                 Err(error) => tracing::warn!(
                     queue = %self.queue,
                     %error,
-                    "could not release a departed consumer's deliveries; they return when their leases lapse"
+                    "could not hand back a departed consumer's deliveries; they return when their leases lapse"
                 ),
             }
         }
@@ -541,7 +561,8 @@ impl Queues {
                 "the first frame of Consume must be subscribe",
             ));
         };
-        agentmesh_queue::validate_queue_name(&queue).map_err(queue_error_status)?;
+        agentmesh_proto::names::check_name("queue name", &queue)
+            .map_err(Status::invalid_argument)?;
         let prefetch = match prefetch {
             0 => DEFAULT_PREFETCH,
             n => n.min(MAX_PREFETCH),

@@ -8,10 +8,13 @@
 //!   it is durable.
 //! - [`consume`]: `Consume` keeps at most `prefetch` deliveries outstanding: it long-polls
 //!   the backend for as many messages as there is credit, and settles acks, nacks and
-//!   extends concurrently (each answered by a receipt). When the consumer goes away,
-//!   whatever it still holds is released at once (not counted as a failed attempt), so
-//!   others get it promptly. An `extend` with a zero lease releases one delivery the same
-//!   way (what a draining worker does with messages it will not start).
+//!   extends concurrently (each answered by a receipt). When the consumer goes away
+//!   (closes, crashes, drops its connection), whatever it still holds is failed at once,
+//!   one failed attempt each ("consumer went away"), so others get it promptly and a
+//!   message that kills its consumers reaches the dead letters. Only a node shutting down
+//!   gracefully hands deliveries back without counting an attempt. An `extend` with a zero
+//!   lease hands one delivery back without counting one (what a draining worker does with
+//!   messages it will not start).
 //! - [`results`]: results stored by correlation id, read, waited for or streamed.
 //! - [`dead_letters`]: list, redrive and purge.
 //! - this file: the store's lifecycle ([`QueueHandle`]), queue statistics, and

@@ -47,12 +47,7 @@ impl Queues {
         let bad_queue = if request.queue.is_empty() {
             Some("queue is required".to_owned())
         } else {
-            agentmesh_queue::validate_queue_name(&request.queue)
-                .map_err(|e| match e {
-                    QueueError::InvalidArgument(m) => m,
-                    other => other.to_string(),
-                })
-                .err()
+            agentmesh_proto::names::check_name("queue name", &request.queue).err()
         };
         let envelopes: Vec<Envelope> = request
             .envelope
@@ -389,7 +384,7 @@ mod tests {
             messages.remove(0).unwrap_err()
         };
         assert!(reject("", Some(Envelope::default())).contains("queue"));
-        assert!(reject("bad\nname", Some(Envelope::default())).contains("control"));
+        assert!(reject("bad\nname", Some(Envelope::default())).contains("queue name"));
         assert!(reject("q", None).contains("envelope"));
         let huge = Envelope {
             payload: Some(agentmesh_proto::v1::envelope::Payload::Binary(vec![

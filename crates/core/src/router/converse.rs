@@ -74,18 +74,26 @@ impl Router {
             }
         };
         let first = stamp_frame(first);
-        // A caller error (e.g. a reset) ends the relay; dropping it resets the agent's side.
-        // Frames are relayed through a small channel, so a slow agent slows
-        // the caller (per-direction backpressure); a caller error (e.g. a
-        // reset) ends the relay, and dropping it resets the agent's side.
+        // Frames are relayed through a small channel, so a slow agent slows the caller
+        // (per-direction backpressure). A frame the caller sent that could not be read ends the
+        // relay and the conversation with that frame's status; the agent's side is dropped.
         let (frames, outgoing) = tokio::sync::mpsc::channel(16);
+        let (caller_failed, mut caller_failure) = tokio::sync::oneshot::channel::<Status>();
         tokio::spawn(async move {
             if frames.send(first).await.is_err() {
                 return;
             }
-            while let Some(Ok(frame)) = inbound.next().await {
-                if frames.send(stamp_frame(frame)).await.is_err() {
-                    return;
+            while let Some(frame) = inbound.next().await {
+                match frame {
+                    Ok(frame) => {
+                        if frames.send(stamp_frame(frame)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(status) => {
+                        let _ = caller_failed.send(status);
+                        return;
+                    }
                 }
             }
         });
@@ -128,11 +136,28 @@ impl Router {
             ));
         }
         let response = opened?;
-        Ok(response
-            .map(move |frame| {
-                let _ = &in_flight;
-                frame
-            })
-            .boxed())
+        Ok(async_stream::stream! {
+            let _in_flight = in_flight;
+            let mut response = response;
+            let mut caller_ok = true;
+            loop {
+                tokio::select! {
+                    biased;
+                    failed = &mut caller_failure, if caller_ok => match failed {
+                        Ok(status) => {
+                            yield Err(status);
+                            break;
+                        }
+                        // The caller's side ended cleanly; the agent's may go on.
+                        Err(_) => caller_ok = false,
+                    },
+                    frame = response.next() => match frame {
+                        Some(frame) => yield frame,
+                        None => break,
+                    },
+                }
+            }
+        }
+        .boxed())
     }
 }

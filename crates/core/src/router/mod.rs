@@ -237,6 +237,12 @@ impl Router {
     /// none does).
     pub fn compatible(&self, envelope: &Envelope) -> Result<Vec<Arc<Instance>>, MeshError> {
         let target = envelope.target.as_str();
+        // A target no agent could have registered is the caller's mistake, said briefly.
+        match target.strip_prefix("skill:") {
+            Some(skill) => agentmesh_proto::names::check_name("target skill id", skill),
+            None => agentmesh_proto::names::check_name("target agent name", target),
+        }
+        .map_err(MeshError::InvalidArgument)?;
         let candidates = self.registry.resolve(target);
         if candidates.is_empty() {
             return Err(MeshError::AgentNotFound {

@@ -45,7 +45,10 @@ const DESCRIPTION: &str = "\
 HTTP/JSON, Server-Sent Events and WebSocket access to an agentmesh node, on \
 the same port as its gRPC services. Bodies are the proto3 canonical JSON \
 mapping of the `agentmesh.v1` messages (camelCase fields, enums by name, \
-64-bit integers as strings, `google.protobuf.Value` payloads as plain JSON).
+64-bit integers as strings, `google.protobuf.Value` payloads as plain JSON). \
+A body that names a field twice is refused with 400. Agent, skill and queue \
+names are 1-128 characters of `A-Z a-z 0-9 . _ -`, not starting with `.`; \
+others are refused with 400.
 
 ## Headers
 
@@ -54,7 +57,9 @@ and echoed in every response; generated when absent or invalid.
 - `X-Timeout-Ms`: the call's timeout in milliseconds (the HTTP form of \
 `grpc-timeout`, which is also accepted). Default 30000; every hop gets a \
 strictly shorter deadline. Past it the call fails with `DEADLINE_EXCEEDED` \
-(HTTP 504), and a stream ends with an `error` event.
+(HTTP 504), and a stream ends with an `error` event. A value that is not a \
+whole number from 1 up (`abc`, `-1`, `1e23`) is refused with 400 \
+(`INVALID_TIMEOUT`).
 - `traceparent`: W3C trace context, copied into the envelope when it has none.
 - `Idempotency-Key`: copied into the envelope's `idempotencyKey` when it has none.
 - `Last-Event-ID`: on stream routes, resumes a stream after the given event \
@@ -212,7 +217,8 @@ pub(crate) struct CallHeaders {
     /// Correlation id of the call chain; echoed in the response, generated when absent.
     #[param(rename = "X-Correlation-Id")]
     correlation_id: Option<String>,
-    /// Timeout of the call in milliseconds (default 30000).
+    /// Timeout of the call in milliseconds (default 30000); anything but a whole number from 1
+    /// up is refused with 400.
     #[param(rename = "X-Timeout-Ms", minimum = 1)]
     timeout_ms: Option<u64>,
     /// W3C trace context, copied into the envelope when it has none.

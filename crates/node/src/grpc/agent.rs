@@ -7,10 +7,9 @@ use agentmesh_proto::v1::{
     ConverseRequest, ConverseResponse, InvokeRequest, InvokeResponse, StreamRequest,
     StreamResponse, agent_service_server::AgentService,
 };
-use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::context;
+use super::{context, inbound};
 
 /// The node's own `AgentService`: every call is routed to an agent.
 #[derive(Debug, Clone)]
@@ -56,7 +55,7 @@ impl AgentService for AgentFace {
         let ctx = context(&request);
         let frames = self
             .mesh
-            .converse(ctx, request.into_inner().boxed())
+            .converse(ctx, inbound(request.into_inner()))
             .await?;
         Ok(Response::new(frames))
     }

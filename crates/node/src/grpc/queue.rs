@@ -8,10 +8,9 @@ use agentmesh_proto::v1::{
     RedriveDeadLettersRequest, RedriveDeadLettersResponse, SubmitRequest, SubmitResponse,
     queue_service_server::QueueService,
 };
-use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::context;
+use super::{context, inbound};
 
 /// The gRPC face of the durable queue.
 #[derive(Debug, Clone)]
@@ -35,7 +34,7 @@ impl QueueService for QueueFace {
         let ctx = context(&request);
         let response = self
             .queues
-            .submit(ctx, request.into_inner().boxed())
+            .submit(ctx, inbound(request.into_inner()))
             .await?;
         Ok(Response::new(response))
     }
@@ -49,7 +48,7 @@ impl QueueService for QueueFace {
         let ctx = context(&request);
         let frames = self
             .queues
-            .consume(ctx, request.into_inner().boxed())
+            .consume(ctx, inbound(request.into_inner()))
             .await?;
         Ok(Response::new(frames))
     }

@@ -189,3 +189,66 @@ pub async fn extend_keeps_the_lease(factory: &dyn BackendFactory) {
         .await
         .expect("ack after extend");
 }
+
+/// A consumer that goes away holding a message fails that attempt: the next delivery, at once,
+/// carries the next attempt number, and after `max_attempts` such deaths the message is a dead
+/// letter whose history names each one.
+pub async fn abandon_counts_a_failed_attempt_and_dead_letters_at_the_last(
+    factory: &dyn BackendFactory,
+) {
+    let config = test_config().with_queue(
+        "abandon",
+        QueueConfig {
+            max_attempts: 3,
+            // Far longer than the test: only an immediate redelivery is seen.
+            backoff_base: Duration::from_secs(60),
+            backoff_max: Duration::from_secs(60),
+            ..test_config().defaults
+        },
+    );
+    let b = open(factory, config).await;
+    let q = "abandon";
+    submit_ok(&*b, q, vec![msg("crash")]).await;
+    for attempt in 1..=3 {
+        let consumer = format!("doomed-{attempt}");
+        let got = receive_n(&*b, q, &consumer, 1, LONG_LEASE, Duration::from_secs(5)).await;
+        assert_eq!(got[0].attempt, attempt);
+        let receipts = vec![got[0].receipt.clone()];
+        assert_eq!(
+            b.abandon(receipts.clone(), "consumer went away")
+                .await
+                .expect("abandon"),
+            1
+        );
+        // Abandoning twice, or garbage, does nothing.
+        assert_eq!(
+            b.abandon(receipts, "consumer went away")
+                .await
+                .expect("abandon"),
+            0
+        );
+    }
+    assert_eq!(
+        b.abandon(vec!["not a receipt".into()], "consumer went away")
+            .await
+            .expect("abandon"),
+        0
+    );
+    let s = stats_of(&*b, q).await;
+    assert_eq!((s.depth, s.in_flight, s.dead_letters), (0, 0, 1), "{s:?}");
+    let (dead, _) = b.list_dead_letters(q, 10, None).await.expect("list");
+    assert_eq!(dead[0].last_error, "consumer went away");
+    let history: Vec<(u32, &str, &str)> = dead[0]
+        .attempts
+        .iter()
+        .map(|a| (a.attempt, a.consumer_id.as_str(), a.error.as_str()))
+        .collect();
+    assert_eq!(
+        history,
+        [
+            (1, "doomed-1", "consumer went away"),
+            (2, "doomed-2", "consumer went away"),
+            (3, "doomed-3", "consumer went away"),
+        ]
+    );
+}

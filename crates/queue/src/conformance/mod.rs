@@ -18,7 +18,7 @@
 //!
 //! * `submit`: exactly-once delivery of what was submitted, idempotency keys, invalid input;
 //! * `receive`: competing consumers, long polls woken by a submit;
-//! * `lease`: lapsed leases, release, extension, stale receipts;
+//! * `lease`: lapsed leases, release, abandon, extension, stale receipts;
 //! * `ack`: `ack_many`, results stored, awaited and forwarded to `reply_to`;
 //! * `retry`: nack delays and backoff, dead-lettering after the last attempt;
 //! * `dead_letters`: paging, redrive and purge;
@@ -39,8 +39,9 @@ mod submit;
 pub use ack::{ack_many_settles_each_receipt, ack_result_is_stored_awaited_and_replied};
 pub use dead_letters::dead_letters_list_redrive_purge;
 pub use lease::{
-    extend_keeps_the_lease, lease_lapse_redelivers_with_next_attempt,
-    release_hands_back_without_a_failed_attempt, stale_receipt_is_lease_lost,
+    abandon_counts_a_failed_attempt_and_dead_letters_at_the_last, extend_keeps_the_lease,
+    lease_lapse_redelivers_with_next_attempt, release_hands_back_without_a_failed_attempt,
+    stale_receipt_is_lease_lost,
 };
 pub use receive::{competing_consumers_get_disjoint_messages, long_poll_wakes_on_submit};
 pub use restart::{
@@ -90,6 +91,7 @@ macro_rules! conformance_suite {
             competing_consumers_get_disjoint_messages,
             lease_lapse_redelivers_with_next_attempt,
             release_hands_back_without_a_failed_attempt,
+            abandon_counts_a_failed_attempt_and_dead_letters_at_the_last,
             ack_many_settles_each_receipt,
             lease_expiry_at_max_attempts_dead_letters,
             nack_redelivers_after_delay,
