@@ -107,7 +107,15 @@ async fn tracing_headers_and_timeout_reach_the_mesh() {
     let seen = &reply["json"];
     assert_eq!(seen["correlation_id"], "corr-inspect", "{reply}");
     assert_eq!(seen["envelope_correlation_id"], "corr-inspect", "{reply}");
-    assert_eq!(seen["traceparent"], traceparent, "{reply}");
+    // The agent sees the node's hop span: the caller's trace, a span of its own.
+    let seen_traceparent = seen["traceparent"].as_str().unwrap();
+    assert_eq!(
+        seen_traceparent[..36],
+        traceparent[..36],
+        "same trace: {reply}"
+    );
+    assert_ne!(seen_traceparent, traceparent, "a child span: {reply}");
+    assert_eq!(seen_traceparent.len(), traceparent.len(), "{reply}");
     assert_eq!(seen["idempotency_key"], "order-42", "{reply}");
     assert_eq!(seen["target"], "inspect", "the path names the target");
 

@@ -147,6 +147,7 @@ fn api(mesh: Arc<dyn Mesh>, config: GatewayConfig) -> (axum::Router, utoipa::ope
         .routes(routes!(openapi::serve))
         .split_for_parts();
     document.merge(<crate::queues::QueueDocs as utoipa::OpenApi>::openapi());
+    document.merge(<traces::TraceDocs as utoipa::OpenApi>::openapi());
     openapi::finish(&mut document);
     let serialized = serde_json::to_vec(&document).unwrap_or_default();
     let _ = gateway.openapi.set(Bytes::from(serialized));

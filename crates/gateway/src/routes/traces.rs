@@ -10,7 +10,7 @@ use axum::{
     response::Response,
 };
 use serde::Serialize;
-use utoipa::ToSchema;
+use utoipa::{OpenApi, ToSchema};
 
 use super::{
     Gateway,
@@ -34,6 +34,11 @@ pub(crate) struct Trace {
     #[schema(no_recursion)]
     roots: Vec<TraceHop>,
 }
+
+/// The schemas a trace nests (a recursive one is not collected from the route).
+#[derive(OpenApi)]
+#[openapi(components(schemas(TraceHop)))]
+pub(crate) struct TraceDocs;
 
 /// One hop and the hops it caused.
 #[derive(Debug, Serialize, ToSchema)]
@@ -110,6 +115,7 @@ fn convert(node: TraceNode, origin: f64) -> TraceHop {
 #[utoipa::path(
     get,
     path = "/v1/traces/{correlation_id}",
+    operation_id = "get_trace",
     tag = "traces",
     params(
         ("correlation_id" = String, Path, description = "The chain's correlation id (`x-correlation-id`)"),
@@ -118,7 +124,7 @@ fn convert(node: TraceNode, origin: f64) -> TraceHop {
     responses(
         (status = 200, description = "The chain as a tree of hops", body = Trace),
         (status = 404, description = "No hop recorded under this id (or aged out)", body = ErrorBody),
-        (status = 412, description = "The journal is off on this node", body = ErrorBody),
+        (status = 400, description = "The journal is off on this node (FAILED_PRECONDITION)", body = ErrorBody),
     )
 )]
 pub(crate) async fn get(
