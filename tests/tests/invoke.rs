@@ -87,6 +87,33 @@ async fn register_lookup_invoke_echoes_correlation_id() {
     node.stop().await;
 }
 
+/// An agent's replies are not held back by Nagle's algorithm: with TCP_NODELAY off on the
+/// agent's side, each call at one in flight waits out the caller's delayed ACK (about 40 ms).
+#[tokio::test]
+async fn sequential_calls_do_not_wait_for_delayed_acks() {
+    let node = TestNode::start().await;
+    let agent = start_agent(&node, card("echo"), Echo).await;
+    let mut client = AgentServiceClient::new(node.channel().await);
+    let call = || InvokeRequest {
+        envelope: Some(Envelope::json("echo.request", json!({"n": 1})).to("echo")),
+    };
+    client.invoke(call()).await.unwrap();
+
+    let calls = 40;
+    let started = std::time::Instant::now();
+    for _ in 0..calls {
+        client.invoke(call()).await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    // 40 stalls of 40 ms would take 1.6 s; a healthy debug build takes a few ms per call.
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "{calls} sequential calls took {elapsed:?}"
+    );
+    agent.shutdown().await;
+    node.stop().await;
+}
+
 #[tokio::test]
 async fn unknown_target_is_not_found_and_names_it() {
     let node = TestNode::start().await;
