@@ -166,7 +166,7 @@ impl AgentService for PassThrough {
 
 /// `unary_hop proxy AGENT`: the pass-through proxy in front of the agent.
 async fn serve_proxy(agent: &str) {
-    // The same channel settings as the node's pool to agents.
+    // One connection for every call, with TCP_NODELAY, like the node's pool to agents.
     let channel = Endpoint::from_shared(format!("http://{agent}"))
         .expect("agent address")
         .tcp_nodelay(true)
