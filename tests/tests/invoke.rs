@@ -87,6 +87,44 @@ async fn register_lookup_invoke_echoes_correlation_id() {
     node.stop().await;
 }
 
+/// An agent's replies are not held back by Nagle's algorithm: with TCP_NODELAY off on the
+/// agent's side, each call at one in flight waits out the caller's delayed ACK (about 40 ms).
+#[tokio::test]
+async fn sequential_calls_do_not_wait_for_delayed_acks() {
+    let node = TestNode::start().await;
+    let agent = start_agent(&node, card("echo"), Echo).await;
+    // 256 bytes, as in the unary_hop bench: a tiny payload may not show the stall.
+    let text = "x".repeat(256);
+    let call = || InvokeRequest {
+        envelope: Some(Envelope::json("echo.request", json!({ "text": text })).to("echo")),
+    };
+    let direct = tonic::transport::Endpoint::from_shared(agent.card().endpoint.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    for (path, channel) in [
+        ("direct", direct),
+        ("through the node", node.channel().await),
+    ] {
+        let mut client = AgentServiceClient::new(channel);
+        client.invoke(call()).await.unwrap();
+        let calls = 40;
+        let started = std::time::Instant::now();
+        for _ in 0..calls {
+            client.invoke(call()).await.unwrap();
+        }
+        let elapsed = started.elapsed();
+        // 40 stalls of 40 ms would take 1.6 s; a healthy debug build takes a few ms per call.
+        assert!(
+            elapsed < Duration::from_secs(1),
+            "{calls} sequential calls {path} took {elapsed:?}"
+        );
+    }
+    agent.shutdown().await;
+    node.stop().await;
+}
+
 #[tokio::test]
 async fn unknown_target_is_not_found_and_names_it() {
     let node = TestNode::start().await;
