@@ -1,11 +1,13 @@
-//! Unary hop cost: what one routed `AgentService.Invoke` costs. Four paths to the same echo
+//! Unary hop cost: what one routed `AgentService.Invoke` costs. Four (or five) paths to the same echo
 //! agent process (256-byte payload), measured in one run:
 //!
 //! - direct: client → agent;
 //! - proxy: client → a bare tonic pass-through proxy (forwards `Invoke` on one pooled
 //!   channel; no routing, no deadlines) → agent;
 //! - node: client → `agentmesh serve` → agent;
-//! - node, journal off: the same with `--set trace.journal=false`.
+//! - node, journal off: the same with `--set trace.journal=false`;
+//! - node, Redis registry (with `AGENTMESH_TEST_REDIS` set): a node whose registry, journal
+//!   and queue are in Redis; routing reads the registry from its local cache.
 //!
 //! Each path gets p50/p99 latency at one call in flight (after a warm-up) and req/s at 64 in
 //! flight for a fixed time, with the CPU the hop (node or proxy) and the agent spent per 1k
@@ -509,11 +511,25 @@ fn main() {
             &data.path().join("off"),
             &["--set", "trace.journal=false"],
         );
-        let (agent, agent_address) = start_child(
-            pinning,
-            "agent",
-            &["agent", node_address.as_str(), quiet_address.as_str()],
-        );
+        // With a Redis, one more node keeps its registry there (cached locally, fed by the
+        // change channel): routing should cost what it costs with the in-memory registry.
+        let redis_url = std::env::var("AGENTMESH_TEST_REDIS").ok();
+        let prefix = format!("bench-unary-{}", std::process::id());
+        let shared = redis_url.as_ref().map(|url| {
+            let prefix_setting = format!("store.key_prefix={prefix}");
+            start_node(
+                pinning,
+                "node (registry on Redis)",
+                &data.path().join("redis"),
+                &["--store", url, "--set", &prefix_setting],
+            )
+        });
+        let mut agent_args = vec!["agent", node_address.as_str(), quiet_address.as_str()];
+        if let Some((_, address)) = &shared {
+            wait_ready(address).await;
+            agent_args.push(address.as_str());
+        }
+        let (agent, agent_address) = start_child(pinning, "agent", &agent_args);
         let (proxy, proxy_address) =
             start_child(pinning, "proxy", &["proxy", agent_address.as_str()]);
         for address in [&node_address, &quiet_address, &proxy_address] {
@@ -532,12 +548,15 @@ fn main() {
                 "NOT PINNED (taskset missing or refused): all processes share every core"
             }
         );
-        let paths = [
+        let mut paths = vec![
             ("direct", &agent_address, None),
             ("proxy (tonic)", &proxy_address, Some(proxy.pid())),
             ("node", &node_address, Some(node.pid())),
             ("node, journal off", &quiet_address, Some(quiet.pid())),
         ];
+        if let Some((process, address)) = &shared {
+            paths.push(("node, Redis registry", address, Some(process.pid())));
+        }
         let mut rows = Vec::new();
         for (name, address, hop) in paths {
             rows.push((name, measure(address, hop, agent.pid(), s).await));
@@ -561,6 +580,25 @@ fn main() {
             micros(node_row.p50) / micros(quiet_row.p50),
             node_row.rate / quiet_row.rate
         );
-        drop((proxy, agent, quiet, node));
+        if let Some(shared_row) = rows.get(4).map(|r| r.1) {
+            println!(
+                "Redis registry / in-memory registry: p50 {:.2}, req/s {:.2} (target: no more cost)",
+                micros(shared_row.p50) / micros(node_row.p50),
+                shared_row.rate / node_row.rate
+            );
+        }
+        drop((proxy, agent, quiet, node, shared));
+        if let Some(url) = redis_url {
+            // The shared node's keys (its agent's card, the roster, the journal).
+            if let Ok(mut con) = redis::Client::open(url.as_str()).and_then(|c| c.get_connection()) {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(format!("{prefix}:*"))
+                    .query(&mut con)
+                    .unwrap_or_default();
+                for key in keys {
+                    let _: Result<(), _> = redis::cmd("DEL").arg(key).query(&mut con);
+                }
+            }
+        }
     });
 }
