@@ -70,6 +70,8 @@ impl Router {
         };
         envelope.target.clear();
         envelope.fill_from(&call);
+        agentmesh_proto::limits::check_envelope(&envelope)
+            .map_err(|refusal| MeshError::InvalidArgument(refusal.message))?;
         let began = (Instant::now(), SystemTime::now());
         let targets: Vec<String> = destinations.iter().map(|(t, _)| t.clone()).collect();
         // The fan-out's span is the parent of every target's hop.

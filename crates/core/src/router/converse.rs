@@ -10,7 +10,9 @@ use agentmesh_proto::{
 use futures::StreamExt;
 use tonic::{Request, Status};
 
-use super::{Route, Router, Style, agent_failure, hop_metadata, hop_name, retry::hop_budget};
+use super::{
+    Route, Router, Style, agent_failure, check_forwarded, hop_metadata, hop_name, retry::hop_budget,
+};
 use crate::{api::EventStream, error::MeshError, journal::hop_of, telemetry::HopSpan};
 
 impl Router {
@@ -52,6 +54,7 @@ impl Router {
             .into());
         }
         probe.fill_from(&call);
+        check_forwarded(&probe)?;
         let Route {
             instance,
             mut client,

@@ -338,6 +338,7 @@ impl Router {
     ) -> Result<Envelope, Status> {
         require_target(&envelope)?;
         envelope.fill_from(&call);
+        check_forwarded(&envelope)?;
         let lead = if envelope.idempotency_key.is_empty() {
             None
         } else {
@@ -413,6 +414,13 @@ fn require_target(envelope: &Envelope) -> Result<(), MeshError> {
         ));
     }
     Ok(())
+}
+
+/// Refuses an envelope whose forwarded fields break the caller limits, before it is routed:
+/// an agent would refuse it as a whole, and that must not count against the agent.
+fn check_forwarded(envelope: &Envelope) -> Result<(), MeshError> {
+    agentmesh_proto::limits::check_envelope(envelope)
+        .map_err(|refusal| MeshError::InvalidArgument(refusal.message))
 }
 
 fn hop_name(instance: &Instance) -> String {

@@ -10,7 +10,7 @@ use agentmesh_proto::{
     CallContext, Deadline,
     v1::{Envelope, agent_service_client::AgentServiceClient},
 };
-use agentmesh_resilience::{Backoff, is_destination_failure};
+use agentmesh_resilience::{Backoff, counts_against_destination, request_rejection};
 use tonic::{Code, Request, Status, metadata::MetadataMap, transport::Channel};
 use tonic_types::StatusExt;
 
@@ -169,7 +169,7 @@ impl Router {
         };
         instance.breaker.record(match &outcome {
             Ok(_) => true,
-            Err(status) => !is_destination_failure(status.code()),
+            Err(status) => !counts_against_destination(status),
         });
         record(outcome.as_ref().map(|_| ()), started.elapsed());
         Ok(Attempt {
@@ -221,8 +221,9 @@ fn deadline_at(hop: &str, budget: Duration) -> MeshError {
 }
 
 /// Maps an agent's failure to what the caller should see: our deadline if it
-/// ran out, a clear UNAVAILABLE if the agent could not be reached, and the
-/// agent's own status otherwise.
+/// ran out, a clear UNAVAILABLE if the agent could not be reached, INVALID_ARGUMENT
+/// if the agent's transport refused the request itself (the caller's failure, which
+/// must not count against the agent), and the agent's own status otherwise.
 pub fn agent_failure(
     status: Status,
     hop: &str,
@@ -234,6 +235,18 @@ pub fn agent_failure(
         elapsed >= budget && matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded);
     if timed_out {
         return deadline_at(hop, budget).into();
+    }
+    if let Some(http) = request_rejection(&status) {
+        let reason = match http {
+            413 => "its body is too large",
+            414 => "its path is too long",
+            431 => "its headers are too large",
+            _ => "it is malformed",
+        };
+        return MeshError::InvalidArgument(format!(
+            "{hop} refused the request (HTTP {http}): {reason}; the request must change, the agent is not at fault"
+        ))
+        .into();
     }
     if status.code() == Code::Unavailable && is_transport_error(&status) {
         return MeshError::Unavailable(format!(

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use tonic::{Status, Streaming};
 
 use super::retry::Attempt;
-use super::{Route, Router, Style, require_target};
+use super::{Route, Router, Style, check_forwarded, require_target};
 use crate::{api::EventStream, error::MeshError};
 
 impl Router {
@@ -32,6 +32,7 @@ impl Router {
             .ok_or_else(|| MeshError::InvalidArgument("envelope is required".into()))?;
         require_target(&envelope)?;
         envelope.fill_from(&call);
+        check_forwarded(&envelope)?;
         // A stream is retried only until it has opened: before its first event.
         let Attempt {
             value: response,
