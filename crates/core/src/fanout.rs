@@ -102,7 +102,7 @@ impl Router {
                 let started = Instant::now();
                 let route = match instance {
                     Some(instance) => router.route_to(instance),
-                    None => router.route(&sent, &[]),
+                    None => router.route(&sent, &[], crate::registry::CallKind::Unary),
                 };
                 let outcome = match route {
                     Ok(route) => {

@@ -18,7 +18,7 @@ use super::{Route, Router, Style, hop_metadata, hop_name};
 use crate::{
     error::MeshError,
     journal::hop_of,
-    registry::{InFlightGuard, Instance},
+    registry::{CallKind, InFlightGuard, Instance},
     telemetry::HopSpan,
 };
 
@@ -47,26 +47,31 @@ impl Router {
         &self,
         call: &CallContext,
         envelope: &Envelope,
+        kind: CallKind,
         mut attempt: F,
     ) -> Result<T, Status>
     where
         F: FnMut(Route, Envelope) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        let _slot = self.slots.try_acquire().map_err(|_| {
-            self.metrics.shed();
-            MeshError::ResourceExhausted(format!(
-                "the node has {} calls in flight; retry later",
-                self.config.max_in_flight
-            ))
-        })?;
+        // A long-lived call holds its node-wide place for its whole life (taken by its caller).
+        let _slot = match kind {
+            CallKind::Unary => Some(self.slots.try_acquire().map_err(|_| {
+                self.metrics.shed();
+                MeshError::ResourceExhausted(format!(
+                    "the node has {} unary calls in flight (router.max_in_flight); retry later",
+                    self.config.max_in_flight
+                ))
+            })?),
+            CallKind::LongLived => None,
+        };
         self.budget.deposit();
         let retry = &self.config.retry;
         let mut backoff = Backoff::new(retry.initial_backoff, retry.max_backoff);
         let mut tried = Vec::new();
         let mut number = envelope.attempt.max(1);
         loop {
-            let route = self.route(envelope, &tried)?;
+            let route = self.route(envelope, &tried, kind)?;
             let safe = !envelope.idempotency_key.is_empty()
                 || route.instance.idempotent_for(&envelope.target);
             tried.push(route.instance.card.instance_id.clone());
@@ -154,7 +159,10 @@ impl Router {
                 return Err(status);
             }
         };
-        let in_flight = instance.start_call();
+        let in_flight = instance.start(match style {
+            Style::Unary => CallKind::Unary,
+            _ => CallKind::LongLived,
+        });
         let started = Instant::now();
         let outcome = match tokio::time::timeout(budget, send(client, request)).await {
             Err(_) => Err(deadline_at(&hop, budget).into()),
