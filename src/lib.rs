@@ -12,6 +12,7 @@
 //! - [`envelope`]: filling an envelope from a context, answering one, its metadata, and
 //!   [`v1::ErrorStatus`] from a `tonic::Status`;
 //! - [`metadata`]: the names of the headers that carry them;
+//! - [`limits`]: how long those headers and an envelope's ids, key and headers may be;
 //! - [`names`]: the rule for agent, skill and queue names;
 //! - [`codec`]: the gRPC codec that reports undecodable messages as `INVALID_ARGUMENT`.
 
@@ -19,6 +20,7 @@ pub mod codec;
 pub mod context;
 pub mod envelope;
 pub mod json;
+pub mod limits;
 pub mod metadata;
 pub mod names;
 mod payload;

@@ -35,9 +35,12 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 }
 
 /// Whether a caller-supplied correlation id is acceptable as-is (printable
-/// ASCII, at most 128 bytes); others are replaced by a fresh id.
+/// ASCII, at most [`crate::limits::MAX_ID_BYTES`]); others are replaced by a fresh id (the edge
+/// refuses longer ones before that).
 pub fn is_valid_correlation_id(value: &str) -> bool {
-    !value.is_empty() && value.len() <= 128 && value.bytes().all(|b| b.is_ascii_graphic())
+    !value.is_empty()
+        && value.len() <= crate::limits::MAX_ID_BYTES
+        && value.bytes().all(|b| b.is_ascii_graphic())
 }
 
 #[cfg(test)]

@@ -70,6 +70,8 @@ impl Router {
         };
         envelope.target.clear();
         envelope.fill_from(&call);
+        agentmesh_proto::limits::check_envelope(&envelope)
+            .map_err(|refusal| MeshError::InvalidArgument(refusal.message))?;
         let began = (Instant::now(), SystemTime::now());
         let targets: Vec<String> = destinations.iter().map(|(t, _)| t.clone()).collect();
         // The fan-out's span is the parent of every target's hop.
@@ -100,7 +102,7 @@ impl Router {
                 let started = Instant::now();
                 let route = match instance {
                     Some(instance) => router.route_to(instance),
-                    None => router.route(&sent, &[]),
+                    None => router.route(&sent, &[], crate::registry::CallKind::Unary),
                 };
                 let outcome = match route {
                     Ok(route) => {

@@ -58,8 +58,11 @@ impl Default for LeaseConfig {
 pub struct Instance {
     /// The card the instance registered with (instance id filled in).
     pub card: AgentCard,
-    /// Calls currently routed to this instance.
+    /// Calls currently routed to this instance, unary and long-lived together.
     pub in_flight: AtomicU32,
+    /// Of those, the long-lived ones: server streams and conversations, bounded apart from
+    /// unary calls so that idle streams cannot use up the room of short calls.
+    pub long_lived: AtomicU32,
     /// The node's circuit breaker for this instance.
     pub breaker: CircuitBreaker,
     lease_id: String,
@@ -77,6 +80,7 @@ impl Instance {
         Self {
             card,
             in_flight: AtomicU32::new(0),
+            long_lived: AtomicU32::new(0),
             breaker: CircuitBreaker::new(breaker.clone()),
             lease_id,
             registered_at,
@@ -127,10 +131,30 @@ impl Instance {
         }
     }
 
-    /// Counts a call as in flight until the returned guard is dropped.
+    /// Counts a unary call as in flight until the returned guard is dropped.
     pub fn start_call(self: &Arc<Self>) -> InFlightGuard {
+        self.start(CallKind::Unary)
+    }
+
+    /// Counts a call of `kind` as in flight until the returned guard is dropped.
+    pub fn start(self: &Arc<Self>, kind: CallKind) -> InFlightGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlightGuard(Arc::clone(self))
+        if kind == CallKind::LongLived {
+            self.long_lived.fetch_add(1, Ordering::Relaxed);
+        }
+        InFlightGuard(Arc::clone(self), kind)
+    }
+
+    /// Calls of `kind` in flight to this instance.
+    pub fn in_flight_of(&self, kind: CallKind) -> u32 {
+        let long_lived = self.long_lived.load(Ordering::Relaxed);
+        match kind {
+            CallKind::LongLived => long_lived,
+            CallKind::Unary => self
+                .in_flight
+                .load(Ordering::Relaxed)
+                .saturating_sub(long_lived),
+        }
     }
 
     /// Whether the instance accepts a payload of `type` at `version`.
@@ -161,12 +185,24 @@ impl Instance {
     }
 }
 
-/// Decrements an instance's in-flight count when dropped.
+/// What a call holds on to while it runs, for the bounds on calls in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallKind {
+    /// A request and its reply (`Invoke`, a fan-out target).
+    Unary,
+    /// A server stream or a conversation, open as long as its caller keeps it.
+    LongLived,
+}
+
+/// Decrements an instance's in-flight counts when dropped.
 #[derive(Debug)]
-pub struct InFlightGuard(Arc<Instance>);
+pub struct InFlightGuard(Arc<Instance>, CallKind);
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
+        if self.1 == CallKind::LongLived {
+            self.0.long_lived.fetch_sub(1, Ordering::Relaxed);
+        }
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -234,8 +234,14 @@ impl NodeConfig {
         if self.leases.min_ttl > self.leases.max_ttl {
             return Err("leases.min_ttl must not exceed leases.max_ttl".into());
         }
-        if self.replay.window == 0 || self.router.max_in_flight == 0 {
-            return Err("replay.window and router.max_in_flight must be positive".into());
+        if self.replay.window == 0
+            || self.router.max_in_flight == 0
+            || self.router.max_long_lived == 0
+        {
+            return Err(
+                "replay.window, router.max_in_flight and router.max_long_lived must be positive"
+                    .into(),
+            );
         }
         // The store checks its policy when it opens; checking here names the key at load time.
         let backend = &self.queue.backend;

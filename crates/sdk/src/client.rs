@@ -2,7 +2,7 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use agentmesh_resilience::{BreakerConfig, CircuitBreaker, is_destination_failure};
+use agentmesh_resilience::{BreakerConfig, CircuitBreaker, counts_against_destination};
 use parking_lot::Mutex;
 
 use agentmesh_proto::v1::{
@@ -170,7 +170,7 @@ impl MeshClient {
         if let Some(breaker) = breaker {
             breaker.record(match &result {
                 Ok(_) => true,
-                Err(status) => !is_destination_failure(status.code()),
+                Err(status) => !counts_against_destination(status),
             });
         }
         result

@@ -90,6 +90,8 @@ impl Queues {
         }
         envelope.fill_identity(call);
         envelope.attempt = 0;
+        // Its fields travel as headers to whoever consumes it: the same limits as a call's.
+        agentmesh_proto::limits::check_envelope(&envelope).map_err(|refusal| refusal.message)?;
         let size = envelope.encoded_len();
         if size > MAX_BODY_BYTES {
             return Err(format!(

@@ -10,8 +10,12 @@ use agentmesh_proto::{
 use futures::StreamExt;
 use tonic::{Request, Status};
 
-use super::{Route, Router, Style, agent_failure, hop_metadata, hop_name, retry::hop_budget};
-use crate::{api::EventStream, error::MeshError, journal::hop_of, telemetry::HopSpan};
+use super::{
+    Route, Router, Style, agent_failure, check_forwarded, hop_metadata, hop_name, retry::hop_budget,
+};
+use crate::{
+    api::EventStream, error::MeshError, journal::hop_of, registry::CallKind, telemetry::HopSpan,
+};
 
 impl Router {
     /// A conversation through the mesh. The target comes from the first
@@ -52,10 +56,12 @@ impl Router {
             .into());
         }
         probe.fill_from(&call);
+        check_forwarded(&probe)?;
+        let slot = self.long_lived_slot()?;
         let Route {
             instance,
             mut client,
-        } = self.route(&probe, &[])?;
+        } = self.route(&probe, &[], CallKind::LongLived)?;
         let hop = hop_name(&instance);
         let span = HopSpan::open(
             &probe.traceparent,
@@ -103,7 +109,7 @@ impl Router {
         if call.deadline.explicit {
             request.set_timeout(hop_budget(&call.deadline, self.config.hop_margin, &hop)?);
         }
-        let in_flight = instance.start_call();
+        let in_flight = instance.start(CallKind::LongLived);
         let started = Instant::now();
         let began = SystemTime::now();
         let budget = call.deadline.remaining();
@@ -137,7 +143,7 @@ impl Router {
         }
         let response = opened?;
         Ok(async_stream::stream! {
-            let _in_flight = in_flight;
+            let _in_flight = (in_flight, slot);
             let mut response = response;
             let mut caller_ok = true;
             loop {

@@ -42,7 +42,7 @@ use crate::{
     error::MeshError,
     idempotency::{Claim, IdempotencyCache, IdempotencyStore},
     journal::{JournalConfig, MemoryJournal, TraceJournal},
-    registry::{AgentRegistry, Instance},
+    registry::{AgentRegistry, CallKind, Instance},
     replay::{ReplayConfig, ReplayStore, StreamHub},
 };
 use pool::ChannelPool;
@@ -63,10 +63,14 @@ pub struct RouterConfig {
     pub connect_timeout: Duration,
     /// Retries of failed calls.
     pub retry: RetryConfig,
-    /// Most calls in flight to one instance; busier instances are skipped.
+    /// Most unary calls in flight to one instance; busier instances are skipped.
     pub max_in_flight_per_instance: u32,
-    /// Most calls in flight through the node; beyond it calls are shed.
+    /// Most unary calls in flight through the node; beyond it calls are shed.
     pub max_in_flight: usize,
+    /// Most streams and conversations open to one instance, apart from unary calls.
+    pub max_long_lived_per_instance: u32,
+    /// Most streams and conversations open through the node; beyond it they are refused.
+    pub max_long_lived: usize,
     /// How long a response is remembered by idempotency key.
     #[serde(with = "humantime_serde")]
     pub idempotency_window: Duration,
@@ -83,6 +87,8 @@ impl Default for RouterConfig {
             retry: RetryConfig::default(),
             max_in_flight_per_instance: 256,
             max_in_flight: 10_000,
+            max_long_lived_per_instance: 1024,
+            max_long_lived: 10_000,
             idempotency_window: Duration::from_secs(600),
             idempotency_capacity: 100_000,
         }
@@ -127,6 +133,7 @@ pub struct Router {
     streams: Arc<dyn ReplayStore>,
     budget: Arc<RetryBudget>,
     slots: Arc<Semaphore>,
+    long_lived_slots: Arc<Semaphore>,
     idempotency: Arc<dyn IdempotencyStore>,
     metrics: Arc<RouterMetrics>,
     journal: Arc<dyn TraceJournal>,
@@ -173,6 +180,7 @@ impl Router {
                 config.retry.budget_min_per_second,
             )),
             slots: Arc::new(Semaphore::new(config.max_in_flight)),
+            long_lived_slots: Arc::new(Semaphore::new(config.max_long_lived)),
             idempotency,
             metrics: Arc::default(),
             journal: Arc::new(MemoryJournal::new(JournalConfig::default(), "")),
@@ -270,15 +278,23 @@ impl Router {
     }
 
     /// Picks the least-loaded compatible instance whose breaker is closed (or
-    /// due for a probe) and that has room for another call, preferring
+    /// due for a probe) and that has room for another call of `kind`, preferring
     /// instances not in `tried`.
-    pub fn route(&self, envelope: &Envelope, tried: &[String]) -> Result<Route, MeshError> {
+    pub fn route(
+        &self,
+        envelope: &Envelope,
+        tried: &[String],
+        kind: CallKind,
+    ) -> Result<Route, MeshError> {
         let compatible = self.compatible(envelope)?;
-        let limit = self.config.max_in_flight_per_instance;
+        let limit = match kind {
+            CallKind::Unary => self.config.max_in_flight_per_instance,
+            CallKind::LongLived => self.config.max_long_lived_per_instance,
+        };
         let load = |i: &Arc<Instance>| i.in_flight.load(std::sync::atomic::Ordering::Relaxed);
         let usable: Vec<&Arc<Instance>> = compatible
             .iter()
-            .filter(|i| i.breaker.would_allow() && load(i) < limit)
+            .filter(|i| i.breaker.would_allow() && i.in_flight_of(kind) < limit)
             .collect();
         if usable.is_empty() {
             let all_open = compatible.iter().all(|i| !i.breaker.would_allow());
@@ -294,8 +310,14 @@ impl Router {
                     retry_after: probe_in,
                 });
             }
+            let bound = match kind {
+                CallKind::Unary => "unary calls in flight (router.max_in_flight_per_instance)",
+                CallKind::LongLived => {
+                    "streams and conversations open (router.max_long_lived_per_instance)"
+                }
+            };
             return Err(MeshError::ResourceExhausted(format!(
-                "every instance of '{}' has {limit} calls in flight; retry later",
+                "every instance of '{}' has {limit} {bound}; retry later",
                 envelope.target
             )));
         }
@@ -338,6 +360,7 @@ impl Router {
     ) -> Result<Envelope, Status> {
         require_target(&envelope)?;
         envelope.fill_from(&call);
+        check_forwarded(&envelope)?;
         let lead = if envelope.idempotency_key.is_empty() {
             None
         } else {
@@ -348,7 +371,7 @@ impl Router {
             }
         };
         let outcome = self
-            .with_retries(&call, &envelope, |route, sent| {
+            .with_retries(&call, &envelope, CallKind::Unary, |route, sent| {
                 self.call_instance(&call, sent, route)
             })
             .await;
@@ -406,6 +429,21 @@ impl Router {
     }
 }
 
+impl Router {
+    /// A place among the node's streams and conversations, held for as long as one is open.
+    fn long_lived_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, MeshError> {
+        Arc::clone(&self.long_lived_slots)
+            .try_acquire_owned()
+            .map_err(|_| {
+                self.metrics.shed();
+                MeshError::ResourceExhausted(format!(
+                    "the node has {} streams and conversations open (router.max_long_lived); retry later",
+                    self.config.max_long_lived
+                ))
+            })
+    }
+}
+
 fn require_target(envelope: &Envelope) -> Result<(), MeshError> {
     if envelope.target.is_empty() {
         return Err(MeshError::InvalidArgument(
@@ -413,6 +451,13 @@ fn require_target(envelope: &Envelope) -> Result<(), MeshError> {
         ));
     }
     Ok(())
+}
+
+/// Refuses an envelope whose forwarded fields break the caller limits, before it is routed:
+/// an agent would refuse it as a whole, and that must not count against the agent.
+fn check_forwarded(envelope: &Envelope) -> Result<(), MeshError> {
+    agentmesh_proto::limits::check_envelope(envelope)
+        .map_err(|refusal| MeshError::InvalidArgument(refusal.message))
 }
 
 fn hop_name(instance: &Instance) -> String {

@@ -10,7 +10,7 @@ use agentmesh_proto::{
     CallContext, Deadline,
     v1::{Envelope, agent_service_client::AgentServiceClient},
 };
-use agentmesh_resilience::{Backoff, is_destination_failure};
+use agentmesh_resilience::{Backoff, counts_against_destination, request_rejection};
 use tonic::{Code, Request, Status, metadata::MetadataMap, transport::Channel};
 use tonic_types::StatusExt;
 
@@ -18,7 +18,7 @@ use super::{Route, Router, Style, hop_metadata, hop_name};
 use crate::{
     error::MeshError,
     journal::hop_of,
-    registry::{InFlightGuard, Instance},
+    registry::{CallKind, InFlightGuard, Instance},
     telemetry::HopSpan,
 };
 
@@ -47,26 +47,31 @@ impl Router {
         &self,
         call: &CallContext,
         envelope: &Envelope,
+        kind: CallKind,
         mut attempt: F,
     ) -> Result<T, Status>
     where
         F: FnMut(Route, Envelope) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        let _slot = self.slots.try_acquire().map_err(|_| {
-            self.metrics.shed();
-            MeshError::ResourceExhausted(format!(
-                "the node has {} calls in flight; retry later",
-                self.config.max_in_flight
-            ))
-        })?;
+        // A long-lived call holds its node-wide place for its whole life (taken by its caller).
+        let _slot = match kind {
+            CallKind::Unary => Some(self.slots.try_acquire().map_err(|_| {
+                self.metrics.shed();
+                MeshError::ResourceExhausted(format!(
+                    "the node has {} unary calls in flight (router.max_in_flight); retry later",
+                    self.config.max_in_flight
+                ))
+            })?),
+            CallKind::LongLived => None,
+        };
         self.budget.deposit();
         let retry = &self.config.retry;
         let mut backoff = Backoff::new(retry.initial_backoff, retry.max_backoff);
         let mut tried = Vec::new();
         let mut number = envelope.attempt.max(1);
         loop {
-            let route = self.route(envelope, &tried)?;
+            let route = self.route(envelope, &tried, kind)?;
             let safe = !envelope.idempotency_key.is_empty()
                 || route.instance.idempotent_for(&envelope.target);
             tried.push(route.instance.card.instance_id.clone());
@@ -154,7 +159,10 @@ impl Router {
                 return Err(status);
             }
         };
-        let in_flight = instance.start_call();
+        let in_flight = instance.start(match style {
+            Style::Unary => CallKind::Unary,
+            _ => CallKind::LongLived,
+        });
         let started = Instant::now();
         let outcome = match tokio::time::timeout(budget, send(client, request)).await {
             Err(_) => Err(deadline_at(&hop, budget).into()),
@@ -169,7 +177,7 @@ impl Router {
         };
         instance.breaker.record(match &outcome {
             Ok(_) => true,
-            Err(status) => !is_destination_failure(status.code()),
+            Err(status) => !counts_against_destination(status),
         });
         record(outcome.as_ref().map(|_| ()), started.elapsed());
         Ok(Attempt {
@@ -221,8 +229,9 @@ fn deadline_at(hop: &str, budget: Duration) -> MeshError {
 }
 
 /// Maps an agent's failure to what the caller should see: our deadline if it
-/// ran out, a clear UNAVAILABLE if the agent could not be reached, and the
-/// agent's own status otherwise.
+/// ran out, a clear UNAVAILABLE if the agent could not be reached, INVALID_ARGUMENT
+/// if the agent's transport refused the request itself (the caller's failure, which
+/// must not count against the agent), and the agent's own status otherwise.
 pub fn agent_failure(
     status: Status,
     hop: &str,
@@ -234,6 +243,18 @@ pub fn agent_failure(
         elapsed >= budget && matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded);
     if timed_out {
         return deadline_at(hop, budget).into();
+    }
+    if let Some(http) = request_rejection(&status) {
+        let reason = match http {
+            413 => "its body is too large",
+            414 => "its path is too long",
+            431 => "its headers are too large",
+            _ => "it is malformed",
+        };
+        return MeshError::InvalidArgument(format!(
+            "{hop} refused the request (HTTP {http}): {reason}; the request must change, the agent is not at fault"
+        ))
+        .into();
     }
     if status.code() == Code::Unavailable && is_transport_error(&status) {
         return MeshError::Unavailable(format!(

@@ -11,8 +11,8 @@ use futures::StreamExt;
 use tonic::{Status, Streaming};
 
 use super::retry::Attempt;
-use super::{Route, Router, Style, require_target};
-use crate::{api::EventStream, error::MeshError};
+use super::{Route, Router, Style, check_forwarded, require_target};
+use crate::{api::EventStream, error::MeshError, registry::CallKind};
 
 impl Router {
     /// Server streaming through the mesh: a new resumable stream, or the
@@ -32,6 +32,8 @@ impl Router {
             .ok_or_else(|| MeshError::InvalidArgument("envelope is required".into()))?;
         require_target(&envelope)?;
         envelope.fill_from(&call);
+        check_forwarded(&envelope)?;
+        let slot = self.long_lived_slot()?;
         // A stream is retried only until it has opened: before its first event.
         let Attempt {
             value: response,
@@ -41,14 +43,14 @@ impl Router {
             hop,
             ..
         } = self
-            .with_retries(&call, &envelope, |route, sent| {
+            .with_retries(&call, &envelope, CallKind::LongLived, |route, sent| {
                 self.open_upstream(&call, route, sent)
             })
             .await?;
         let upstream = response
             .map(move |event| {
-                // The instance counts as busy for as long as its stream runs.
-                let _ = &in_flight;
+                // The instance and the node count the stream for as long as it runs.
+                let _ = (&in_flight, &slot);
                 event
             })
             .boxed();
