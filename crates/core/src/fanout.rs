@@ -181,7 +181,6 @@ impl Router {
         };
         span.finish(outcome.as_ref().map(|_| ()));
         if self.journal().enabled() {
-            envelope.payload = None;
             self.journal().record(hop_of(
                 &envelope,
                 targets.join(","),

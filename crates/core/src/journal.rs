@@ -73,7 +73,8 @@ pub trait TraceJournal: Send + Sync + std::fmt::Debug + 'static {
     async fn follow(&self, correlation_id: &str) -> Result<HopStream, MeshError>;
 }
 
-/// A hop of `envelope` to `to`, finished now; `outcome` is its status.
+/// A hop of `envelope` to `to`, finished now; `outcome` is its status. Only the envelope's
+/// ids and names are copied, never its payload.
 pub fn hop_of(
     envelope: &Envelope,
     to: impl Into<String>,
@@ -82,11 +83,7 @@ pub fn hop_of(
     duration: Duration,
     outcome: Result<(), &Status>,
 ) -> Hop {
-    let (code, message) = match outcome {
-        Ok(()) => (Code::Ok, String::new()),
-        Err(status) => (status.code(), status.message().to_owned()),
-    };
-    Hop {
+    let mut hop = Hop {
         correlation_id: envelope.correlation_id.clone(),
         envelope_id: envelope.id.clone(),
         causation_id: envelope.causation_id.clone(),
@@ -97,13 +94,23 @@ pub fn hop_of(
         },
         to: to.into(),
         style: style.to_owned(),
-        code: code_name(code).to_owned(),
-        message,
         started_at: Some(started_at.into()),
-        duration: prost_types::Duration::try_from(duration).ok(),
         attempt: envelope.attempt.max(1),
-        node: String::new(),
-    }
+        ..Default::default()
+    };
+    finish(&mut hop, duration, outcome);
+    hop
+}
+
+/// Sets how long `hop` took and how it ended.
+pub fn finish(hop: &mut Hop, duration: Duration, outcome: Result<(), &Status>) {
+    let (code, message) = match outcome {
+        Ok(()) => (Code::Ok, String::new()),
+        Err(status) => (status.code(), status.message().to_owned()),
+    };
+    hop.code = code_name(code).to_owned();
+    hop.message = message;
+    hop.duration = prost_types::Duration::try_from(duration).ok();
 }
 
 /// Records a registry lookup made under `correlation_id` that found `found` instances.

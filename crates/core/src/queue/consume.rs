@@ -121,11 +121,7 @@ impl Consumer {
             envelope.attempt = m.attempt;
             if self.journal.enabled() {
                 let mut hop = hop_of(
-                    &Envelope {
-                        payload: None,
-                        headers: Default::default(),
-                        ..envelope.clone()
-                    },
+                    &envelope,
                     self.consumer_id.to_string(),
                     "deliver",
                     wall_now,

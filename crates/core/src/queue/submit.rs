@@ -100,14 +100,8 @@ impl Queues {
         }
         if let Some(hops) = hops {
             // Its code is set once the backend has said what became of the message.
-            let sent = Envelope {
-                payload: None,
-                headers: Default::default(),
-                attempt: 1,
-                ..envelope.clone()
-            };
             hops.push(hop_of(
-                &sent,
+                &envelope,
                 format!("queue:{queue}"),
                 "submit",
                 SystemTime::now(),

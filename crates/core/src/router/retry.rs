@@ -17,7 +17,7 @@ use tonic_types::StatusExt;
 use super::{Route, Router, Style, hop_metadata, hop_name};
 use crate::{
     error::MeshError,
-    journal::hop_of,
+    journal::{finish, hop_of},
     registry::{CallKind, InFlightGuard, Instance},
     telemetry::HopSpan,
 };
@@ -125,19 +125,23 @@ impl Router {
             &envelope.correlation_id,
         );
         envelope.traceparent.clone_from(&span.traceparent);
-        // What the journal needs of the envelope, kept before it is sent (not its payload).
-        let journaled = self.journal.enabled().then(|| Envelope {
-            payload: None,
-            headers: Default::default(),
-            ..envelope.clone()
+        // The journal's hop, drawn up before the envelope is sent (its outcome set at the end).
+        let mut journaled = self.journal.enabled().then(|| {
+            let to = format!("{}/{}", instance.card.name, instance.card.instance_id);
+            hop_of(
+                &envelope,
+                to,
+                style.as_str(),
+                SystemTime::now(),
+                Duration::ZERO,
+                Ok(()),
+            )
         });
-        let began = SystemTime::now();
-        let record = |outcome: Result<(), &Status>, took: Duration| {
+        let mut record = |outcome: Result<(), &Status>, took: Duration| {
             span.finish(outcome);
-            if let Some(sent) = &journaled {
-                let to = format!("{}/{}", instance.card.name, instance.card.instance_id);
-                self.journal
-                    .record(hop_of(sent, to, style.as_str(), began, took, outcome));
+            if let Some(mut hop) = journaled.take() {
+                finish(&mut hop, took, outcome);
+                self.journal.record(hop);
             }
         };
         if let Err(open) = instance.breaker.try_acquire() {
