@@ -74,7 +74,7 @@ impl Router {
             let call = call.clone();
             move |mut request: ConverseRequest| {
                 if let Some(converse_request::Frame::Envelope(envelope)) = &mut request.frame {
-                    envelope.fill_from(&call);
+                    envelope.fill_frame(&call);
                 }
                 request
             }
