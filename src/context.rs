@@ -53,10 +53,23 @@ impl Deadline {
 }
 
 /// Who is calling, once authentication has established it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Principal {
     /// The authenticated identity (a token subject or certificate name).
     pub id: String,
+    /// Groups or roles the credentials grant (from the token's entry in the configuration, or
+    /// a JWT's `groups` / `roles` claims); policies may name them as `group:<name>`.
+    pub groups: Vec<String>,
+}
+
+impl Principal {
+    /// A principal without groups.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            groups: Vec::new(),
+        }
+    }
 }
 
 /// How the edge turns a caller's timeout into a deadline.
@@ -182,6 +195,19 @@ impl CallContext {
             crate::envelope::put(&mut metadata, TRACEPARENT, traceparent);
         }
         metadata
+    }
+
+    /// The principal the node stamped on a call it routed here (`x-agentmesh-principal`), for
+    /// an agent's handlers. Only the node sets that header on calls it forwards, overwriting
+    /// whatever its caller sent; an agent reachable other than through the node should not
+    /// trust it.
+    pub fn with_forwarded_principal(mut self, metadata: &tonic::metadata::MetadataMap) -> Self {
+        self.principal = metadata
+            .get(crate::metadata::PRINCIPAL)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .map(Principal::new);
+        self
     }
 
     /// The context the edge layer stored in a request's extensions.

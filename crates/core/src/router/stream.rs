@@ -31,6 +31,7 @@ impl Router {
             .envelope
             .ok_or_else(|| MeshError::InvalidArgument("envelope is required".into()))?;
         require_target(&envelope)?;
+        self.check_call(&call, &envelope.target)?;
         envelope.fill_from(&call);
         check_forwarded(&envelope)?;
         let slot = self.long_lived_slot()?;
