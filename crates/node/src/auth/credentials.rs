@@ -293,7 +293,7 @@ mod tests {
             ..Default::default()
         };
         let auth = Authenticator::new(&config).unwrap();
-        let key = EncodingKey::from_secret("k".repeat(32).as_bytes());
+        let key = EncodingKey::from_secret("k".repeat(32).as_bytes()).unwrap();
         let sign = |claims: serde_json::Value| {
             jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
         };
@@ -317,7 +317,7 @@ mod tests {
         let forged = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
             &serde_json::json!({"sub": "bob", "iss": "https://issuer", "aud": "agentmesh", "exp": now() + 60}),
-            &EncodingKey::from_secret(b"another secret of the same length!"),
+            &EncodingKey::from_secret(b"another secret of the same length!").unwrap(),
         )
         .unwrap();
         assert!(auth.authenticate(&forged).is_err());
