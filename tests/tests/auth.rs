@@ -462,6 +462,21 @@ async fn the_policy_allows_and_denies_calls_without_touching_the_breaker() {
     // Bob discovers nothing; alice sees both agents.
     assert!(bob.lookup(AgentFilter::default()).await.unwrap().is_empty());
     assert_eq!(alice.lookup(AgentFilter::default()).await.unwrap().len(), 2);
+    let metrics = http_client()
+        .get(format!("{}/metrics", node.http_url()))
+        .bearer_auth("alice-token")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let denied = metrics
+        .lines()
+        .find(|l| l.starts_with("agentmesh_auth_denied_total "))
+        .expect("denials are counted");
+    let denied: u64 = denied.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(denied >= 17, "{denied}");
     node.stop().await;
 }
 
@@ -777,6 +792,43 @@ async fn over_the_rate_callers_get_429_or_resource_exhausted_and_others_do_not()
             .any(|l| l == "agentmesh_rate_limited_total 2"),
         "{metrics}"
     );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn without_authentication_the_rate_limit_is_per_peer_address() {
+    let node = TestNode::start_with(NodeConfig {
+        rate_limit: RateLimitConfig {
+            per_second: 0.001,
+            burst: 2,
+            ..Default::default()
+        },
+        ..test_config()
+    })
+    .await;
+    let _echo = start_agent(&node, card("echo"), Echo).await;
+    // The agent's registration and heartbeats come from this address too: within a few
+    // calls the bucket of two is empty.
+    let mut refused = None;
+    for _ in 0..4 {
+        let response = http_invoke(&node, "echo", None).await;
+        if response.status() == 429 {
+            refused = Some(response);
+            break;
+        }
+        assert_eq!(response.status(), 200);
+    }
+    let response = refused.expect("the third call from one address is refused");
+    assert!(response.headers().contains_key("retry-after"));
+    expect_gateway_error(response, 429, "RESOURCE_EXHAUSTED").await;
+    // Health probes are never limited.
+    let health = http_client()
+        .get(format!("{}/healthz", node.http_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    drop(_echo);
     node.stop().await;
 }
 
