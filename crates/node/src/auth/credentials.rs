@@ -144,6 +144,7 @@ impl Authenticator {
         for key in candidates {
             let mut validation = Validation::new(key.algorithm);
             validation.leeway = self.validation.leeway;
+            validation.validate_nbf = true;
             validation.set_required_spec_claims(&["exp", "sub"]);
             if !self.validation.issuer.is_empty() {
                 validation.set_issuer(&[&self.validation.issuer]);

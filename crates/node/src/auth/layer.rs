@@ -194,6 +194,9 @@ impl Shared {
             }
         }
         if let Some(principal) = principal {
+            // In the call's context for the faces and the core, and on its own for any
+            // handler that only wants to know who is calling.
+            request.extensions_mut().insert(principal.clone());
             if let Some(ctx) = request.extensions_mut().get_mut::<CallContext>() {
                 ctx.principal = Some(principal);
             }
