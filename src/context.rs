@@ -72,6 +72,30 @@ impl Principal {
     }
 }
 
+/// The bearer token a caller authenticated with. Passed on only to other nodes of the mesh
+/// (a stream resumed through one node and served by another), never to agents; its `Debug`
+/// never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials(String);
+
+impl Credentials {
+    /// Wraps a bearer token.
+    pub fn bearer(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// The token.
+    pub fn token(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credentials(..)")
+    }
+}
+
 /// How the edge turns a caller's timeout into a deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeadlinePolicy {
@@ -104,6 +128,8 @@ pub struct CallContext {
     pub idempotency_key: Option<String>,
     /// The authenticated caller, when authentication is on.
     pub principal: Option<Principal>,
+    /// The credentials it authenticated with (see [`Credentials`]).
+    pub credentials: Option<Credentials>,
 }
 
 impl CallContext {
@@ -115,6 +141,7 @@ impl CallContext {
             traceparent: None,
             idempotency_key: None,
             principal: None,
+            credentials: None,
         }
     }
 
@@ -162,6 +189,7 @@ impl CallContext {
             traceparent: text(TRACEPARENT),
             idempotency_key: text(IDEMPOTENCY_KEY),
             principal: None,
+            credentials: None,
         }
     }
 
@@ -183,6 +211,7 @@ impl CallContext {
             traceparent: some(&envelope.traceparent),
             idempotency_key: some(&envelope.idempotency_key),
             principal: None,
+            credentials: None,
         }
     }
 

@@ -230,6 +230,34 @@ async fn leases_on_redis_belong_to_their_principal() {
         .invoke("echo", Envelope::json("t", json!({})))
         .await
         .unwrap();
+
+    // A stream opened through A and resumed through B: B forwards the caller's credentials
+    // to A, which authenticates and serves the resume.
+    let streamer = AgentRuntime::new(card("streamer"), Streamer)
+        .node(a.address.clone())
+        .token("agent-a-token")
+        .start()
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), streamer.registered(1))
+        .await
+        .expect("the streamer registers");
+    let through_a = a.client().with_token("agent-a-token").unwrap();
+    let mut events = through_a
+        .stream("streamer", Envelope::json("count", json!({ "n": 4 })))
+        .await
+        .unwrap();
+    let first = events.message().await.unwrap().unwrap();
+    drop(events);
+    let mut rest = owner
+        .resume(&first.stream_id, first.sequence)
+        .await
+        .expect("resume through B is forwarded to A with the caller's token");
+    let mut ended = false;
+    while let Some(event) = rest.message().await.unwrap() {
+        ended |= event.kind == StreamEventKind::Result as i32;
+    }
+    assert!(ended, "the resumed stream reaches its result");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -24,7 +24,11 @@ impl Router {
     ) -> Result<EventStream<StreamResponse>, Status> {
         if !request.resume_stream_id.is_empty() {
             return Ok(Arc::clone(&self.streams)
-                .resume(&request.resume_stream_id, request.resume_after_sequence)
+                .resume(
+                    &request.resume_stream_id,
+                    request.resume_after_sequence,
+                    call.credentials.as_ref(),
+                )
                 .await?);
         }
         let mut envelope = request

@@ -14,7 +14,7 @@ use std::{
 };
 
 use agentmesh_gateway::ApiError;
-use agentmesh_proto::{CallContext, ERROR_DOMAIN, metadata::AUTHORIZATION};
+use agentmesh_proto::{CallContext, Credentials, ERROR_DOMAIN, metadata::AUTHORIZATION};
 use axum::extract::ConnectInfo;
 use futures::future::BoxFuture;
 use http::{
@@ -162,7 +162,7 @@ impl Shared {
                     )
                 })?;
                 match authenticator.authenticate(&token) {
-                    Ok(principal) => Some(principal),
+                    Ok(principal) => Some((principal, token)),
                     Err(rejected) => {
                         let correlation_id = request
                             .extensions()
@@ -179,26 +179,27 @@ impl Shared {
         };
         if let Some(limiter) = &self.limiter {
             let key = match &principal {
-                Some(principal) => Some(format!("p:{}", principal.id)),
+                Some((principal, _)) => Some(format!("p:{}", principal.id)),
                 None => request
                     .extensions()
                     .get::<ConnectInfo<SocketAddr>>()
                     .map(|ConnectInfo(peer)| format!("ip:{}", peer.ip())),
             };
             if let Some(key) = key {
-                let id = principal.as_ref().map(|p| p.id.as_str());
+                let id = principal.as_ref().map(|(p, _)| p.id.as_str());
                 if let Err(wait) = limiter.acquire(&key, id) {
                     tracing::info!(caller = %key, path = %request.uri().path(), "rate limited");
                     return Err(Refusal::RateLimited(wait));
                 }
             }
         }
-        if let Some(principal) = principal {
+        if let Some((principal, token)) = principal {
             // In the call's context for the faces and the core, and on its own for any
             // handler that only wants to know who is calling.
             request.extensions_mut().insert(principal.clone());
             if let Some(ctx) = request.extensions_mut().get_mut::<CallContext>() {
                 ctx.principal = Some(principal);
+                ctx.credentials = Some(Credentials::bearer(token));
             }
         }
         Ok(())
