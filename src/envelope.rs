@@ -186,6 +186,7 @@ mod tests {
             traceparent: Some("00-t-s-01".into()),
             idempotency_key: Some("key".into()),
             principal: None,
+            credentials: None,
         }
     }
 

@@ -48,6 +48,10 @@ pub struct NodeConfig {
     pub telemetry: TelemetryConfig,
     /// Client connections: how many at once, and how long a silent or idle one stays open.
     pub connections: ConnectionSettings,
+    /// Authentication (API tokens, JWT) and the authorisation policy; off by default.
+    pub auth: crate::auth::AuthConfig,
+    /// Calls per second per caller (principal, or peer address without authentication).
+    pub rate_limit: crate::auth::RateLimitConfig,
 }
 
 /// OpenTelemetry export of the node's spans (one per hop, child of the caller's
@@ -187,6 +191,8 @@ impl Default for NodeConfig {
             trace: JournalConfig::default(),
             telemetry: TelemetryConfig::default(),
             connections: ConnectionSettings::default(),
+            auth: Default::default(),
+            rate_limit: Default::default(),
         }
     }
 }
@@ -194,6 +200,8 @@ impl Default for NodeConfig {
 impl NodeConfig {
     /// Rejects settings that cannot work together, naming the keys at fault.
     pub fn validate(&self) -> Result<(), String> {
+        self.auth.validate()?;
+        self.rate_limit.validate()?;
         let retry = &self.router.retry;
         if retry.max_attempts == 0 {
             return Err("router.retry.max_attempts must be at least 1".into());
