@@ -10,7 +10,7 @@ mod trace_command;
 use std::time::Duration;
 
 use agentmesh_proto::v1::{AgentFilter, Envelope};
-use agentmesh_sdk::{CallOptions, MeshClient};
+use agentmesh_sdk::{CallOptions, ClientTls, MeshClient};
 use anyhow::Context as _;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
@@ -51,12 +51,40 @@ enum Policy {
 
 #[derive(Debug, clap::Args)]
 struct NodeArgs {
-    /// The node to talk to.
+    /// The node to talk to (`host:port`, `http://…` or `https://…`).
     #[arg(long, env = "AGENTMESH_NODE", default_value = "127.0.0.1:7700")]
     node: String,
+    /// PEM file of the CAs to trust for a TLS node (implies TLS; default: the system's roots).
+    #[arg(long, env = "AGENTMESH_CA")]
+    ca: Option<std::path::PathBuf>,
+    /// PEM client certificate for a node that asks for one (mutual TLS; implies TLS).
+    #[arg(long, env = "AGENTMESH_CERT", requires = "key")]
+    cert: Option<std::path::PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, env = "AGENTMESH_KEY", requires = "cert")]
+    key: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
+}
+
+impl NodeArgs {
+    /// A client of the node: over TLS for an `https://` address or when a CA or client
+    /// certificate is given.
+    fn client(&self) -> anyhow::Result<MeshClient> {
+        let tls = self.node.starts_with("https://") || self.ca.is_some() || self.cert.is_some();
+        if !tls {
+            return Ok(MeshClient::connect_lazy(&self.node)?);
+        }
+        let mut options = ClientTls::new();
+        if let Some(ca) = &self.ca {
+            options = options.ca_file(ca)?;
+        }
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            options = options.identity_files(cert, key)?;
+        }
+        Ok(MeshClient::connect_lazy_tls(&self.node, &options)?)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,7 +229,7 @@ async fn run() -> anyhow::Result<()> {
                 policy: policy as i32,
                 count,
             };
-            let client = MeshClient::connect_lazy(&node.node)?;
+            let client = node.client()?;
             let options = CallOptions {
                 timeout: Some(Duration::from_millis(timeout_ms)),
                 idempotency_key: None,
@@ -262,7 +290,7 @@ async fn run() -> anyhow::Result<()> {
             after,
             node,
         } => {
-            let client = MeshClient::connect_lazy(&node.node)?;
+            let client = node.client()?;
             let events = match resume {
                 Some(stream_id) => client.resume(&stream_id, after).await,
                 None => {
@@ -293,7 +321,7 @@ async fn run() -> anyhow::Result<()> {
                 serde_json::from_str(&json).context("--json is not valid JSON")?;
             let mut envelope = Envelope::json(payload_type, payload);
             envelope.type_version = type_version;
-            let client = MeshClient::connect_lazy(&node.node)?;
+            let client = node.client()?;
             let options = CallOptions {
                 timeout: Some(Duration::from_millis(timeout_ms)),
                 idempotency_key,
@@ -323,7 +351,7 @@ async fn shutdown_signal() {
 }
 
 async fn agents(node: NodeArgs, skill: Option<String>) -> anyhow::Result<()> {
-    let client = MeshClient::connect_lazy(&node.node)?;
+    let client = node.client()?;
     let instances = client
         .lookup(AgentFilter {
             skill: skill.unwrap_or_default(),

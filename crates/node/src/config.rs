@@ -48,6 +48,8 @@ pub struct NodeConfig {
     pub telemetry: TelemetryConfig,
     /// Client connections: how many at once, and how long a silent or idle one stays open.
     pub connections: ConnectionSettings,
+    /// TLS on the node's port and on its calls to agents; off by default.
+    pub tls: crate::tls::TlsSettings,
 }
 
 /// OpenTelemetry export of the node's spans (one per hop, child of the caller's
@@ -187,6 +189,7 @@ impl Default for NodeConfig {
             trace: JournalConfig::default(),
             telemetry: TelemetryConfig::default(),
             connections: ConnectionSettings::default(),
+            tls: crate::tls::TlsSettings::default(),
         }
     }
 }
@@ -231,6 +234,7 @@ impl NodeConfig {
         {
             return Err("connections.header_read_timeout, idle_timeout, http2_keep_alive_interval and http2_keep_alive_timeout must be positive".into());
         }
+        self.tls.validate()?;
         if self.leases.min_ttl > self.leases.max_ttl {
             return Err("leases.min_ttl must not exceed leases.max_ttl".into());
         }

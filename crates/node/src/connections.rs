@@ -8,7 +8,9 @@
 //!   included, keeps its connection: it is in progress until its response body ends;
 //! - HTTP/2 clients that stop answering pings are dropped;
 //! - past `max_connections`, a new connection is closed as soon as it is accepted, so silent
-//!   clients cannot use up the process's file descriptors.
+//!   clients cannot use up the process's file descriptors;
+//! - with TLS on, the handshake comes first and must finish within the handshake timeout;
+//!   a verified client certificate's [`TlsPeer`] rides in every request's extensions.
 //!
 //! When `shutdown` completes no more connections are accepted and every open one is asked to
 //! finish its calls and close; [`serve`] returns once they all have.
@@ -33,6 +35,7 @@ use hyper_util::{
 };
 use parking_lot::Mutex;
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::{Notify, Semaphore},
     task::JoinSet,
@@ -41,18 +44,23 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::config::ConnectionSettings;
+use crate::{
+    config::ConnectionSettings,
+    tls::{ServerTls, TlsPeer},
+};
 
 /// How long a connection closed for being idle may take to say goodbye before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Pause after a failed accept (e.g. out of file descriptors) before the next one.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Serves `app` on `listener` until `shutdown` completes and every connection has closed.
+/// Serves `app` on `listener` (over TLS with `tls`) until `shutdown` completes and every
+/// connection has closed.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     settings: &ConnectionSettings,
+    tls: Option<Arc<ServerTls>>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -95,6 +103,7 @@ pub async fn serve(
                     header_read_timeout: settings.header_read_timeout,
                     idle_timeout: settings.idle_timeout,
                     closing: closing.clone(),
+                    tls: tls.clone(),
                 };
                 connections.spawn(async move {
                     connection.serve(stream).await;
@@ -115,21 +124,59 @@ struct Connection {
     header_read_timeout: Duration,
     idle_timeout: Duration,
     closing: CancellationToken,
+    tls: Option<Arc<ServerTls>>,
 }
 
 impl Connection {
-    async fn serve(self, stream: TcpStream) {
+    async fn serve(mut self, stream: TcpStream) {
         // Without TCP_NODELAY, Nagle's algorithm holds back the last small write of a
         // response until the client's delayed ACK (~40 ms per client-streaming call).
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
+        let Some(tls) = self.tls.take() else {
+            return self.serve_http(stream, None).await;
+        };
+        // The configuration of the moment: a reload affects only later connections.
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+        let handshake = tokio::time::timeout(tls.handshake_timeout(), acceptor.accept(stream));
+        let stream = tokio::select! {
+            () = self.closing.cancelled() => return,
+            result = handshake => match result {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("TLS handshake timed out; closing the connection");
+                    return;
+                }
+            },
+        };
+        // Present only if the client's certificate verified against `tls.client_ca`.
+        let peer = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(TlsPeer::from_certificate);
+        self.serve_http(stream, peer).await;
+    }
+
+    async fn serve_http<I>(self, io: I, peer: Option<TlsPeer>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let calls = Arc::new(CallsInProgress::new());
         let app = self.app;
         let tracked = calls.clone();
-        let service = tower::service_fn(move |request: http::Request<Incoming>| {
+        let service = tower::service_fn(move |mut request: http::Request<Incoming>| {
             let call = tracked.started();
             let app = app.clone();
+            if let Some(peer) = &peer {
+                request.extensions_mut().insert(peer.clone());
+            }
             async move {
                 let response = app.oneshot(request.map(Body::new)).await?;
                 Ok::<_, Infallible>(
@@ -138,7 +185,7 @@ impl Connection {
             }
         });
         let connection = self.builder.serve_connection_with_upgrades(
-            TokioIo::new(stream),
+            TokioIo::new(io),
             TowerToHyperService::new(service),
         );
         tokio::pin!(connection);
