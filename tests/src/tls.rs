@@ -125,7 +125,9 @@ impl TestCa {
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
             .timeout(Duration::from_secs(30))
-            .add_root_certificate(reqwest::Certificate::from_pem(self.cert_pem.as_bytes()).unwrap());
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(self.cert_pem.as_bytes()).unwrap(),
+            );
         if let Some(identity) = identity {
             let pem = format!("{}{}", identity.cert_pem, identity.key_pem);
             builder = builder.identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap());
@@ -195,12 +197,7 @@ impl TlsFiles {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = server.write(dir.path(), "node");
         let ca = ca.write(dir.path(), "ca");
-        Self {
-            dir,
-            cert,
-            key,
-            ca,
-        }
+        Self { dir, cert, key, ca }
     }
 
     /// `[tls]` serving these files, without client certificates.

@@ -107,7 +107,10 @@ async fn plaintext_clients_are_refused_and_the_node_keeps_serving() {
         .await
         .unwrap_err();
     assert!(
-        matches!(plaintext.code(), Code::Unavailable | Code::Unknown | Code::Internal),
+        matches!(
+            plaintext.code(),
+            Code::Unavailable | Code::Unknown | Code::Internal
+        ),
         "{plaintext:?}"
     );
     let http = agentmesh_tests::http_client()
@@ -115,7 +118,10 @@ async fn plaintext_clients_are_refused_and_the_node_keeps_serving() {
         .json(&echo_request())
         .send()
         .await;
-    assert!(http.is_err(), "a plaintext HTTP request gets no response: {http:?}");
+    assert!(
+        http.is_err(),
+        "a plaintext HTTP request gets no response: {http:?}"
+    );
     // A client that does not trust the node's CA is refused too.
     let stranger = TestCa::new("another CA");
     assert!(
@@ -127,12 +133,27 @@ async fn plaintext_clients_are_refused_and_the_node_keeps_serving() {
 
     let reply = node
         .tls_client(&ca.client_tls())
-        .invoke("echo", Envelope::json("echo.request", json!({ "still": "serving" })))
+        .invoke(
+            "echo",
+            Envelope::json("echo.request", json!({ "still": "serving" })),
+        )
         .await
         .unwrap();
     assert_eq!(reply.json_payload().unwrap(), json!({ "still": "serving" }));
     echo.shutdown().await;
     node.stop().await;
+}
+
+/// A client whose handshake the node refused: with TLS 1.3 the client learns it from the
+/// node's alert after sending its request, so tonic reports it in several ways.
+fn assert_refused(status: &tonic::Status) {
+    assert!(
+        matches!(
+            status.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        ),
+        "{status:?}"
+    );
 }
 
 fn mutual(files: &TlsFiles, client_auth: ClientAuth) -> TlsSettings {
@@ -147,8 +168,7 @@ fn mutual(files: &TlsFiles, client_auth: ClientAuth) -> TlsSettings {
 async fn mutual_tls_required_refuses_clients_without_a_certificate_from_the_ca() {
     let ca = TestCa::new("mesh CA");
     let files = TlsFiles::new(&ca, &ca.server(1));
-    let node =
-        TestNode::start_with(files.node_config(mutual(&files, ClientAuth::Required))).await;
+    let node = TestNode::start_with(files.node_config(mutual(&files, ClientAuth::Required))).await;
     let worker = ca.client("echo-agent");
     let running = AgentRuntime::new(card("echo"), Echo)
         .node(node.https_url())
@@ -170,7 +190,7 @@ async fn mutual_tls_required_refuses_clients_without_a_certificate_from_the_ca()
         .invoke("echo", request())
         .await
         .unwrap_err();
-    assert_eq!(without.code(), Code::Unavailable, "{without:?}");
+    assert_refused(&without);
     let http = ca
         .http_client(None, true)
         .post(format!("{}/v1/agents/echo/invoke", node.https_url()))
@@ -189,14 +209,18 @@ async fn mutual_tls_required_refuses_clients_without_a_certificate_from_the_ca()
         .invoke("echo", request())
         .await
         .unwrap_err();
-    assert_eq!(foreign.code(), Code::Unavailable, "{foreign:?}");
+    assert_refused(&foreign);
 
     // A certificate from the CA: served, over gRPC and HTTP.
     let caller = ca.client("billing");
     let tls = ca
         .client_tls()
         .identity_pem(caller.cert_pem.clone(), caller.key_pem.clone());
-    let reply = node.tls_client(&tls).invoke("echo", request()).await.unwrap();
+    let reply = node
+        .tls_client(&tls)
+        .invoke("echo", request())
+        .await
+        .unwrap();
     assert_eq!(reply.json_payload().unwrap(), json!({ "m": 1 }));
     let response = ca
         .http_client(Some(&caller), true)
@@ -215,8 +239,7 @@ async fn mutual_tls_required_refuses_clients_without_a_certificate_from_the_ca()
 async fn optional_client_auth_serves_clients_with_or_without_a_certificate() {
     let ca = TestCa::new("mesh CA");
     let files = TlsFiles::new(&ca, &ca.server(1));
-    let node =
-        TestNode::start_with(files.node_config(mutual(&files, ClientAuth::Optional))).await;
+    let node = TestNode::start_with(files.node_config(mutual(&files, ClientAuth::Optional))).await;
     let echo = start_agent_tls(&node, &ca, "echo", Echo).await;
     let without = node
         .tls_client(&ca.client_tls())
@@ -224,7 +247,11 @@ async fn optional_client_auth_serves_clients_with_or_without_a_certificate() {
         .await;
     assert!(without.is_ok(), "{without:?}");
     let caller = ca.client("billing");
-    assert!(ca.server_certificate(node.address, Some(&caller)).await.is_ok());
+    assert!(
+        ca.server_certificate(node.address, Some(&caller))
+            .await
+            .is_ok()
+    );
     // A certificate that does not verify is still refused.
     let stranger = TestCa::new("another CA").client("intruder");
     let foreign = node
@@ -235,7 +262,7 @@ async fn optional_client_auth_serves_clients_with_or_without_a_certificate() {
         .invoke("echo", Envelope::json("echo.request", json!({})))
         .await
         .unwrap_err();
-    assert_eq!(foreign.code(), Code::Unavailable, "{foreign:?}");
+    assert_refused(&foreign);
     echo.shutdown().await;
     node.stop().await;
 }
@@ -317,7 +344,7 @@ async fn certificates_are_reloaded_when_their_files_change_and_open_streams_go_o
     let response = ca
         .http_client(None, false)
         .post(format!("{}/v1/agents/streamer/stream", node.https_url()))
-        .json(&json!({ "type": "count.request", "json": { "n": 100000, "delay_ms": 20 } }))
+        .json(&json!({ "type": "count.request", "json": { "n": 300, "delay_ms": 20 } }))
         .send()
         .await
         .unwrap();
@@ -388,7 +415,10 @@ async fn the_node_calls_agents_over_tls_and_mutual_tls() {
     for i in 0..3 {
         // Several calls: the one channel to the agent is reused.
         let reply = client
-            .invoke("secure-echo", Envelope::json("echo.request", json!({ "i": i })))
+            .invoke(
+                "secure-echo",
+                Envelope::json("echo.request", json!({ "i": i })),
+            )
             .await
             .unwrap();
         assert_eq!(reply.json_payload().unwrap(), json!({ "i": i }));
@@ -421,6 +451,7 @@ async fn the_node_calls_agents_over_tls_and_mutual_tls() {
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("unreachable"), "{status:?}");
     }
 
     agent.shutdown().await;

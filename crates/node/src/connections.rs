@@ -184,10 +184,9 @@ impl Connection {
                 )
             }
         });
-        let connection = self.builder.serve_connection_with_upgrades(
-            TokioIo::new(io),
-            TowerToHyperService::new(service),
-        );
+        let connection = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service));
         tokio::pin!(connection);
         let idle = calls.idle_past(self.header_read_timeout, self.idle_timeout);
         tokio::pin!(idle);

@@ -223,7 +223,8 @@ impl Node {
                 shutdown.cancel();
             }
         };
-        let server = crate::connections::serve(listener, app, &self.config.connections, tls, draining);
+        let server =
+            crate::connections::serve(listener, app, &self.config.connections, tls, draining);
         let result = tokio::select! {
             () = server => Ok(()),
             _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {

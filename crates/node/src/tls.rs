@@ -351,9 +351,13 @@ impl ServerTls {
                 while changes.try_recv().is_ok() {}
                 let Some(tls) = tls.upgrade() else { return };
                 match tls.reload() {
-                    Ok(true) => tracing::info!(cert = %tls.settings.cert, "TLS certificate reloaded"),
+                    Ok(true) => {
+                        tracing::info!(cert = %tls.settings.cert, "TLS certificate reloaded")
+                    }
                     Ok(false) => {}
-                    Err(error) => tracing::error!(%error, "TLS certificate reload failed; keeping the previous one"),
+                    Err(error) => {
+                        tracing::error!(%error, "TLS certificate reload failed; keeping the previous one")
+                    }
                 }
             }
         });
@@ -361,9 +365,13 @@ impl ServerTls {
     }
 
     fn files(&self) -> impl Iterator<Item = &String> {
-        [&self.settings.cert, &self.settings.key, &self.settings.client_ca]
-            .into_iter()
-            .filter(|file| !file.is_empty())
+        [
+            &self.settings.cert,
+            &self.settings.key,
+            &self.settings.client_ca,
+        ]
+        .into_iter()
+        .filter(|file| !file.is_empty())
     }
 }
 

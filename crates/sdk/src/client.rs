@@ -102,7 +102,9 @@ impl MeshClient {
     /// A client of the TLS node at `address` (`host:port` or `https://host:port`), trusting
     /// and presenting what `tls` says. Connects on first use and reconnects by itself.
     pub fn connect_lazy_tls(address: &str, tls: &ClientTls) -> Result<Self, SdkError> {
-        Ok(Self::from_channel(endpoint(address, Some(tls))?.connect_lazy()))
+        Ok(Self::from_channel(
+            endpoint(address, Some(tls))?.connect_lazy(),
+        ))
     }
 
     /// A client over an existing channel.

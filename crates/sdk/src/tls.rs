@@ -8,7 +8,8 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use crate::error::SdkError;
 
 fn read(path: &Path) -> Result<Vec<u8>, SdkError> {
-    std::fs::read(path).map_err(|error| SdkError::Tls(format!("cannot read {}: {error}", path.display())))
+    std::fs::read(path)
+        .map_err(|error| SdkError::Tls(format!("cannot read {}: {error}", path.display())))
 }
 
 /// TLS of a connection to a node (or to any agentmesh gRPC server): which CAs to trust and,
