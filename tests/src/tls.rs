@@ -147,6 +147,19 @@ impl TestCa {
         address: std::net::SocketAddr,
         identity: Option<&Issued>,
     ) -> Result<CertificateDer<'static>, String> {
+        let stream = self.connect(address, identity, &[]).await?;
+        let (_, connection) = stream.get_ref();
+        Ok(connection.peer_certificates().unwrap()[0].clone())
+    }
+
+    /// A TLS connection to `address` trusting this CA, presenting `identity` if given and
+    /// offering the ALPN protocols `alpn`.
+    pub async fn connect(
+        &self,
+        address: std::net::SocketAddr,
+        identity: Option<&Issued>,
+        alpn: &[&[u8]],
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
         let mut roots = RootCertStore::empty();
         roots
             .add(CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).unwrap())
@@ -165,16 +178,16 @@ impl TestCa {
                 .unwrap(),
             None => builder.with_no_client_auth(),
         };
+        let mut config = config;
+        config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
         let tcp = TcpStream::connect(address)
             .await
             .map_err(|e| e.to_string())?;
         let name = ServerName::try_from("127.0.0.1").unwrap();
-        let stream = TlsConnector::from(Arc::new(config))
+        TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
             .await
-            .map_err(|e| e.to_string())?;
-        let (_, connection) = stream.get_ref();
-        Ok(connection.peer_certificates().unwrap()[0].clone())
+            .map_err(|e| e.to_string())
     }
 }
 

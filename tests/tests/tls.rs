@@ -1,5 +1,5 @@
 //! TLS and mutual TLS over real sockets, with certificates made at test time: gRPC, HTTP/1.1,
-//! HTTP/2 and SSE on the node's one TLS port; plaintext clients refused while the node keeps
+//! HTTP/2, SSE and WebSocket on the node's one TLS port; plaintext clients refused while the node keeps
 //! serving; client certificates required, refused from another CA, and their identity in every
 //! request's extensions; certificates reloaded when their files change while open streams go
 //! on; the node calling agents over TLS and mutual TLS; silent TLS clients closed.
@@ -91,6 +91,72 @@ async fn grpc_http1_http2_and_sse_share_the_tls_port() {
 
     echo.shutdown().await;
     streamer.shutdown().await;
+    node.stop().await;
+}
+
+/// Answers each message `{"n": x}` with `{"n": x}` until the socket closes.
+struct Parrot;
+
+#[tonic::async_trait]
+impl agentmesh_sdk::Agent for Parrot {
+    async fn invoke(
+        &self,
+        _ctx: agentmesh_sdk::Context,
+        request: Envelope,
+    ) -> Result<Envelope, tonic::Status> {
+        Ok(request)
+    }
+
+    async fn converse(
+        &self,
+        _ctx: agentmesh_sdk::Context,
+        mut conversation: agentmesh_sdk::Conversation,
+    ) -> Result<(), tonic::Status> {
+        while let Some(message) = conversation.recv().await {
+            conversation
+                .send(Envelope::json(
+                    "parrot.reply",
+                    message.json_payload().unwrap_or_default(),
+                ))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_conversations_run_over_tls() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let ca = TestCa::new("mesh CA");
+    let files = TlsFiles::new(&ca, &ca.server(1));
+    let node = TestNode::start_with(files.node_config(files.settings())).await;
+    let parrot = start_agent_tls(&node, &ca, "parrot", Parrot).await;
+    // Browsers offer both and get HTTP/1.1 for a WebSocket upgrade.
+    let tls = ca
+        .connect(node.address, None, &[b"http/1.1"])
+        .await
+        .unwrap();
+    let url = format!("wss://{}/v1/agents/parrot/converse", node.address);
+    let (mut socket, response) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    assert_eq!(response.status().as_u16(), 101);
+    for n in 1..=3 {
+        let message = json!({ "type": "chat.message", "json": { "n": n } }).to_string();
+        socket.send(Message::text(message)).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .expect("a reply in time")
+            .unwrap()
+            .unwrap();
+        let Message::Text(text) = reply else {
+            panic!("expected text, got {reply:?}");
+        };
+        let envelope: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(envelope["json"], json!({ "n": n }), "{envelope}");
+    }
+    socket.close(None).await.unwrap();
+    parrot.shutdown().await;
     node.stop().await;
 }
 
