@@ -1,8 +1,9 @@
-//! TLS and mutual TLS over real sockets, with certificates made at test time: gRPC, HTTP/1.1,
-//! HTTP/2, SSE and WebSocket on the node's one TLS port; plaintext clients refused while the node keeps
-//! serving; client certificates required, refused from another CA, and their identity in every
-//! request's extensions; certificates reloaded when their files change while open streams go
-//! on; the node calling agents over TLS and mutual TLS; silent TLS clients closed.
+//! TLS and mutual TLS over real sockets, with certificates made at test time: gRPC,
+//! HTTP/1.1, HTTP/2, SSE and WebSocket on the node's one TLS port; plaintext clients refused
+//! while the node keeps serving; client certificates required, refused from another CA, and
+//! their identity in every request's extensions; certificates reloaded when their files
+//! change while open streams go on; the node calling agents over TLS and mutual TLS; silent
+//! TLS clients closed.
 
 use std::time::Duration;
 
