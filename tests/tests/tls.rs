@@ -185,10 +185,10 @@ async fn plaintext_clients_are_refused_and_the_node_keeps_serving() {
         .json(&echo_request())
         .send()
         .await;
-    assert!(
-        http.is_err(),
-        "a plaintext HTTP request gets no response: {http:?}"
-    );
+    // A plaintext HTTP/1 request is answered with a 400 that says why.
+    let http = http.expect("a plaintext HTTP/1 request is answered");
+    assert_eq!(http.status(), 400);
+    assert!(http.text().await.unwrap().contains("https://"));
     // A client that does not trust the node's CA is refused too.
     let stranger = TestCa::new("another CA");
     assert!(

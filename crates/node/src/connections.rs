@@ -139,12 +139,21 @@ impl Connection {
         };
         // The configuration of the moment: a reload affects only later connections.
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
-        let handshake = tokio::time::timeout(tls.handshake_timeout(), acceptor.accept(stream));
+        let handshake = async {
+            let mut first = [0u8; 1];
+            match stream.peek(&mut first).await {
+                Ok(1) if first[0] != TLS_HANDSHAKE_RECORD => Err(Ok(stream)),
+                Ok(_) => acceptor.accept(stream).await.map_err(Err),
+                Err(error) => Err(Err(error)),
+            }
+        };
+        let handshake = tokio::time::timeout(tls.handshake_timeout(), handshake);
         let stream = tokio::select! {
             () = self.closing.cancelled() => return,
             result = handshake => match result {
                 Ok(Ok(stream)) => stream,
-                Ok(Err(error)) => {
+                Ok(Err(Ok(plaintext))) => return refuse_plaintext(plaintext).await,
+                Ok(Err(Err(error))) => {
                     tracing::debug!(%error, "TLS handshake failed");
                     return;
                 }
@@ -214,6 +223,30 @@ impl Connection {
                 () = sleep_until(drop_at) => return,
             }
         }
+    }
+}
+
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Answers a plaintext HTTP/1 request on the TLS port with a 400 that says why, rather than
+/// a reset (an HTTP/2 or other client just sees the connection close).
+async fn refuse_plaintext(mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    tracing::debug!("plaintext client on the TLS port; closing the connection");
+    let mut start = [0u8; 3];
+    let is_http1 = matches!(stream.peek(&mut start).await, Ok(3) if start.iter().all(u8::is_ascii_uppercase) && &start != b"PRI");
+    if is_http1 {
+        let body = "this port serves TLS: use https://\n";
+        let response = format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            stream.write_all(response.as_bytes()).await?;
+            stream.shutdown().await
+        })
+        .await;
     }
 }
 
