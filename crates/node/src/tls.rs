@@ -52,7 +52,8 @@ pub struct TlsSettings {
     pub handshake_timeout: Duration,
     /// Reload the certificate, key and client CA when their files change.
     pub watch: bool,
-    /// The node's calls to agents that registered an `https://` endpoint.
+    /// The node's calls to agents that registered an `https://` endpoint (and to other
+    /// nodes at `https://` addresses).
     pub agents: AgentTlsSettings,
 }
 
@@ -106,7 +107,8 @@ pub enum ClientAuth {
 }
 
 /// TLS of the node's calls to agents (`[tls.agents]`): used for agents whose registered
-/// endpoint is `https://…`; `http://` endpoints stay plaintext.
+/// endpoint is `https://…` (`http://` endpoints stay plaintext), and for other nodes of a
+/// mesh on a shared store that advertise `https://` addresses (forwarded stream resumes).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentTlsSettings {
