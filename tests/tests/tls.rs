@@ -37,6 +37,23 @@ async fn start_agent_tls<A: agentmesh_sdk::Agent>(
     running
 }
 
+/// The value of the sample `name{labels}` in the node's `/metrics`, read over TLS.
+async fn metric(node: &TestNode, ca: &TestCa, sample: &str) -> u64 {
+    let text = ca
+        .http_client(None, false)
+        .get(format!("{}/metrics", node.https_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {sample} in\n{text}"))
+}
+
 fn echo_request() -> serde_json::Value {
     json!({ "type": "echo.request", "json": { "hello": "tls" } })
 }
@@ -173,10 +190,11 @@ async fn plaintext_clients_are_refused_and_the_node_keeps_serving() {
         .invoke("echo", Envelope::json("echo.request", json!({})))
         .await
         .unwrap_err();
+    // The node closes the connection; how tonic reports that depends on when it notices.
     assert!(
         matches!(
             plaintext.code(),
-            Code::Unavailable | Code::Unknown | Code::Internal
+            Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
         ),
         "{plaintext:?}"
     );
@@ -207,6 +225,10 @@ async fn plaintext_clients_are_refused_and_the_node_keeps_serving() {
         .await
         .unwrap();
     assert_eq!(reply.json_payload().unwrap(), json!({ "still": "serving" }));
+    // Counted: the gRPC and the HTTP/1 plaintext clients, the client that refused the node.
+    let failures = "agentmesh_tls_handshake_failures_total";
+    assert!(metric(&node, &ca, &format!("{failures}{{reason=\"plaintext\"}}")).await >= 2);
+    assert!(metric(&node, &ca, &format!("{failures}{{reason=\"refused\"}}")).await >= 1);
     echo.shutdown().await;
     node.stop().await;
 }
@@ -432,8 +454,14 @@ async fn certificates_are_reloaded_when_their_files_change_and_open_streams_go_o
     drop(stream);
 
     // A broken file is not loaded: new connections keep getting the last good certificate.
+    let failed = "agentmesh_tls_reloads_total{outcome=\"failed\"}";
+    let failed_before = metric(&node, &ca, failed).await;
     std::fs::write(&files.cert, "not a certificate").unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let refused = eventually(Duration::from_secs(15), || async {
+        metric(&node, &ca, failed).await > failed_before
+    })
+    .await;
+    assert!(refused, "the broken file is read and refused");
     assert_eq!(
         ca.server_certificate(node.address, None).await.unwrap(),
         second.der
@@ -446,6 +474,8 @@ async fn certificates_are_reloaded_when_their_files_change_and_open_streams_go_o
     })
     .await;
     assert!(reloaded, "a good certificate after a bad one is loaded");
+    let loaded = "agentmesh_tls_reloads_total{outcome=\"loaded\"}";
+    assert!(metric(&node, &ca, loaded).await >= 2);
 
     streamer.shutdown().await;
     node.stop().await;

@@ -46,7 +46,7 @@ use tower::ServiceExt;
 
 use crate::{
     config::ConnectionSettings,
-    tls::{ServerTls, TlsPeer},
+    tls::{HandshakeFailure, ServerTls, TlsPeer},
 };
 
 /// How long a connection closed for being idle may take to say goodbye before it is dropped.
@@ -152,12 +152,17 @@ impl Connection {
             () = self.closing.cancelled() => return,
             result = handshake => match result {
                 Ok(Ok(stream)) => stream,
-                Ok(Err(Ok(plaintext))) => return refuse_plaintext(plaintext).await,
+                Ok(Err(Ok(plaintext))) => {
+                    tls.count_failure(HandshakeFailure::Plaintext);
+                    return refuse_plaintext(plaintext).await;
+                }
                 Ok(Err(Err(error))) => {
+                    tls.count_failure(HandshakeFailure::Refused);
                     tracing::debug!(%error, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
+                    tls.count_failure(HandshakeFailure::Timeout);
                     tracing::debug!("TLS handshake timed out; closing the connection");
                     return;
                 }

@@ -180,6 +180,7 @@ impl Node {
             Arc::clone(&self.registry),
             self.router.clone(),
             queue.clone(),
+            tls.clone(),
         ));
         let app = routes
             .routes()

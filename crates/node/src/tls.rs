@@ -20,7 +20,10 @@
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -270,6 +273,28 @@ fn der_item(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 pub struct ServerTls {
     settings: TlsSettings,
     current: RwLock<Loaded>,
+    counts: TlsCounts,
+}
+
+/// Why a connection did not get past the TLS handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// The client sent no complete hello within `handshake_timeout`.
+    Timeout,
+    /// The client spoke plaintext.
+    Plaintext,
+    /// The handshake failed (no or a bad client certificate, no common protocol, …).
+    Refused,
+}
+
+/// What `/metrics` shows of TLS: failed handshakes by reason, reloads by outcome.
+#[derive(Debug, Default)]
+struct TlsCounts {
+    timeouts: AtomicU64,
+    plaintext: AtomicU64,
+    refused: AtomicU64,
+    reloaded: AtomicU64,
+    reload_failed: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -287,7 +312,36 @@ impl ServerTls {
         Ok(Arc::new(Self {
             settings: settings.clone(),
             current: RwLock::new(Loaded { config, sources }),
+            counts: TlsCounts::default(),
         }))
+    }
+
+    /// Counts a connection that did not get past the handshake.
+    pub fn count_failure(&self, failure: HandshakeFailure) {
+        let counter = match failure {
+            HandshakeFailure::Timeout => &self.counts.timeouts,
+            HandshakeFailure::Plaintext => &self.counts.plaintext,
+            HandshakeFailure::Refused => &self.counts.refused,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Failed handshakes so far: (timed out, plaintext, refused).
+    pub fn handshake_failures(&self) -> (u64, u64, u64) {
+        let counts = &self.counts;
+        (
+            counts.timeouts.load(Ordering::Relaxed),
+            counts.plaintext.load(Ordering::Relaxed),
+            counts.refused.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Reloads so far: (loaded, failed and kept the previous configuration).
+    pub fn reloads(&self) -> (u64, u64) {
+        (
+            self.counts.reloaded.load(Ordering::Relaxed),
+            self.counts.reload_failed.load(Ordering::Relaxed),
+        )
     }
 
     /// The configuration new connections are accepted with.
@@ -354,11 +408,13 @@ impl ServerTls {
                 let Some(tls) = tls.upgrade() else { return };
                 match tls.reload() {
                     Ok(true) => {
-                        tracing::info!(cert = %tls.settings.cert, "TLS certificate reloaded")
+                        tls.counts.reloaded.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(cert = %tls.settings.cert, "TLS certificate reloaded");
                     }
                     Ok(false) => {}
                     Err(error) => {
-                        tracing::error!(%error, "TLS certificate reload failed; keeping the previous one")
+                        tls.counts.reload_failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(%error, "TLS certificate reload failed; keeping the previous one");
                     }
                 }
             }
