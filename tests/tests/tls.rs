@@ -481,12 +481,32 @@ async fn certificates_are_reloaded_when_their_files_change_and_open_streams_go_o
     node.stop().await;
 }
 
+/// Echoes, and says whether its caller presented `expected` as its TLS certificate.
+struct CheckingPeer {
+    expected: rustls_pki_types::CertificateDer<'static>,
+}
+
+#[tonic::async_trait]
+impl agentmesh_sdk::Agent for CheckingPeer {
+    async fn invoke(
+        &self,
+        ctx: agentmesh_sdk::Context,
+        request: Envelope,
+    ) -> Result<Envelope, tonic::Status> {
+        let mut reply = request.json_payload().unwrap_or_default();
+        reply["caller_is_the_node"] =
+            json!(ctx.peer_certificates().first() == Some(&self.expected));
+        Ok(Envelope::json("echo.reply", reply))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_calls_agents_over_tls_and_mutual_tls() {
     let ca = TestCa::new("mesh CA");
     let dir = tempfile::tempdir().unwrap();
     let ca_file = ca.write(dir.path(), "ca");
-    let (node_cert, node_key) = ca.client("agentmesh-node").write(dir.path(), "node-client");
+    let node_client = ca.client("agentmesh-node");
+    let (node_cert, node_key) = node_client.write(dir.path(), "node-client");
     let agent_cert = ca.server(11);
 
     // The agent serves TLS and asks callers for a certificate from the CA.
@@ -495,7 +515,10 @@ async fn the_node_calls_agents_over_tls_and_mutual_tls() {
     config.tls.agents.cert = node_cert.display().to_string();
     config.tls.agents.key = node_key.display().to_string();
     let node = TestNode::start_with(config).await;
-    let agent = AgentRuntime::new(card("secure-echo"), Echo)
+    let checking = CheckingPeer {
+        expected: node_client.der.clone(),
+    };
+    let agent = AgentRuntime::new(card("secure-echo"), checking)
         .node(node.addr())
         .tls(
             AgentServerTls::from_pem(agent_cert.cert_pem.clone(), agent_cert.key_pem.clone())
@@ -518,7 +541,11 @@ async fn the_node_calls_agents_over_tls_and_mutual_tls() {
             )
             .await
             .unwrap();
-        assert_eq!(reply.json_payload().unwrap(), json!({ "i": i }));
+        assert_eq!(
+            reply.json_payload().unwrap(),
+            json!({ "i": i, "caller_is_the_node": true }),
+            "the agent sees the node's client certificate"
+        );
     }
 
     // A node without a client certificate is refused by that agent; one that does not
