@@ -15,6 +15,8 @@
 //! - [`guides`]: the guides in `docs/guides/` as tests: their shell snippets run
 //!   against a node with their output checked, their Rust snippets checked against
 //!   the compiled examples they come from.
+//! - [`tls`]: certificates made at test time (a CA, server and client certificates), a
+//!   node's TLS files and clients that trust them.
 //! - [`outside_tool`]: the tool or server a test needs from outside, named by an
 //!   `AGENTMESH_TEST_*` variable.
 
@@ -27,6 +29,7 @@ pub mod outside_tool;
 pub mod process;
 pub mod queue;
 pub mod sse;
+pub mod tls;
 
 pub use agents::{Controlled, Echo, Streamer, card, start_agent, start_agent_with_ttl};
 pub use eventually::eventually;

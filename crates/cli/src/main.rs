@@ -10,7 +10,7 @@ mod trace_command;
 use std::time::Duration;
 
 use agentmesh_proto::v1::{AgentFilter, Envelope};
-use agentmesh_sdk::{CallOptions, MeshClient};
+use agentmesh_sdk::{CallOptions, ClientTls, MeshClient};
 use anyhow::Context as _;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
@@ -51,26 +51,24 @@ enum Policy {
 
 #[derive(Debug, clap::Args)]
 struct NodeArgs {
-    /// The node to talk to.
+    /// The node to talk to (`host:port`, `http://…` or `https://…`).
     #[arg(long, env = "AGENTMESH_NODE", default_value = "127.0.0.1:7700")]
     node: String,
+    /// PEM file of the CAs to trust for a TLS node (implies TLS; default: the system's roots).
+    #[arg(long, env = "AGENTMESH_CA")]
+    ca: Option<std::path::PathBuf>,
+    /// PEM client certificate for a node that asks for one (mutual TLS; implies TLS).
+    #[arg(long, env = "AGENTMESH_CERT", requires = "key")]
+    cert: Option<std::path::PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, env = "AGENTMESH_KEY", requires = "cert")]
+    key: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
     /// Bearer token (API token or JWT) for a node with authentication on.
     #[arg(long, env = "AGENTMESH_TOKEN", hide_env_values = true)]
     token: Option<String>,
-}
-
-impl NodeArgs {
-    /// A client of the node, presenting the token if one was given.
-    fn client(&self) -> anyhow::Result<MeshClient> {
-        let client = MeshClient::connect_lazy(&self.node)?;
-        Ok(match self.token.as_deref().filter(|t| !t.is_empty()) {
-            Some(token) => client.with_token(token)?,
-            None => client,
-        })
-    }
 }
 
 /// `agentmesh auth ...`
@@ -82,6 +80,30 @@ enum AuthCommand {
         /// The token.
         token: Option<String>,
     },
+}
+
+impl NodeArgs {
+    /// A client of the node: over TLS for an `https://` address or when a CA or client
+    /// certificate is given; presenting the token if one was given.
+    fn client(&self) -> anyhow::Result<MeshClient> {
+        let tls = self.node.starts_with("https://") || self.ca.is_some() || self.cert.is_some();
+        let client = if tls {
+            let mut options = ClientTls::new();
+            if let Some(ca) = &self.ca {
+                options = options.ca_file(ca)?;
+            }
+            if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+                options = options.identity_files(cert, key)?;
+            }
+            MeshClient::connect_lazy_tls(&self.node, &options)?
+        } else {
+            MeshClient::connect_lazy(&self.node)?
+        };
+        Ok(match self.token.as_deref().filter(|t| !t.is_empty()) {
+            Some(token) => client.with_token(token)?,
+            None => client,
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -103,6 +103,11 @@ impl ServeArgs {
     /// Runs the node until Ctrl-C or SIGTERM.
     pub(crate) async fn run(self, matches: &ArgMatches) -> anyhow::Result<()> {
         let config = self.node_config(matches, std::env::vars())?;
+        // The demo agents register over plaintext and would wait for the node forever.
+        anyhow::ensure!(
+            !(self.demo_agents && config.tls.enabled()),
+            "--demo-agents needs a plaintext node (tls.cert is set)"
+        );
         let _telemetry = crate::telemetry::init(&config.telemetry)
             .context("cannot set up span export (telemetry.otlp_endpoint)")?;
         let mut stores = agentmesh_node::Stores::open(&config)

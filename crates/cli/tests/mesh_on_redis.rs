@@ -4,7 +4,7 @@
 //! stream opened through A and cut is resumed through B with no gap and no duplicate; a
 //! duplicate idempotent invoke through B replays A's reply; a result stored through B is
 //! awaited through C; a node killed mid-storm loses nothing acknowledged; a Redis restart
-//! is ridden out.
+//! is ridden out; nodes serving mutual TLS forward resumes to each other over TLS.
 
 use std::{
     process::{Child, Command, Stdio},
@@ -733,4 +733,124 @@ async fn nodes_ride_out_a_redis_restart() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A node process serving TLS with client certificates required, killed on drop.
+struct TlsMeshNode {
+    child: Child,
+    address: String,
+    client: MeshClient,
+    _data: tempfile::TempDir,
+}
+
+impl TlsMeshNode {
+    /// Starts a node on the shared Redis with `settings`, and waits until `tls` reaches it.
+    async fn start(
+        redis: &SharedRedis,
+        id: &str,
+        settings: &[String],
+        tls: &agentmesh_sdk::ClientTls,
+    ) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let address = format!("127.0.0.1:{}", free_port());
+        let mut command = Command::new(BIN);
+        command
+            .args(["serve", "--listen", &address, "--data-dir"])
+            .arg(data.path())
+            .args(["--store", &redis.url, "--set"])
+            .arg(format!("store.key_prefix={}", redis.prefix))
+            .arg("--set")
+            .arg(format!("store.node_id={id}"));
+        for setting in settings {
+            command.arg("--set").arg(setting);
+        }
+        let child = command
+            .env("AGENTMESH_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let client = MeshClient::connect_lazy_tls(&format!("https://{address}"), tls).unwrap();
+        let node = Self {
+            child,
+            address,
+            client,
+            _data: data,
+        };
+        let until = Instant::now() + Duration::from_secs(20);
+        while node.client.list_queues().await.is_err() {
+            assert!(Instant::now() < until, "node {id} did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        node
+    }
+}
+
+impl Drop for TlsMeshNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Nodes serving mutual TLS on one Redis: a stream opened through A and cut is resumed
+/// through B, which forwards the resume to A's `https://` address with `[tls.agents]`'s CA
+/// and client certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs AGENTMESH_TEST_REDIS"]
+async fn nodes_serving_tls_forward_resumes_to_each_other() {
+    let redis = SharedRedis::new();
+    let ca = agentmesh_tests::tls::TestCa::new("mesh CA");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write(dir.path(), "ca").display().to_string();
+    let (cert, key) = ca.server(1).write(dir.path(), "node");
+    let (client_cert, client_key) = ca.client("agentmesh-node").write(dir.path(), "node-client");
+    let settings = [
+        format!("tls.cert={}", cert.display()),
+        format!("tls.key={}", key.display()),
+        format!("tls.client_ca={ca_file}"),
+        format!("tls.agents.ca={ca_file}"),
+        format!("tls.agents.cert={}", client_cert.display()),
+        format!("tls.agents.key={}", client_key.display()),
+    ];
+    let caller = ca.client("caller");
+    let tls = ca
+        .client_tls()
+        .identity_pem(caller.cert_pem.clone(), caller.key_pem.clone());
+    let a = TlsMeshNode::start(&redis, "node-a", &settings, &tls).await;
+    let b = TlsMeshNode::start(&redis, "node-b", &settings, &tls).await;
+    let streamer = AgentRuntime::new(card("streamer"), Streamer)
+        .node(format!("https://{}", a.address))
+        .node_tls(tls.clone())
+        .start()
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), streamer.registered(1))
+        .await
+        .expect("the agent registers with the TLS node");
+
+    let mut events = a
+        .client
+        .stream("streamer", Envelope::json("count", json!({ "n": 8 })))
+        .await
+        .unwrap();
+    let mut first = Vec::new();
+    while first.len() < 3 {
+        first.push(events.message().await.unwrap().unwrap());
+    }
+    drop(events);
+    let last = first.last().unwrap();
+    let mut rest = b
+        .client
+        .resume(&last.stream_id, last.sequence)
+        .await
+        .expect("resume through B is forwarded to A over TLS");
+    let mut sequences: Vec<u64> = first.iter().map(|e| e.sequence).collect();
+    while let Some(event) = rest.message().await.unwrap() {
+        sequences.push(event.sequence);
+    }
+    let expected: Vec<u64> = (1..=sequences.len() as u64).collect();
+    assert_eq!(sequences, expected, "no gap and no duplicate");
+    assert_eq!(sequences.len(), 10, "progress, 8 partials, result");
+    streamer.shutdown().await;
 }

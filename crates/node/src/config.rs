@@ -52,6 +52,8 @@ pub struct NodeConfig {
     pub auth: crate::auth::AuthConfig,
     /// Calls per second per caller (principal, or peer address without authentication).
     pub rate_limit: crate::auth::RateLimitConfig,
+    /// TLS on the node's port and on its calls to agents; off by default.
+    pub tls: crate::tls::TlsSettings,
 }
 
 /// OpenTelemetry export of the node's spans (one per hop, child of the caller's
@@ -193,6 +195,7 @@ impl Default for NodeConfig {
             connections: ConnectionSettings::default(),
             auth: Default::default(),
             rate_limit: Default::default(),
+            tls: crate::tls::TlsSettings::default(),
         }
     }
 }
@@ -200,7 +203,7 @@ impl Default for NodeConfig {
 impl NodeConfig {
     /// Rejects settings that cannot work together, naming the keys at fault.
     pub fn validate(&self) -> Result<(), String> {
-        self.auth.validate()?;
+        self.auth.validate(!self.tls.client_ca.is_empty())?;
         self.rate_limit.validate()?;
         let retry = &self.router.retry;
         if retry.max_attempts == 0 {
@@ -239,6 +242,7 @@ impl NodeConfig {
         {
             return Err("connections.header_read_timeout, idle_timeout, http2_keep_alive_interval and http2_keep_alive_timeout must be positive".into());
         }
+        self.tls.validate()?;
         if self.leases.min_ttl > self.leases.max_ttl {
             return Err("leases.min_ttl must not exceed leases.max_ttl".into());
         }

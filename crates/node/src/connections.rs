@@ -8,7 +8,9 @@
 //!   included, keeps its connection: it is in progress until its response body ends;
 //! - HTTP/2 clients that stop answering pings are dropped;
 //! - past `max_connections`, a new connection is closed as soon as it is accepted, so silent
-//!   clients cannot use up the process's file descriptors.
+//!   clients cannot use up the process's file descriptors;
+//! - with TLS on, the handshake comes first and must finish within the handshake timeout;
+//!   a verified client certificate's [`TlsPeer`] rides in every request's extensions.
 //!
 //! When `shutdown` completes no more connections are accepted and every open one is asked to
 //! finish its calls and close; [`serve`] returns once they all have.
@@ -16,6 +18,7 @@
 use std::{
     convert::Infallible,
     future::Future,
+    net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -33,6 +36,7 @@ use hyper_util::{
 };
 use parking_lot::Mutex;
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::{Notify, Semaphore},
     task::JoinSet,
@@ -41,18 +45,23 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::config::ConnectionSettings;
+use crate::{
+    config::ConnectionSettings,
+    tls::{HandshakeFailure, ServerTls, TlsPeer},
+};
 
 /// How long a connection closed for being idle may take to say goodbye before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Pause after a failed accept (e.g. out of file descriptors) before the next one.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Serves `app` on `listener` until `shutdown` completes and every connection has closed.
+/// Serves `app` on `listener` (over TLS with `tls`) until `shutdown` completes and every
+/// connection has closed.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     settings: &ConnectionSettings,
+    tls: Option<Arc<ServerTls>>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -95,6 +104,7 @@ pub async fn serve(
                     header_read_timeout: settings.header_read_timeout,
                     idle_timeout: settings.idle_timeout,
                     closing: closing.clone(),
+                    tls: tls.clone(),
                 };
                 connections.spawn(async move {
                     connection.serve(stream).await;
@@ -115,26 +125,78 @@ struct Connection {
     header_read_timeout: Duration,
     idle_timeout: Duration,
     closing: CancellationToken,
+    tls: Option<Arc<ServerTls>>,
 }
 
 impl Connection {
-    async fn serve(self, stream: TcpStream) {
+    async fn serve(mut self, stream: TcpStream) {
         // Without TCP_NODELAY, Nagle's algorithm holds back the last small write of a
         // response until the client's delayed ACK (~40 ms per client-streaming call).
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
+        let address = stream.peer_addr().ok();
+        let Some(tls) = self.tls.take() else {
+            return self.serve_http(stream, address, None).await;
+        };
+        // The configuration of the moment: a reload affects only later connections.
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+        let handshake = async {
+            let mut first = [0u8; 1];
+            match stream.peek(&mut first).await {
+                Ok(1) if first[0] != TLS_HANDSHAKE_RECORD => Err(Ok(stream)),
+                Ok(_) => acceptor.accept(stream).await.map_err(Err),
+                Err(error) => Err(Err(error)),
+            }
+        };
+        let handshake = tokio::time::timeout(tls.handshake_timeout(), handshake);
+        let stream = tokio::select! {
+            () = self.closing.cancelled() => return,
+            result = handshake => match result {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(Ok(plaintext))) => {
+                    tls.count_failure(HandshakeFailure::Plaintext);
+                    return refuse_plaintext(plaintext).await;
+                }
+                Ok(Err(Err(error))) => {
+                    tls.count_failure(HandshakeFailure::Refused);
+                    tracing::debug!(%error, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tls.count_failure(HandshakeFailure::Timeout);
+                    tracing::debug!("TLS handshake timed out; closing the connection");
+                    return;
+                }
+            },
+        };
+        // Present only if the client's certificate verified against `tls.client_ca`.
+        let peer = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(TlsPeer::from_certificate);
+        self.serve_http(stream, address, peer).await;
+    }
+
+    async fn serve_http<I>(self, io: I, address: Option<SocketAddr>, peer: Option<TlsPeer>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let calls = Arc::new(CallsInProgress::new());
         let app = self.app;
         let tracked = calls.clone();
         // The peer's address, for the rate limit of callers without credentials.
-        let peer = stream.peer_addr().ok().map(axum::extract::ConnectInfo);
-        let service = tower::service_fn(move |request: http::Request<Incoming>| {
+        let address = address.map(axum::extract::ConnectInfo);
+        let service = tower::service_fn(move |mut request: http::Request<Incoming>| {
             let call = tracked.started();
             let app = app.clone();
-            let mut request = request.map(Body::new);
-            if let Some(peer) = peer {
-                request.extensions_mut().insert(peer);
+            if let Some(address) = address {
+                request.extensions_mut().insert(address);
+            }
+            if let Some(peer) = &peer {
+                request.extensions_mut().insert(peer.clone());
             }
             async move {
                 let response = app.oneshot(request).await?;
@@ -143,10 +205,9 @@ impl Connection {
                 )
             }
         });
-        let connection = self.builder.serve_connection_with_upgrades(
-            TokioIo::new(stream),
-            TowerToHyperService::new(service),
-        );
+        let connection = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service));
         tokio::pin!(connection);
         let idle = calls.idle_past(self.header_read_timeout, self.idle_timeout);
         tokio::pin!(idle);
@@ -174,6 +235,30 @@ impl Connection {
                 () = sleep_until(drop_at) => return,
             }
         }
+    }
+}
+
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Answers a plaintext HTTP/1 request on the TLS port with a 400 that says why, rather than
+/// a reset (an HTTP/2 or other client just sees the connection close).
+async fn refuse_plaintext(mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    tracing::debug!("plaintext client on the TLS port; closing the connection");
+    let mut start = [0u8; 3];
+    let is_http1 = matches!(stream.peek(&mut start).await, Ok(3) if start.iter().all(u8::is_ascii_uppercase) && &start != b"PRI");
+    if is_http1 {
+        let body = "this port serves TLS: use https://\n";
+        let response = format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            stream.write_all(response.as_bytes()).await?;
+            stream.shutdown().await
+        })
+        .await;
     }
 }
 

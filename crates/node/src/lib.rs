@@ -12,6 +12,8 @@
 //!   served by [`connections`] (connection cap, header-read and idle timeouts, HTTP/2 pings);
 //! - [`metrics`] renders `/metrics`, with [`process_metrics`] for the process's own CPU,
 //!   memory and descriptors;
+//! - [`tls`] turns TLS and mutual TLS on for the port and for calls to agents, reloads
+//!   certificates when their files change, and names verified clients ([`TlsPeer`]);
 //! - [`config`] holds the settings and their defaults; [`config_layers`] reads them from a TOML
 //!   file, `AGENTMESH_*` variables and `--set` flags, through the same serde path.
 
@@ -25,6 +27,7 @@ pub mod metrics;
 pub mod process_metrics;
 pub mod server;
 pub mod stores;
+pub mod tls;
 
 pub use agentmesh_core::{
     MeshError,
@@ -37,3 +40,4 @@ pub use config::{ConnectionSettings, NodeConfig, StoreSettings, TelemetryConfig}
 pub use config_layers::{ConfigError, ConfigLayer};
 pub use server::Node;
 pub use stores::Stores;
+pub use tls::{AgentTlsSettings, ClientAuth, TlsPeer, TlsSettings};

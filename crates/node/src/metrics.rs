@@ -15,7 +15,7 @@ use prometheus_client::{
     registry::{Registry as Families, Unit},
 };
 
-use crate::{auth::AuthStats, process_metrics::ProcessSample};
+use crate::{auth::AuthStats, process_metrics::ProcessSample, tls::ServerTls};
 
 /// The OpenMetrics content type.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -26,14 +26,16 @@ struct MetricsState {
     router: Router,
     queue: QueueHandle,
     auth: Arc<AuthStats>,
+    tls: Option<Arc<ServerTls>>,
 }
 
-/// The `/metrics` route.
+/// The `/metrics` route (with the TLS figures when the port serves TLS).
 pub fn routes(
     registry: Arc<dyn AgentRegistry>,
     router: Router,
     queue: QueueHandle,
     auth: Arc<AuthStats>,
+    tls: Option<Arc<ServerTls>>,
 ) -> axum::Router {
     axum::Router::new()
         .route("/metrics", get(render))
@@ -42,7 +44,50 @@ pub fn routes(
             router,
             queue,
             auth,
+            tls,
         })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// Failed TLS handshakes by reason and certificate reloads by outcome.
+fn collect_tls(families: &mut Families, tls: &ServerTls) {
+    let (timeouts, plaintext, refused) = tls.handshake_failures();
+    let failures = Family::<ReasonLabels, Counter>::default();
+    for (reason, count) in [
+        ("timeout", timeouts),
+        ("plaintext", plaintext),
+        ("refused", refused),
+    ] {
+        failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc_by(count);
+    }
+    families.register(
+        "agentmesh_tls_handshake_failures",
+        "Connections closed before their TLS handshake completed, by reason",
+        failures,
+    );
+    let (loaded, failed) = tls.reloads();
+    let reloads = Family::<OutcomeLabels, Counter>::default();
+    for (outcome, count) in [("loaded", loaded), ("failed", failed)] {
+        reloads
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc_by(count);
+    }
+    families.register(
+        "agentmesh_tls_reloads",
+        "Reloads of the TLS certificate files after they changed (a failed one keeps the previous certificate)",
+        reloads,
+    );
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -76,6 +121,9 @@ fn counter(value: u64) -> Counter {
 async fn collect(state: &MetricsState) -> Families {
     let mut families = Families::default();
     state.router.metrics().register(&mut families);
+    if let Some(tls) = &state.tls {
+        collect_tls(&mut families, tls);
+    }
     families.register(
         "agentmesh_agent_connections",
         "Connections the node holds to agent endpoints",

@@ -28,6 +28,7 @@ use crate::{
     config::NodeConfig,
     edge::CallContextLayer,
     grpc::{AgentFace, Discovery, FanOutFace, OversizedRequestLayer, QueueFace, TraceFace},
+    tls::ServerTls,
 };
 
 /// gRPC services the node reports in `grpc.health.v1.Health`.
@@ -97,12 +98,26 @@ impl Node {
     /// turns NOT_SERVING, streams are ended, and in-flight calls get
     /// `shutdown_grace` to finish.
     pub async fn serve(
-        self,
+        mut self,
         listener: TcpListener,
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let auth = AuthLayer::new(&self.config.auth, &self.config.rate_limit)
             .map_err(std::io::Error::other)?;
+        // Read before anything starts, so a bad certificate stops the node with its name.
+        let tls = if self.config.tls.enabled() {
+            let tls = ServerTls::load(&self.config.tls).map_err(std::io::Error::other)?;
+            tls.watch(self.shutdown.clone())
+                .map_err(std::io::Error::other)?;
+            Some(tls)
+        } else {
+            None
+        };
+        let agents = &self.config.tls.agents;
+        if !agents.ca.is_empty() || !agents.cert.is_empty() {
+            let client = agents.client_config().map_err(std::io::Error::other)?;
+            self.router = self.router.with_agent_tls(client);
+        }
         let (queue, own_queue) = match self.queue.clone() {
             Some(queue) => (queue, false),
             None => {
@@ -178,6 +193,7 @@ impl Node {
             self.router.clone(),
             queue.clone(),
             auth.stats(),
+            tls.clone(),
         ));
         let app = routes
             .routes()
@@ -199,6 +215,7 @@ impl Node {
         if let Some(roster) = &self.roster {
             // Other nodes forward resumes of this node's streams here.
             let advertised = match self.config.store.advertise.as_str() {
+                "" if tls.is_some() => format!("https://{address}"),
                 "" => format!("http://{address}"),
                 set => set.to_owned(),
             };
@@ -209,7 +226,7 @@ impl Node {
         }
         set_health(&health, ServingStatus::Serving).await;
         ready.store(true, std::sync::atomic::Ordering::Release);
-        tracing::info!(%address, "agentmesh node serving gRPC and HTTP");
+        tracing::info!(%address, tls = tls.is_some(), "agentmesh node serving gRPC and HTTP");
 
         let shutdown = self.shutdown.clone();
         let grace = self.config.shutdown_grace;
@@ -224,7 +241,8 @@ impl Node {
                 shutdown.cancel();
             }
         };
-        let server = crate::connections::serve(listener, app, &self.config.connections, draining);
+        let server =
+            crate::connections::serve(listener, app, &self.config.connections, tls, draining);
         let result = tokio::select! {
             () = server => Ok(()),
             _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {

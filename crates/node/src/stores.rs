@@ -92,11 +92,19 @@ impl Stores {
         )
         .await?;
         let roster = NodeRoster::new(store.clone(), settings.node_ttl);
-        let replay = ForwardingReplay::new(
+        let mut replay = ForwardingReplay::new(
             store.node_id().to_owned(),
             Arc::new(StreamHub::owned_by(config.replay.clone(), store.node_id())),
             Arc::new(roster.clone()),
         );
+        // Resumes forwarded to other nodes go out like calls to agents.
+        let outgoing = &config.tls.agents;
+        if !outgoing.ca.is_empty() || !outgoing.cert.is_empty() {
+            let tls = outgoing
+                .client_config()
+                .map_err(|error| MeshError::InvalidArgument(format!("tls.agents: {error}")))?;
+            replay = replay.with_tls(tls);
+        }
         let durability = match settings.redis_wait_replicas {
             0 => RedisDurability::Primary,
             replicas => RedisDurability::Wait {

@@ -18,7 +18,7 @@ use tonic::{
     transport::{Channel, Endpoint},
 };
 
-use crate::{call_scope, error::SdkError};
+use crate::{call_scope, error::SdkError, tls::ClientTls};
 
 /// Per-call options.
 #[derive(Debug, Clone, Default)]
@@ -106,31 +106,49 @@ impl TargetBreakers {
     }
 }
 
-/// Turns `host:port` or a URI into an endpoint.
-pub(crate) fn endpoint(address: &str) -> Result<Endpoint, SdkError> {
+/// Turns `host:port` or a URI into an endpoint; with `tls`, a bare `host:port` is `https://`
+/// and the connection uses it.
+pub(crate) fn endpoint(address: &str, tls: Option<&ClientTls>) -> Result<Endpoint, SdkError> {
     let uri = if address.contains("://") {
         address.to_owned()
+    } else if tls.is_some() {
+        format!("https://{address}")
     } else {
         format!("http://{address}")
     };
-    Endpoint::from_shared(uri)
-        .map(|e| {
-            e.tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(2))
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_while_idle(true)
-        })
-        .map_err(|e| SdkError::InvalidAddress {
-            address: address.to_owned(),
-            reason: e.to_string(),
-        })
+    let invalid = |reason: String| SdkError::InvalidAddress {
+        address: address.to_owned(),
+        reason,
+    };
+    let mut endpoint = Endpoint::from_shared(uri).map_err(|e| invalid(e.to_string()))?;
+    if let Some(tls) = tls {
+        if endpoint.uri().scheme_str() != Some("https") {
+            return Err(invalid("TLS options need an https:// address".into()));
+        }
+        endpoint = endpoint
+            .tls_config(tls.config())
+            .map_err(|e| SdkError::Tls(e.to_string()))?;
+    }
+    Ok(endpoint
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_while_idle(true))
 }
 
 impl MeshClient {
     /// A client of the node at `address` (`host:port` or `http://host:port`).
     /// Connects on first use and reconnects by itself.
     pub fn connect_lazy(address: &str) -> Result<Self, SdkError> {
-        Ok(Self::from_channel(endpoint(address)?.connect_lazy()))
+        Ok(Self::from_channel(endpoint(address, None)?.connect_lazy()))
+    }
+
+    /// A client of the TLS node at `address` (`host:port` or `https://host:port`), trusting
+    /// and presenting what `tls` says. Connects on first use and reconnects by itself.
+    pub fn connect_lazy_tls(address: &str, tls: &ClientTls) -> Result<Self, SdkError> {
+        Ok(Self::from_channel(
+            endpoint(address, Some(tls))?.connect_lazy(),
+        ))
     }
 
     /// A client over an existing channel.

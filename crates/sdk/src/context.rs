@@ -2,11 +2,14 @@
 //! handling it inherit its correlation id and a strictly shorter deadline,
 //! without the author passing anything along.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use agentmesh_proto::{CallContext, DeadlinePolicy, v1::Envelope};
 use tokio_util::sync::CancellationToken;
-use tonic::metadata::MetadataMap;
+use tonic::{metadata::MetadataMap, transport::CertificateDer};
 
 use crate::{
     call_scope::{self, CallScope},
@@ -31,6 +34,7 @@ pub struct Context {
     message_id: String,
     cancelled: CancellationToken,
     client: Option<MeshClient>,
+    peer_certificates: Option<Arc<Vec<CertificateDer<'static>>>>,
 }
 
 impl Context {
@@ -63,7 +67,24 @@ impl Context {
             message_id: message_id.to_owned(),
             cancelled: CancellationToken::new(),
             client,
+            peer_certificates: None,
         }
+    }
+
+    /// The same context, for a call whose caller presented `certificates` over TLS.
+    pub(crate) fn with_peer_certificates(
+        mut self,
+        certificates: Option<Arc<Vec<CertificateDer<'static>>>>,
+    ) -> Self {
+        self.peer_certificates = certificates;
+        self
+    }
+
+    /// The certificate chain the caller presented, leaf first, when the agent serves mutual
+    /// TLS ([`crate::ServerTls::client_ca_pem`]): for calls routed through a node, the node's
+    /// `[tls.agents]` certificate. Empty otherwise; verified against the client CA when present.
+    pub fn peer_certificates(&self) -> &[CertificateDer<'static>] {
+        self.peer_certificates.as_deref().map_or(&[], Vec::as_slice)
     }
 
     /// The call's context as the mesh sees it (correlation id, deadline, trace context).

@@ -20,4 +20,7 @@ pub enum SdkError {
     /// The agent could not register with the node.
     #[error("registration failed: {0}")]
     Register(#[from] tonic::Status),
+    /// TLS could not be set up (unreadable files, a configuration tonic refuses).
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
 }

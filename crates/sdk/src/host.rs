@@ -56,6 +56,7 @@ impl<A: Agent> AgentHost<A> {
 
     fn context<T>(&self, request: &Request<T>, envelope: &Envelope) -> Context {
         Context::from_metadata(request.metadata(), &envelope.id, self.client.clone())
+            .with_peer_certificates(request.peer_certs())
     }
 }
 
@@ -136,7 +137,8 @@ async fn converse<A: Agent>(
     client: Option<MeshClient>,
     request: Request<Streaming<ConverseRequest>>,
 ) -> Result<Response<EventStreamOf<ConverseResponse>>, Status> {
-    let ctx = Context::from_metadata(request.metadata(), "", client);
+    let ctx = Context::from_metadata(request.metadata(), "", client)
+        .with_peer_certificates(request.peer_certs());
     let mut incoming = request.into_inner();
     let (inbound_tx, inbound_rx) = mpsc::channel(16);
     let (outbound_tx, mut outbound_rx) = mpsc::channel(16);

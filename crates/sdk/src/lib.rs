@@ -28,6 +28,7 @@ mod error;
 mod host;
 mod queue;
 mod runtime;
+mod tls;
 mod worker;
 
 pub use agent::{Agent, StreamSink};
@@ -42,4 +43,5 @@ pub use error::SdkError;
 pub use host::AgentHost;
 pub use queue::{DeadLetterSelection, SUBMIT_CALL_MESSAGES};
 pub use runtime::{AgentRuntime, Registration, RunningAgent};
+pub use tls::{ClientTls, ServerTls};
 pub use worker::{RunningWorker, Worker, WorkerStats};

@@ -13,7 +13,12 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, transport::server::TcpIncoming};
 
-use crate::{Agent, AgentHost, client::MeshClient, error::SdkError};
+use crate::{
+    Agent, AgentHost,
+    client::MeshClient,
+    error::SdkError,
+    tls::{ClientTls, ServerTls},
+};
 
 /// The registration state an agent publishes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -37,6 +42,8 @@ pub struct AgentRuntime<A> {
     advertise: Option<String>,
     ttl: Duration,
     token: Option<String>,
+    tls: Option<ServerTls>,
+    node_tls: Option<ClientTls>,
 }
 
 impl<A: Agent> AgentRuntime<A> {
@@ -50,6 +57,8 @@ impl<A: Agent> AgentRuntime<A> {
             advertise: None,
             ttl: Duration::from_secs(10),
             token: None,
+            tls: None,
+            node_tls: None,
         }
     }
 
@@ -78,6 +87,19 @@ impl<A: Agent> AgentRuntime<A> {
         self
     }
 
+    /// Serves over TLS (the registered endpoint is then `https://…`), optionally asking the
+    /// node for a client certificate.
+    pub fn tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Talks to a TLS node (registration, heartbeats, and the client handlers call through).
+    pub fn node_tls(mut self, tls: ClientTls) -> Self {
+        self.node_tls = Some(tls);
+        self
+    }
+
     /// Lease TTL to ask for; heartbeats go every third of it.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
@@ -89,28 +111,34 @@ impl<A: Agent> AgentRuntime<A> {
         let listener = TcpListener::bind(self.listen).await?;
         let address = listener.local_addr()?;
         let mut card = self.card;
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         card.endpoint = self
             .advertise
-            .unwrap_or_else(|| format!("http://{address}"));
+            .unwrap_or_else(|| format!("{scheme}://{address}"));
         if card.instance_id.is_empty() {
             card.instance_id = uuid::Uuid::now_v7().to_string();
         }
-        let client = match &self.node {
-            Some(node) => {
-                let client = MeshClient::connect_lazy(node)?;
-                Some(match &self.token {
-                    Some(token) => client.with_token(token)?,
-                    None => client,
-                })
-            }
-            None => None,
+        let client = match (&self.node, &self.node_tls) {
+            (Some(node), Some(tls)) => Some(MeshClient::connect_lazy_tls(node, tls)?),
+            (Some(node), None) => Some(MeshClient::connect_lazy(node)?),
+            (None, _) => None,
         };
+        let client = match (client, &self.token) {
+            (Some(client), Some(token)) => Some(client.with_token(token)?),
+            (client, _) => client,
+        };
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = &self.tls {
+            server = server
+                .tls_config(tls.config())
+                .map_err(|e| SdkError::Tls(e.to_string()))?;
+        }
         let shutdown = CancellationToken::new();
         let host = AgentHost::new(self.agent, card.name.clone(), client.clone());
         let server = {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                tonic::transport::Server::builder()
+                server
                     .add_service(
                         AgentServiceServer::new(host)
                             .max_decoding_message_size(usize::MAX)

@@ -20,7 +20,10 @@ use agentmesh_proto::v1::{
 };
 use futures::{StreamExt, stream::BoxStream};
 use std::time::Instant;
-use tonic::{Code, Status};
+use tonic::{
+    Code, Status,
+    transport::{ClientTlsConfig, Endpoint},
+};
 
 use super::{ReplayStore, StreamHub};
 use crate::error::MeshError;
@@ -42,6 +45,8 @@ pub struct ForwardingReplay {
     node_id: String,
     local: Arc<StreamHub>,
     directory: Arc<dyn NodeDirectory>,
+    /// For nodes that advertise `https://` addresses; without it, the system's roots.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl ForwardingReplay {
@@ -51,7 +56,15 @@ impl ForwardingReplay {
             node_id,
             local,
             directory,
+            tls: None,
         }
+    }
+
+    /// The same, reaching nodes that advertise `https://` addresses over TLS configured by
+    /// `tls` (trust roots, and a client certificate for nodes that ask for one).
+    pub fn with_tls(mut self, tls: ClientTlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
     }
 }
 
@@ -92,13 +105,18 @@ impl ReplayStore for ForwardingReplay {
         };
         let address = self.directory.address_of(owner).await?.ok_or_else(gone)?;
         let started = Instant::now();
-        let mut client = AgentServiceClient::connect(address.clone())
-            .await
-            .map_err(|e| {
-                MeshError::Unavailable(format!(
-                    "node {owner} at {address}, which serves stream {stream_id}, is unreachable: {e}"
-                ))
-            })?;
+        let unreachable = |e: tonic::transport::Error| {
+            MeshError::Unavailable(format!(
+                "node {owner} at {address}, which serves stream {stream_id}, is unreachable: {e}"
+            ))
+        };
+        let mut endpoint = Endpoint::from_shared(address.clone()).map_err(unreachable)?;
+        if let Some(tls) = &self.tls
+            && address.starts_with("https://")
+        {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(unreachable)?;
+        }
+        let mut client = AgentServiceClient::new(endpoint.connect().await.map_err(unreachable)?);
         let mut request = tonic::Request::new(StreamRequest {
             resume_stream_id: stream_id.to_owned(),
             resume_after_sequence: after,

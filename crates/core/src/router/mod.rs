@@ -214,6 +214,13 @@ impl Router {
         self.access.check(call, Action::Call, target)
     }
 
+    /// The same router calling agents with `https://` endpoints over TLS configured by
+    /// `tls` (trust roots, and a client certificate for agents that ask for one).
+    pub fn with_agent_tls(mut self, tls: tonic::transport::ClientTlsConfig) -> Self {
+        self.channels = Arc::new(ChannelPool::with_tls(tls));
+        self
+    }
+
     /// Where the router records its hops.
     pub fn journal(&self) -> &Arc<dyn TraceJournal> {
         &self.journal

@@ -260,7 +260,14 @@ pub fn agent_failure(
         ))
         .into();
     }
-    if status.code() == Code::Unavailable && is_transport_error(&status) {
+    // A connection that failed under the call (a refused TLS handshake surfaces as
+    // CANCELLED "connection closed" or UNKNOWN "fatal alert") is the agent being unreachable.
+    let failed_connection = match status.code() {
+        Code::Unavailable => is_transport_error(&status),
+        Code::Cancelled | Code::Unknown => has_transport_source(&status),
+        _ => false,
+    };
+    if failed_connection {
         return MeshError::Unavailable(format!(
             "{hop} at {} is unreachable: {}",
             instance.card.endpoint,
@@ -272,6 +279,13 @@ pub fn agent_failure(
 }
 
 fn is_transport_error(status: &Status) -> bool {
+    has_transport_source(status)
+        || status.message().contains("transport error")
+        || status.message().contains("connect")
+}
+
+/// Whether the status was made by this side's transport (not received from the agent).
+fn has_transport_source(status: &Status) -> bool {
     use std::error::Error;
     let mut source = status.source();
     while let Some(error) = source {
@@ -282,7 +296,7 @@ fn is_transport_error(status: &Status) -> bool {
         }
         source = error.source();
     }
-    status.message().contains("transport error") || status.message().contains("connect")
+    false
 }
 
 /// The budget of the next hop, or DEADLINE_EXCEEDED naming the hop when nothing would be left.

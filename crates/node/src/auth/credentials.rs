@@ -271,7 +271,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        config.validate().unwrap();
+        config.validate(false).unwrap();
         let auth = Authenticator::new(&config).unwrap();
         let alice = auth.authenticate("s3cret").unwrap();
         assert_eq!(alice.id, "alice");

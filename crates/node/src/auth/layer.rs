@@ -14,7 +14,7 @@ use std::{
 };
 
 use agentmesh_gateway::ApiError;
-use agentmesh_proto::{CallContext, Credentials, ERROR_DOMAIN, metadata::AUTHORIZATION};
+use agentmesh_proto::{CallContext, Credentials, ERROR_DOMAIN, Principal, metadata::AUTHORIZATION};
 use axum::extract::ConnectInfo;
 use futures::future::BoxFuture;
 use http::{
@@ -26,6 +26,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use tower::{Layer, Service};
 
 use super::{AuthConfig, Authenticator, RateLimitConfig, RateLimiter};
+use crate::tls::TlsPeer;
 
 /// The query parameter a browser's EventSource or WebSocket can carry its token in.
 const QUERY_TOKEN: &str = "access_token";
@@ -156,13 +157,22 @@ impl Shared {
         let principal = match &self.authenticator {
             None => None,
             Some(authenticator) => {
-                let token = self.token(request).ok_or_else(|| {
-                    Refusal::Unauthenticated(
-                        "authentication required: send `authorization: Bearer <token>`".into(),
-                    )
-                })?;
+                let Some(token) = self.token(request) else {
+                    // A client certificate verified against `tls.client_ca` names the caller
+                    // when it sends no token.
+                    let peer = request.extensions().get::<TlsPeer>().ok_or_else(|| {
+                        Refusal::Unauthenticated(
+                            "authentication required: send `authorization: Bearer <token>`".into(),
+                        )
+                    })?;
+                    let principal = Principal {
+                        id: peer.identity.clone(),
+                        groups: Vec::new(),
+                    };
+                    return self.admit_principal(request, Some((principal, None)));
+                };
                 match authenticator.authenticate(&token) {
-                    Ok(principal) => Some((principal, token)),
+                    Ok(principal) => Some((principal, Some(token))),
                     Err(rejected) => {
                         let correlation_id = request
                             .extensions()
@@ -177,6 +187,15 @@ impl Shared {
                 }
             }
         };
+        self.admit_principal(request, principal)
+    }
+
+    /// Applies the rate limit to the caller and stores who it is in the request.
+    fn admit_principal<B>(
+        &self,
+        request: &mut Request<B>,
+        principal: Option<(Principal, Option<String>)>,
+    ) -> Result<(), Refusal> {
         if let Some(limiter) = &self.limiter {
             let key = match &principal {
                 Some((principal, _)) => Some(format!("p:{}", principal.id)),
@@ -199,7 +218,7 @@ impl Shared {
             request.extensions_mut().insert(principal.clone());
             if let Some(ctx) = request.extensions_mut().get_mut::<CallContext>() {
                 ctx.principal = Some(principal);
-                ctx.credentials = Some(Credentials::bearer(token));
+                ctx.credentials = token.map(Credentials::bearer);
             }
         }
         Ok(())

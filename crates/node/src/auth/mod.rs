@@ -111,7 +111,9 @@ impl Default for JwtConfig {
 
 impl AuthConfig {
     /// Rejects an `[auth]` section that cannot work.
-    pub fn validate(&self) -> Result<(), String> {
+    /// `client_certificates`: whether the port verifies client certificates (`tls.client_ca`),
+    /// which name their callers too.
+    pub fn validate(&self, client_certificates: bool) -> Result<(), String> {
         for (index, token) in self.tokens.iter().enumerate() {
             if token.principal.is_empty() {
                 return Err(format!("auth.tokens[{index}].principal is required"));
@@ -119,9 +121,11 @@ impl AuthConfig {
             credentials::parse_hash(&token.hash)
                 .map_err(|reason| format!("auth.tokens[{index}].hash: {reason}"))?;
         }
-        if self.enabled && self.tokens.is_empty() && !self.jwt.configured() {
+        if self.enabled && self.tokens.is_empty() && !self.jwt.configured() && !client_certificates
+        {
             return Err(
-                "auth.enabled needs auth.tokens or an auth.jwt key: nobody could authenticate"
+                "auth.enabled needs auth.tokens, an auth.jwt key or tls.client_ca: nobody could \
+                 authenticate"
                     .into(),
             );
         }
