@@ -9,16 +9,16 @@ use std::sync::{
 use agentmesh_proto::{
     CallContext,
     v1::{
-        ConverseRequest, ConverseResponse, FanOutRequest, FanOutResponse, FollowTraceRequest,
-        GetTraceRequest, GetTraceResponse, Hop, InvokeRequest, InvokeResponse, LookupRequest,
-        LookupResponse, StreamRequest, StreamResponse,
+        AddA2aAgentRequest, AddA2aAgentResponse, ConverseRequest, ConverseResponse, FanOutRequest,
+        FanOutResponse, FollowTraceRequest, GetTraceRequest, GetTraceResponse, Hop, InvokeRequest,
+        InvokeResponse, LookupRequest, LookupResponse, StreamRequest, StreamResponse,
     },
 };
 use futures::StreamExt;
 use tonic::Status;
 
 use crate::{
-    api::{EventStream, Mesh},
+    api::{A2aAgents, EventStream, Mesh},
     error::MeshError,
     journal::record_lookup,
     registry::AgentRegistry,
@@ -31,6 +31,7 @@ pub struct MeshCore {
     router: Router,
     registry: Arc<dyn AgentRegistry>,
     ready: Arc<AtomicBool>,
+    a2a_agents: Option<Arc<dyn A2aAgents>>,
 }
 
 impl MeshCore {
@@ -40,7 +41,14 @@ impl MeshCore {
             router,
             registry,
             ready,
+            a2a_agents: None,
         }
+    }
+
+    /// The same mesh adding external A2A agents through `agents`.
+    pub fn with_a2a_agents(mut self, agents: Arc<dyn A2aAgents>) -> Self {
+        self.a2a_agents = Some(agents);
+        self
     }
 
     /// The router.
@@ -56,6 +64,19 @@ impl MeshCore {
 
 #[tonic::async_trait]
 impl Mesh for MeshCore {
+    async fn add_a2a_agent(
+        &self,
+        _ctx: CallContext,
+        request: AddA2aAgentRequest,
+    ) -> Result<AddA2aAgentResponse, Status> {
+        match &self.a2a_agents {
+            Some(agents) => agents.add(request).await,
+            None => Err(Status::unimplemented(
+                "this node does not add external A2A agents",
+            )),
+        }
+    }
+
     async fn invoke(
         &self,
         ctx: CallContext,
