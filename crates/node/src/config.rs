@@ -48,6 +48,8 @@ pub struct NodeConfig {
     pub telemetry: TelemetryConfig,
     /// Client connections: how many at once, and how long a silent or idle one stays open.
     pub connections: ConnectionSettings,
+    /// External A2A agents listed on the mesh, and how their cards are kept fresh.
+    pub a2a: agentmesh_a2a::outbound::ExternalAgentsConfig,
 }
 
 /// OpenTelemetry export of the node's spans (one per hop, child of the caller's
@@ -187,6 +189,7 @@ impl Default for NodeConfig {
             trace: JournalConfig::default(),
             telemetry: TelemetryConfig::default(),
             connections: ConnectionSettings::default(),
+            a2a: Default::default(),
         }
     }
 }
