@@ -256,31 +256,30 @@ impl ExternalAgents {
     /// Refreshes the cards and renews the leases that are due.
     async fn run_due(&self) {
         let now = Instant::now();
-        let due: Vec<(
-            String,
-            ExternalAgent,
-            Option<(MeshCard, String)>,
-            bool,
-            bool,
-        )> = self
+        let due: Vec<Due> = self
             .entries
             .lock()
             .iter()
             .filter_map(|(key, e)| {
                 let refresh = e.next_refresh <= now;
                 let renew = e.next_renewal.is_some_and(|at| at <= now);
-                (refresh || renew).then(|| {
-                    (
-                        key.clone(),
-                        e.agent.clone(),
-                        e.listed.clone(),
-                        refresh,
-                        renew,
-                    )
+                (refresh || renew).then(|| Due {
+                    key: key.clone(),
+                    agent: e.agent.clone(),
+                    listed: e.listed.clone(),
+                    refresh,
+                    renew,
                 })
             })
             .collect();
-        for (key, agent, listed, refresh, renew) in due {
+        for Due {
+            key,
+            agent,
+            listed,
+            refresh,
+            renew,
+        } in due
+        {
             let mut card = listed.as_ref().map(|(card, _)| card.clone());
             let mut lease_id = listed.map(|(_, lease)| lease);
             let mut fetched = None;
@@ -356,6 +355,15 @@ impl ExternalAgents {
             }
         }
     }
+}
+
+/// An agent whose card refresh or lease renewal is due.
+struct Due {
+    key: String,
+    agent: ExternalAgent,
+    listed: Option<(MeshCard, String)>,
+    refresh: bool,
+    renew: bool,
 }
 
 fn renewal_of(lease: &agentmesh_proto::v1::Lease) -> Instant {
