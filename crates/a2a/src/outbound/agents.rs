@@ -85,7 +85,7 @@ pub struct ExternalAgents {
     config: ExternalAgentsConfig,
     /// Where agents added at run time are kept across restarts.
     saved: Option<PathBuf>,
-    /// By card URL.
+    /// By card URL and the name asked for.
     entries: Mutex<BTreeMap<String, Entry>>,
     wake: Arc<Notify>,
 }
@@ -118,7 +118,7 @@ impl ExternalAgents {
         let entries = agents
             .into_iter()
             .map(|agent| {
-                let key = card_url(&agent.url);
+                let key = entry_key(&agent);
                 let entry = Entry {
                     agent,
                     listed: None,
@@ -172,11 +172,11 @@ impl ExternalAgents {
     /// Fetches the card of `agent`, lists it, and keeps it listed; saved for restarts
     /// when `save` (the agents of the configuration are not).
     pub async fn add_agent(&self, agent: ExternalAgent, save: bool) -> Result<MeshCard, Status> {
-        let key = card_url(&agent.url);
+        let key = entry_key(&agent);
         let card = self
-            .fetch(&key, &agent)
+            .fetch(&agent)
             .await
-            .map_err(|e| Status::from(e.into_mesh_error(&key)))?;
+            .map_err(|e| Status::from(e.into_mesh_error(&card_url(&agent.url))))?;
         let lease = self.list(&card).await?;
         let renewal = renewal_of(&lease);
         {
@@ -208,7 +208,7 @@ impl ExternalAgents {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        kept.retain(|k| card_url(&k.url) != card_url(&agent.url));
+        kept.retain(|k| entry_key(k) != entry_key(&agent));
         kept.push(agent);
         let written = tokio::task::spawn_blocking(move || {
             if let Some(dir) = path.parent() {
@@ -227,13 +227,14 @@ impl ExternalAgents {
         }
     }
 
-    async fn fetch(&self, card_url: &str, agent: &ExternalAgent) -> Result<MeshCard, FetchError> {
+    async fn fetch(&self, agent: &ExternalAgent) -> Result<MeshCard, FetchError> {
+        let card_url = card_url(&agent.url);
         let card = self
             .client
-            .fetch_card(card_url, self.config.card_timeout)
+            .fetch_card(&card_url, self.config.card_timeout)
             .await
             .map_err(FetchError::Client)?;
-        mesh_card(&card, card_url, &agent.name).map_err(FetchError::Card)
+        mesh_card(&card, &card_url, &agent.name).map_err(FetchError::Card)
     }
 
     async fn list(&self, card: &MeshCard) -> Result<agentmesh_proto::v1::Lease, Status> {
@@ -284,7 +285,7 @@ impl ExternalAgents {
             let mut lease_id = listed.map(|(_, lease)| lease);
             let mut fetched = None;
             if refresh {
-                match self.fetch(&key, &agent).await {
+                match self.fetch(&agent).await {
                     Ok(fresh) => fetched = Some(fresh),
                     Err(error) => {
                         tracing::warn!(card = %key, %error, "cannot refresh an external A2A agent's card; keeping the last one")
@@ -438,6 +439,7 @@ impl A2aAgents for ExternalAgents {
 /// the node calls as its endpoint, and where its card came from in the metadata.
 pub fn mesh_card(card: &AgentCard, card_url: &str, name: &str) -> Result<MeshCard, String> {
     let interface = pick_interface(card, card_url)?;
+    let name_given = name;
     let name = if name.is_empty() {
         mesh_name(&card.name)
     } else {
@@ -462,7 +464,7 @@ pub fn mesh_card(card: &AgentCard, card_url: &str, name: &str) -> Result<MeshCar
         name,
         version: card.version.clone(),
         description: card.description.clone(),
-        instance_id: instance_id(card_url),
+        instance_id: instance_id(card_url, name_given),
         endpoint: interface.url,
         skills: card
             .skills
@@ -507,11 +509,21 @@ fn mesh_name(name: &str) -> String {
     mapped
 }
 
-/// The same instance id for the same card URL, on every node and across restarts (FNV-1a).
-fn instance_id(card_url: &str) -> String {
-    let hash = card_url.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+/// One agent added under one name: the same card URL may be added under several names.
+fn entry_key(agent: &ExternalAgent) -> String {
+    format!("{}\n{}", card_url(&agent.url), agent.name)
+}
+
+/// The same instance id for the same card URL and name, on every node and across restarts
+/// (FNV-1a).
+fn instance_id(card_url: &str, name: &str) -> String {
+    let hash = card_url
+        .bytes()
+        .chain([b'\n'])
+        .chain(name.bytes())
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
     format!("a2a-{hash:016x}")
 }
 

@@ -429,6 +429,20 @@ mod tests {
     }
 
     #[test]
+    fn the_hop_budget_and_tracing_fields_become_headers() {
+        let mut request = Request::new(());
+        request.set_timeout(Duration::from_millis(1500));
+        request
+            .metadata_mut()
+            .insert("traceparent", "00-abc-def-01".parse().unwrap());
+        let (headers, timeout) = headers_of(request.metadata());
+        assert_eq!(timeout, Duration::from_millis(1500));
+        assert_eq!(headers[TIMEOUT_MS], "1500");
+        assert_eq!(headers["traceparent"], "00-abc-def-01");
+        assert!(!headers.contains_key(GRPC_TIMEOUT));
+    }
+
+    #[test]
     fn retry_after_becomes_pushback() {
         let status = status_of(
             ClientError::Http {
