@@ -562,6 +562,10 @@ mod tests {
         assert_eq!(mesh.styles.len(), 2);
         assert_eq!(
             mesh.instance_id,
+            mesh_card(&card, url, "").unwrap().instance_id
+        );
+        assert_ne!(
+            mesh.instance_id,
             mesh_card(&card, url, "x").unwrap().instance_id
         );
         assert_eq!(mesh_card(&card, url, "echo").unwrap().name, "echo");
