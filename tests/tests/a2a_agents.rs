@@ -23,6 +23,9 @@ use tonic_types::StatusExt;
 const NEEDS_PYTHON: &str = "a Python 3 with a2a-sdk[http-server] 1.3 and uvicorn \
      (python3 -m pip install -r examples/python/requirements.txt)";
 
+/// The longest lease the node of the breaker test grants.
+const LEASE_TTL: Duration = Duration::from_secs(1);
+
 fn python() -> String {
     outside_tool("AGENTMESH_TEST_PYTHON", NEEDS_PYTHON)
 }
@@ -320,6 +323,10 @@ async fn a_killed_a2a_agent_opens_its_breaker() {
     let mut config = test_config();
     config.breaker.consecutive_failures = 3;
     config.breaker.open_for = Duration::from_secs(60);
+    // Short leases and refreshes: the node must renew the listing, and keep it when the
+    // card can no longer be fetched.
+    config.leases.max_ttl = LEASE_TTL;
+    config.a2a.card_refresh = Duration::from_millis(200);
     let node = TestNode::start_with(config).await;
     let client: MeshClient = node.client_without_breakers();
     client.add_a2a_agent(&agent.url, "doomed").await.unwrap();
@@ -350,6 +357,9 @@ async fn a_killed_a2a_agent_opens_its_breaker() {
         codes.len() <= 3,
         "opened after the threshold of consecutive failures: {codes:?}"
     );
+    // Several lease TTLs and failed refreshes later, it is still listed with its breaker
+    // open (a failed refresh keeps the last card and does not list it anew).
+    tokio::time::sleep(LEASE_TTL * 3).await;
     let listed = client
         .lookup(AgentFilter {
             name: "doomed".into(),
@@ -357,6 +367,7 @@ async fn a_killed_a2a_agent_opens_its_breaker() {
         })
         .await
         .unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0].breaker, BreakerState::Open as i32);
 
     node.stop().await;

@@ -73,6 +73,8 @@ struct Entry {
     listed: Option<(MeshCard, String)>,
     next_refresh: Instant,
     next_renewal: Option<Instant>,
+    /// A third of the lease's TTL.
+    renew_every: Duration,
     /// Consecutive failed fetches.
     failures: u32,
 }
@@ -124,6 +126,7 @@ impl ExternalAgents {
                     listed: None,
                     next_refresh: now,
                     next_renewal: None,
+                    renew_every: LEASE_TTL / 3,
                     failures: 0,
                 };
                 (key, entry)
@@ -178,7 +181,7 @@ impl ExternalAgents {
             .await
             .map_err(|e| Status::from(e.into_mesh_error(&card_url(&agent.url))))?;
         let lease = self.list(&card).await?;
-        let renewal = renewal_of(&lease);
+        let renew_every = renewal_of(&lease);
         {
             let mut entries = self.entries.lock();
             entries.insert(
@@ -187,7 +190,8 @@ impl ExternalAgents {
                     agent: agent.clone(),
                     listed: Some((card.clone(), lease.lease_id)),
                     next_refresh: Instant::now() + self.config.card_refresh,
-                    next_renewal: Some(renewal),
+                    next_renewal: Some(Instant::now() + renew_every),
+                    renew_every,
                     failures: 0,
                 },
             );
@@ -273,87 +277,92 @@ impl ExternalAgents {
                 })
             })
             .collect();
-        for Due {
+        // Each on its own: a slow card fetch does not hold up the others' renewals.
+        futures::future::join_all(due.into_iter().map(|due| self.run_one(due))).await;
+    }
+
+    /// Refreshes one agent's card and renews its lease, whichever is due.
+    async fn run_one(&self, due: Due) {
+        let Due {
             key,
             agent,
             listed,
             refresh,
             renew,
-        } in due
+        } = due;
+        let mut card = listed.as_ref().map(|(card, _)| card.clone());
+        let mut lease_id = listed.map(|(_, lease)| lease);
+        let mut fetched = None;
+        if refresh {
+            match self.fetch(&agent).await {
+                Ok(fresh) => fetched = Some(fresh),
+                Err(error) => {
+                    tracing::warn!(card = %key, %error, "cannot refresh an external A2A agent's card; keeping the last one")
+                }
+            }
+        }
+        // List anew when the card changed or the lease is gone.
+        let mut relist = false;
+        if let Some(fresh) = fetched.clone()
+            && card.as_ref() != Some(&fresh)
         {
-            let mut card = listed.as_ref().map(|(card, _)| card.clone());
-            let mut lease_id = listed.map(|(_, lease)| lease);
-            let mut fetched = None;
-            if refresh {
-                match self.fetch(&agent).await {
-                    Ok(fresh) => fetched = Some(fresh),
-                    Err(error) => {
-                        tracing::warn!(card = %key, %error, "cannot refresh an external A2A agent's card; keeping the last one")
-                    }
+            card = Some(fresh);
+            relist = true;
+        }
+        if !relist
+            && renew
+            && let Some(lease) = &lease_id
+        {
+            match self.registry.heartbeat(lease).await {
+                Ok(_) => {}
+                Err(MeshError::LeaseNotFound(_)) => relist = true,
+                Err(error) => {
+                    tracing::warn!(card = %key, %error, "cannot renew an external A2A agent's lease")
                 }
             }
-            // List anew when the card changed or the lease is gone.
-            let mut relist = false;
-            if let Some(fresh) = fetched.clone()
-                && card.as_ref() != Some(&fresh)
-            {
-                card = Some(fresh);
-                relist = true;
-            }
-            if !relist
-                && renew
-                && let Some(lease) = &lease_id
-            {
-                match self.registry.heartbeat(lease).await {
-                    Ok(_) => {}
-                    Err(MeshError::LeaseNotFound(_)) => relist = true,
-                    Err(error) => {
-                        tracing::warn!(card = %key, %error, "cannot renew an external A2A agent's lease")
-                    }
+        }
+        let mut relisted_every = None;
+        if relist && let Some(card) = &card {
+            match self.list(card).await {
+                Ok(lease) => {
+                    relisted_every = Some(renewal_of(&lease));
+                    lease_id = Some(lease.lease_id);
+                }
+                Err(error) => {
+                    tracing::warn!(card = %key, %error, "cannot list an external A2A agent")
                 }
             }
-            let mut lease_ttl = None;
-            if relist && let Some(card) = &card {
-                match self.list(card).await {
-                    Ok(lease) => {
-                        lease_ttl = Some(renewal_of(&lease));
-                        lease_id = Some(lease.lease_id);
-                    }
-                    Err(error) => {
-                        tracing::warn!(card = %key, %error, "cannot list an external A2A agent")
-                    }
-                }
-            }
-            let mut entries = self.entries.lock();
-            let Some(entry) = entries.get_mut(&key) else {
-                continue;
-            };
-            if refresh {
-                if fetched.is_some() {
-                    entry.failures = 0;
-                    entry.next_refresh = Instant::now() + self.config.card_refresh;
+        }
+        let mut entries = self.entries.lock();
+        let Some(entry) = entries.get_mut(&key) else {
+            return;
+        };
+        if refresh {
+            if fetched.is_some() {
+                entry.failures = 0;
+                entry.next_refresh = Instant::now() + self.config.card_refresh;
+            } else {
+                entry.failures += 1;
+                let retry = FIRST_RETRY
+                    .saturating_mul(1 << entry.failures.min(16))
+                    .min(self.config.card_refresh);
+                // Listed agents keep their card until the next regular refresh.
+                let wait = if entry.listed.is_some() {
+                    self.config.card_refresh
                 } else {
-                    entry.failures += 1;
-                    let retry = FIRST_RETRY
-                        .saturating_mul(1 << entry.failures.min(16))
-                        .min(self.config.card_refresh);
-                    // Listed agents keep their card until the next regular refresh.
-                    let wait = if entry.listed.is_some() {
-                        self.config.card_refresh
-                    } else {
-                        retry
-                    };
-                    entry.next_refresh = Instant::now() + wait;
-                }
+                    retry
+                };
+                entry.next_refresh = Instant::now() + wait;
             }
-            if let (Some(card), Some(lease)) = (card, lease_id) {
-                entry.listed = Some((card, lease));
-            }
-            if let Some(at) = lease_ttl {
-                entry.next_renewal = Some(at);
-            } else if renew {
-                entry.next_renewal = Some(Instant::now() + LEASE_TTL / 3);
-            }
+        }
+        if let (Some(card), Some(lease)) = (card, lease_id) {
+            entry.listed = Some((card, lease));
+        }
+        if let Some(every) = relisted_every {
+            entry.renew_every = every;
+            entry.next_renewal = Some(Instant::now() + every);
+        } else if renew {
+            entry.next_renewal = Some(Instant::now() + entry.renew_every);
         }
     }
 }
@@ -367,12 +376,13 @@ struct Due {
     renew: bool,
 }
 
-fn renewal_of(lease: &agentmesh_proto::v1::Lease) -> Instant {
+/// How often a lease is renewed: at a third of its TTL.
+fn renewal_of(lease: &agentmesh_proto::v1::Lease) -> Duration {
     let ttl = lease
         .ttl
         .and_then(|t| Duration::try_from(t).ok())
         .unwrap_or(LEASE_TTL);
-    Instant::now() + ttl / 3
+    ttl / 3
 }
 
 #[derive(Debug, thiserror::Error)]
