@@ -147,6 +147,18 @@ async fn the_rust_sdk_calls_an_a2a_agent_added_by_card_url() {
     let reply = client.invoke("py-a2a", text("hi there")).await.unwrap();
     assert_eq!(text_of(&reply), "echo: hi there");
     assert!(reply.headers.contains_key("a2a-task-id"), "{reply:?}");
+    // The trace journal records the hop like any other.
+    let traced = Envelope {
+        correlation_id: "a2a-traced".into(),
+        ..text("traced")
+    };
+    client.invoke("py-a2a", traced).await.unwrap();
+    let hops = client.trace("a2a-traced").await.unwrap();
+    assert!(
+        hops.iter()
+            .any(|hop| hop.to.starts_with("py-a2a/a2a-") && hop.code == "OK"),
+        "{hops:?}"
+    );
     // By skill too, like any mesh agent.
     let reply = client.invoke("skill:echo", text("again")).await.unwrap();
     assert_eq!(text_of(&reply), "echo: again");
