@@ -107,6 +107,22 @@ impl NodeArgs {
 }
 
 #[derive(Debug, Subcommand)]
+enum AgentsAction {
+    /// Add an external A2A (Agent2Agent) agent by its card URL: the node fetches its card,
+    /// lists it with its skills and routes calls to it over A2A.
+    AddA2a {
+        /// The agent's base URL (its card is at /.well-known/agent-card.json below it) or
+        /// its card's URL.
+        url: String,
+        /// The name it is called by on the mesh (default: from its card).
+        #[arg(long, default_value = "")]
+        name: String,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Run a node: gRPC and HTTP on one port.
     Serve(serve_command::ServeArgs),
@@ -115,8 +131,10 @@ enum Command {
     /// Authentication helpers.
     #[command(subcommand)]
     Auth(AuthCommand),
-    /// List registered agents.
+    /// List registered agents (`agents add-a2a URL` adds an external A2A agent).
     Agents {
+        #[command(subcommand)]
+        action: Option<AgentsAction>,
         #[command(flatten)]
         node: NodeArgs,
         /// Only agents offering this skill.
@@ -224,7 +242,15 @@ async fn run() -> anyhow::Result<()> {
             serve.run(serve_matches).await
         }
         Command::Queue(command) => queue_commands::run(command).await,
-        Command::Agents { node, skill } => agents(node, skill).await,
+        Command::Agents {
+            action: Some(AgentsAction::AddA2a { url, name, node }),
+            ..
+        } => add_a2a(node, &url, &name).await,
+        Command::Agents {
+            action: None,
+            node,
+            skill,
+        } => agents(node, skill).await,
         Command::Auth(AuthCommand::HashToken { token }) => {
             let token = match token {
                 Some(token) => token,
@@ -386,6 +412,30 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+async fn add_a2a(node: NodeArgs, url: &str, name: &str) -> anyhow::Result<()> {
+    let client = MeshClient::connect_lazy(&node.node)?;
+    let card = client
+        .add_a2a_agent(url, name)
+        .await
+        .map_err(status_error)?;
+    if node.output == Output::Json {
+        println!("{}", agentmesh_proto::json::to_json(&card)?);
+        return Ok(());
+    }
+    let skills: Vec<&str> = card.skills.iter().map(|s| s.id.as_str()).collect();
+    println!(
+        "added A2A agent {} at {} (skills: {})",
+        card.name,
+        card.endpoint,
+        if skills.is_empty() {
+            "none".to_owned()
+        } else {
+            skills.join(", ")
+        }
+    );
+    Ok(())
 }
 
 async fn agents(node: NodeArgs, skill: Option<String>) -> anyhow::Result<()> {

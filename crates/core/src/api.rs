@@ -4,11 +4,12 @@
 use agentmesh_proto::{
     CallContext,
     v1::{
-        AwaitResultRequest, AwaitResultResponse, ConsumeRequest, ConsumeResponse, ConverseRequest,
-        ConverseResponse, FanOutRequest, FanOutResponse, FollowTraceRequest, GetResultRequest,
-        GetResultResponse, GetTraceRequest, GetTraceResponse, Hop, InvokeRequest, InvokeResponse,
-        ListDeadLettersRequest, ListDeadLettersResponse, ListQueuesRequest, ListQueuesResponse,
-        LookupRequest, LookupResponse, PurgeDeadLettersRequest, PurgeDeadLettersResponse,
+        AddA2aAgentRequest, AddA2aAgentResponse, AwaitResultRequest, AwaitResultResponse,
+        ConsumeRequest, ConsumeResponse, ConverseRequest, ConverseResponse, FanOutRequest,
+        FanOutResponse, FollowTraceRequest, GetResultRequest, GetResultResponse, GetTraceRequest,
+        GetTraceResponse, Hop, InvokeRequest, InvokeResponse, ListDeadLettersRequest,
+        ListDeadLettersResponse, ListQueuesRequest, ListQueuesResponse, LookupRequest,
+        LookupResponse, PurgeDeadLettersRequest, PurgeDeadLettersResponse,
         RedriveDeadLettersRequest, RedriveDeadLettersResponse, StreamRequest, StreamResponse,
         SubmitRequest, SubmitResponse,
     },
@@ -49,6 +50,17 @@ pub trait Mesh: Send + Sync + 'static {
         ctx: CallContext,
         request: LookupRequest,
     ) -> Result<LookupResponse, Status>;
+
+    /// `DiscoveryService.AddA2aAgent`: UNIMPLEMENTED unless the node reaches A2A agents.
+    async fn add_a2a_agent(
+        &self,
+        _ctx: CallContext,
+        _request: AddA2aAgentRequest,
+    ) -> Result<AddA2aAgentResponse, Status> {
+        Err(Status::unimplemented(
+            "this node does not add external A2A agents",
+        ))
+    }
 
     /// `FanOutService.FanOut`.
     async fn fan_out(
@@ -133,4 +145,11 @@ pub trait QueueApi: Send + Sync + 'static {
         ctx: CallContext,
         request: AwaitResultRequest,
     ) -> Result<EventStream<AwaitResultResponse>, Status>;
+}
+
+/// Adds external A2A agents to the mesh (`DiscoveryService.AddA2aAgent`).
+#[tonic::async_trait]
+pub trait A2aAgents: Send + Sync + std::fmt::Debug + 'static {
+    /// Fetches the agent's card, lists the agent and keeps its card fresh.
+    async fn add(&self, request: AddA2aAgentRequest) -> Result<AddA2aAgentResponse, Status>;
 }

@@ -9,9 +9,9 @@ use std::sync::{
 use agentmesh_proto::{
     CallContext,
     v1::{
-        ConverseRequest, ConverseResponse, FanOutRequest, FanOutResponse, FollowTraceRequest,
-        GetTraceRequest, GetTraceResponse, Hop, InvokeRequest, InvokeResponse, LookupRequest,
-        LookupResponse, StreamRequest, StreamResponse,
+        AddA2aAgentRequest, AddA2aAgentResponse, ConverseRequest, ConverseResponse, FanOutRequest,
+        FanOutResponse, FollowTraceRequest, GetTraceRequest, GetTraceResponse, Hop, InvokeRequest,
+        InvokeResponse, LookupRequest, LookupResponse, StreamRequest, StreamResponse,
     },
 };
 use futures::StreamExt;
@@ -19,7 +19,7 @@ use tonic::Status;
 
 use crate::{
     access::Action,
-    api::{EventStream, Mesh},
+    api::{A2aAgents, EventStream, Mesh},
     error::MeshError,
     journal::record_lookup,
     registry::AgentRegistry,
@@ -32,6 +32,7 @@ pub struct MeshCore {
     router: Router,
     registry: Arc<dyn AgentRegistry>,
     ready: Arc<AtomicBool>,
+    a2a_agents: Option<Arc<dyn A2aAgents>>,
 }
 
 impl MeshCore {
@@ -41,7 +42,14 @@ impl MeshCore {
             router,
             registry,
             ready,
+            a2a_agents: None,
         }
+    }
+
+    /// The same mesh adding external A2A agents through `agents`.
+    pub fn with_a2a_agents(mut self, agents: Arc<dyn A2aAgents>) -> Self {
+        self.a2a_agents = Some(agents);
+        self
     }
 
     /// The router.
@@ -57,6 +65,27 @@ impl MeshCore {
 
 #[tonic::async_trait]
 impl Mesh for MeshCore {
+    async fn add_a2a_agent(
+        &self,
+        ctx: CallContext,
+        request: AddA2aAgentRequest,
+    ) -> Result<AddA2aAgentResponse, Status> {
+        // Listing an agent is registering it: without a name (taken from its card), the
+        // caller must be allowed to register any name.
+        let name = if request.name.is_empty() {
+            "*"
+        } else {
+            request.name.as_str()
+        };
+        self.router.access().check(&ctx, Action::Register, name)?;
+        match &self.a2a_agents {
+            Some(agents) => agents.add(request).await,
+            None => Err(Status::unimplemented(
+                "this node does not add external A2A agents",
+            )),
+        }
+    }
+
     async fn invoke(
         &self,
         ctx: CallContext,

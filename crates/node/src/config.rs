@@ -54,6 +54,8 @@ pub struct NodeConfig {
     pub rate_limit: crate::auth::RateLimitConfig,
     /// TLS on the node's port and on its calls to agents; off by default.
     pub tls: crate::tls::TlsSettings,
+    /// External A2A agents listed on the mesh, and how their cards are kept fresh.
+    pub a2a: agentmesh_a2a::outbound::ExternalAgentsConfig,
 }
 
 /// OpenTelemetry export of the node's spans (one per hop, child of the caller's
@@ -196,6 +198,7 @@ impl Default for NodeConfig {
             auth: Default::default(),
             rate_limit: Default::default(),
             tls: crate::tls::TlsSettings::default(),
+            a2a: Default::default(),
         }
     }
 }

@@ -13,6 +13,10 @@ use tonic::service::Routes;
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::ServiceBuilder;
 
+use agentmesh_a2a::{
+    client::A2aClient,
+    outbound::{A2aTransport, ExternalAgents},
+};
 use agentmesh_core::{
     MeshCore, Router,
     queue::{QueueHandle, Queues},
@@ -21,6 +25,9 @@ use agentmesh_core::{
 use agentmesh_proto::DeadlinePolicy;
 
 use agentmesh_core::access::Access;
+
+/// The external A2A agents added at run time, kept in the data directory across restarts.
+const A2A_AGENTS_FILE: &str = "a2a-agents.json";
 
 use crate::{
     Stores,
@@ -71,7 +78,10 @@ impl Node {
             config.router.clone(),
         )
         .with_journal(stores.journal)
-        .with_access(Arc::new(access));
+        .with_access(Arc::new(access))
+        .with_foreign_transport(Arc::new(A2aTransport::new(A2aClient::new(
+            config.router.connect_timeout,
+        ))));
         Self {
             config,
             registry: stores.registry,
@@ -135,15 +145,26 @@ impl Node {
         .with_journal(Arc::clone(self.router.journal()))
         .with_access(Arc::clone(self.router.access()));
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mesh = Arc::new(MeshCore::new(
-            self.router.clone(),
+        // External A2A agents: those of the configuration and those added earlier.
+        let a2a_agents = ExternalAgents::new(
             Arc::clone(&self.registry),
-            ready.clone(),
-        ));
+            A2aClient::new(self.config.router.connect_timeout),
+            self.config.a2a.clone(),
+            Some(self.config.queue.data_dir.join(A2A_AGENTS_FILE)),
+        );
+        let mesh = Arc::new(
+            MeshCore::new(
+                self.router.clone(),
+                Arc::clone(&self.registry),
+                ready.clone(),
+            )
+            .with_a2a_agents(a2a_agents.clone()),
+        );
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::NotServing).await;
         Arc::clone(&self.registry).start();
         self.router.spawn_channel_pruner();
+        a2a_agents.start(self.shutdown.clone());
 
         let max = self.config.max_message_bytes;
         let reflection = reflection_builder()

@@ -6,10 +6,11 @@ use agentmesh_resilience::{BreakerConfig, CircuitBreaker, counts_against_destina
 use parking_lot::Mutex;
 
 use agentmesh_proto::v1::{
-    AgentFilter, AgentInstance, Envelope, FanOutRequest, FanOutResponse, FollowTraceRequest,
-    GetTraceRequest, Hop, InvokeRequest, LookupRequest, StreamRequest, StreamResponse,
-    agent_service_client::AgentServiceClient, discovery_service_client::DiscoveryServiceClient,
-    fan_out_service_client::FanOutServiceClient, trace_service_client::TraceServiceClient,
+    AddA2aAgentRequest, AgentCard, AgentFilter, AgentInstance, Envelope, FanOutRequest,
+    FanOutResponse, FollowTraceRequest, GetTraceRequest, Hop, InvokeRequest, LookupRequest,
+    StreamRequest, StreamResponse, agent_service_client::AgentServiceClient,
+    discovery_service_client::DiscoveryServiceClient, fan_out_service_client::FanOutServiceClient,
+    trace_service_client::TraceServiceClient,
 };
 use tonic::{
     Request, Status, Streaming,
@@ -350,6 +351,21 @@ impl MeshClient {
                 Err(status) => Some(Err(status)),
             })
         }))
+    }
+
+    /// Adds an external A2A agent by its card URL (or base URL) under `name` (empty: from its
+    /// card); the answer is the agent as the mesh lists it.
+    pub async fn add_a2a_agent(&self, url: &str, name: &str) -> Result<AgentCard, Status> {
+        Ok(self
+            .discovery()
+            .add_a2a_agent(AddA2aAgentRequest {
+                url: url.to_owned(),
+                name: name.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .card
+            .unwrap_or_default())
     }
 
     /// Finds registered instances.

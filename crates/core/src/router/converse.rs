@@ -11,7 +11,8 @@ use futures::StreamExt;
 use tonic::{Request, Status};
 
 use super::{
-    Route, Router, Style, agent_failure, check_forwarded, hop_metadata, hop_name, retry::hop_budget,
+    AgentClient, Route, Router, Style, agent_failure, check_forwarded, hop_metadata, hop_name,
+    retry::hop_budget,
 };
 use crate::{
     api::EventStream, error::MeshError, journal::hop_of, registry::CallKind, telemetry::HopSpan,
@@ -59,11 +60,14 @@ impl Router {
         probe.fill_from(&call);
         check_forwarded(&probe)?;
         let slot = self.long_lived_slot()?;
-        let Route {
-            instance,
-            mut client,
-        } = self.route(&probe, &[], CallKind::LongLived)?;
+        let Route { instance, client } = self.route(&probe, &[], CallKind::LongLived)?;
         let hop = hop_name(&instance);
+        let AgentClient::Grpc(mut client) = client else {
+            return Err(MeshError::FailedPrecondition(format!(
+                "{hop} is an external agent reached over another protocol: it takes Invoke and Stream, not Converse"
+            ))
+            .into());
+        };
         let span = HopSpan::open(
             &probe.traceparent,
             Style::Converse.as_str(),

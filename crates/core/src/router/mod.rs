@@ -8,9 +8,11 @@
 //! - [`stream`]: server streams, through the resumable replay window;
 //! - [`converse`]: conversations relayed both ways;
 //! - [`pool`]: one connection per agent endpoint;
+//! - [`foreign`]: agents reached over another protocol (external A2A agents);
 //! - [`metrics`]: the counters the router keeps for `/metrics`.
 
 mod converse;
+mod foreign;
 mod metrics;
 mod pool;
 mod retry;
@@ -32,9 +34,9 @@ use tokio::sync::Semaphore;
 use tonic::{
     Code, Status,
     metadata::{MetadataMap, MetadataValue},
-    transport::Channel,
 };
 
+pub use foreign::{AgentClient, ForeignTransport};
 pub use metrics::{RouterMetrics, Style};
 pub use retry::agent_failure;
 
@@ -139,6 +141,7 @@ pub struct Router {
     metrics: Arc<RouterMetrics>,
     journal: Arc<dyn TraceJournal>,
     access: Arc<Access>,
+    foreign: Option<Arc<dyn ForeignTransport>>,
     config: RouterConfig,
 }
 
@@ -147,8 +150,9 @@ pub struct Router {
 pub struct Route {
     /// The chosen instance.
     pub instance: Arc<Instance>,
-    /// A client connected (lazily) to its endpoint.
-    pub client: AgentServiceClient<Channel>,
+    /// How to reach it: a client connected (lazily) to its endpoint, or the transport of
+    /// an agent reached over another protocol.
+    pub client: AgentClient,
 }
 
 impl Router {
@@ -187,6 +191,7 @@ impl Router {
             metrics: Arc::default(),
             journal: Arc::new(MemoryJournal::new(JournalConfig::default(), "")),
             access: Arc::new(Access::open()),
+            foreign: None,
             config,
         }
     }
@@ -218,6 +223,12 @@ impl Router {
     /// `tls` (trust roots, and a client certificate for agents that ask for one).
     pub fn with_agent_tls(mut self, tls: tonic::transport::ClientTlsConfig) -> Self {
         self.channels = Arc::new(ChannelPool::with_tls(tls));
+        self
+    }
+
+    /// The same router reaching the agents `transport` handles through it.
+    pub fn with_foreign_transport(mut self, transport: Arc<dyn ForeignTransport>) -> Self {
+        self.foreign = Some(transport);
         self
     }
 
@@ -367,14 +378,27 @@ impl Router {
 
     /// A route to a specific instance.
     pub fn route_to(&self, instance: Arc<Instance>) -> Result<Route, MeshError> {
+        if let Some(transport) = &self.foreign
+            && transport.handles(&instance.card)
+        {
+            return Ok(Route {
+                client: AgentClient::Foreign {
+                    transport: Arc::clone(transport),
+                    instance: Arc::clone(&instance),
+                },
+                instance,
+            });
+        }
         let channel = self
             .channels
             .get(&instance.card.endpoint, self.config.connect_timeout)?;
         Ok(Route {
             instance,
-            client: AgentServiceClient::new(channel)
-                .max_decoding_message_size(usize::MAX)
-                .max_encoding_message_size(usize::MAX),
+            client: AgentClient::Grpc(
+                AgentServiceClient::new(channel)
+                    .max_decoding_message_size(usize::MAX)
+                    .max_encoding_message_size(usize::MAX),
+            ),
         })
     }
 
@@ -434,13 +458,17 @@ impl Router {
                 |envelope| InvokeRequest {
                     envelope: Some(envelope),
                 },
-                async |mut client, request| {
-                    Ok(client
+                async |client, request| match client {
+                    AgentClient::Grpc(mut client) => Ok(client
                         .invoke(request)
                         .await?
                         .into_inner()
                         .envelope
-                        .unwrap_or_default())
+                        .unwrap_or_default()),
+                    AgentClient::Foreign {
+                        transport,
+                        instance,
+                    } => transport.invoke(&instance, request).await,
                 },
             )
             .await;

@@ -6,15 +6,12 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use agentmesh_proto::{
-    CallContext, Deadline,
-    v1::{Envelope, agent_service_client::AgentServiceClient},
-};
+use agentmesh_proto::{CallContext, Deadline, v1::Envelope};
 use agentmesh_resilience::{Backoff, counts_against_destination, request_rejection};
-use tonic::{Code, Request, Status, metadata::MetadataMap, transport::Channel};
+use tonic::{Code, Request, Status, metadata::MetadataMap};
 use tonic_types::StatusExt;
 
-use super::{Route, Router, Style, hop_metadata, hop_name};
+use super::{AgentClient, Route, Router, Style, hop_metadata, hop_name};
 use crate::{
     error::MeshError,
     journal::{finish, hop_of},
@@ -110,7 +107,7 @@ impl Router {
         mut envelope: Envelope,
         style: Style,
         wrap: impl FnOnce(Envelope) -> M,
-        send: impl FnOnce(AgentServiceClient<Channel>, Request<M>) -> Fut,
+        send: impl FnOnce(AgentClient, Request<M>) -> Fut,
     ) -> Result<Attempt<T>, Status>
     where
         Fut: Future<Output = Result<T, Status>>,

@@ -8,10 +8,10 @@ use agentmesh_proto::{
     v1::{Envelope, StreamRequest, StreamResponse},
 };
 use futures::StreamExt;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use super::retry::Attempt;
-use super::{Route, Router, Style, check_forwarded, require_target};
+use super::{AgentClient, Route, Router, Style, check_forwarded, require_target};
 use crate::{api::EventStream, error::MeshError, registry::CallKind};
 
 impl Router {
@@ -70,7 +70,7 @@ impl Router {
         call: &CallContext,
         route: Route,
         envelope: Envelope,
-    ) -> Result<Attempt<Streaming<StreamResponse>>, Status> {
+    ) -> Result<Attempt<EventStream<StreamResponse>>, Status> {
         self.attempt(
             call,
             route,
@@ -80,7 +80,15 @@ impl Router {
                 envelope: Some(envelope),
                 ..Default::default()
             },
-            async |mut client, request| Ok(client.stream(request).await?.into_inner()),
+            async |client, request| match client {
+                AgentClient::Grpc(mut client) => {
+                    Ok(client.stream(request).await?.into_inner().boxed())
+                }
+                AgentClient::Foreign {
+                    transport,
+                    instance,
+                } => transport.stream(&instance, request).await,
+            },
         )
         .await
     }

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use agentmesh_proto::v1::{AgentFilter, AgentInstance, Envelope, InvokeRequest, LookupRequest};
+use agentmesh_proto::v1::{
+    AddA2aAgentRequest, AgentFilter, AgentInstance, Envelope, InvokeRequest, LookupRequest,
+};
 use axum::{
     extract::{Path, Query, State},
     http::StatusCode,
@@ -140,6 +142,31 @@ pub(crate) async fn invoke(
         )
         .await?;
     json::ok(&reply.envelope.unwrap_or_default())
+}
+
+/// Adds an external A2A agent by the URL of its agent card (or its base URL): the node
+/// fetches the card, lists the agent with its skills, keeps the card fresh, and routes
+/// calls to it over A2A. The answer is the agent as the mesh lists it.
+#[utoipa::path(
+    post,
+    path = "/v1/a2a-agents",
+    tag = "agents",
+    params(CallHeaders),
+    request_body(content = openapi::AddA2aAgentRequest, description = "e.g. `{\"url\":\"http://127.0.0.1:9999\",\"name\":\"echo\"}`", content_type = "application/json"),
+    responses(
+        (status = 200, description = "The agent is listed", body = openapi::AddA2aAgentResponse),
+        (status = 400, description = "Not an http(s) URL, a bad name, or a card the node cannot use", body = ErrorBody),
+        (status = 503, description = "The card could not be fetched", body = ErrorBody),
+        (status = 504, description = "Fetching the card took too long", body = ErrorBody),
+    )
+)]
+pub(crate) async fn add_a2a(
+    State(gateway): State<Arc<Gateway>>,
+    call: Call,
+    body: json::Body,
+) -> Result<Response, ApiError> {
+    let request: AddA2aAgentRequest = body.parse()?;
+    json::ok(&gateway.mesh.add_a2a_agent(call.ctx(), request).await?)
 }
 
 async fn lookup(

@@ -137,6 +137,7 @@ fn api(mesh: Arc<dyn Mesh>, config: GatewayConfig) -> (axum::Router, utoipa::ope
         .routes(routes!(agents::list))
         .routes(routes!(agents::get))
         .routes(routes!(agents::invoke))
+        .routes(routes!(agents::add_a2a))
         .routes(routes!(streams::start))
         .routes(routes!(streams::events))
         .routes(routes!(converse::converse))
@@ -245,6 +246,7 @@ mod tests {
             ("/v1/agents", "get"),
             ("/v1/agents/{name}", "get"),
             ("/v1/agents/{name}/invoke", "post"),
+            ("/v1/a2a-agents", "post"),
             ("/v1/agents/{name}/stream", "post"),
             ("/v1/agents/{name}/converse", "get"),
             ("/v1/streams/{id}/events", "get"),

@@ -139,6 +139,8 @@ macro_rules! proto_schema {
 
 proto_schema!(Envelope, "agentmesh.v1.Envelope");
 proto_schema!(AgentInstance, "agentmesh.v1.AgentInstance");
+proto_schema!(AddA2aAgentRequest, "agentmesh.v1.AddA2aAgentRequest");
+proto_schema!(AddA2aAgentResponse, "agentmesh.v1.AddA2aAgentResponse");
 proto_schema!(StreamResponse, "agentmesh.v1.StreamResponse");
 proto_schema!(FanOutRequest, "agentmesh.v1.FanOutRequest");
 proto_schema!(SubmitResponse, "agentmesh.v1.SubmitResponse");

@@ -6,9 +6,10 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 use agentmesh_core::access::Action;
 use agentmesh_proto::CallContext;
 use agentmesh_proto::v1::{
-    AgentCard, AgentFilter, DeregisterRequest, DeregisterResponse, HeartbeatRequest,
-    HeartbeatResponse, LookupRequest, LookupResponse, RegisterRequest, RegisterResponse,
-    WatchEventKind, WatchRequest, WatchResponse, discovery_service_server::DiscoveryService,
+    AddA2aAgentRequest, AddA2aAgentResponse, AgentCard, AgentFilter, DeregisterRequest,
+    DeregisterResponse, HeartbeatRequest, HeartbeatResponse, LookupRequest, LookupResponse,
+    RegisterRequest, RegisterResponse, WatchEventKind, WatchRequest, WatchResponse,
+    discovery_service_server::DiscoveryService,
 };
 use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
@@ -174,6 +175,16 @@ impl DiscoveryService for Discovery {
         let ctx = super::context(&request);
         Ok(Response::new(
             self.mesh.lookup(ctx, request.into_inner()).await?,
+        ))
+    }
+
+    async fn add_a2a_agent(
+        &self,
+        request: Request<AddA2aAgentRequest>,
+    ) -> Result<Response<AddA2aAgentResponse>, Status> {
+        let ctx = super::context(&request);
+        Ok(Response::new(
+            self.mesh.add_a2a_agent(ctx, request.into_inner()).await?,
         ))
     }
 
