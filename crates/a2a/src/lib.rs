@@ -3,5 +3,9 @@
 //! [`types`] is the A2A 1.0 data model with the JSON the spec and the official SDKs
 //! exchange (the proto3 JSON mapping of `a2a.proto`: camelCase field names, enum values
 //! spelled `TASK_STATE_COMPLETED`, `ROLE_USER`, one-of fields as a single member).
+//! [`inbound`] serves every agent on the mesh as an A2A agent.
 
+pub mod inbound;
 pub mod types;
+
+pub use inbound::{A2aConfig, A2aInbound, MemoryTaskStore};

@@ -48,6 +48,8 @@ pub struct NodeConfig {
     pub telemetry: TelemetryConfig,
     /// Client connections: how many at once, and how long a silent or idle one stays open.
     pub connections: ConnectionSettings,
+    /// A2A: every agent served as an A2A agent under `/a2a/{agent}`.
+    pub a2a: agentmesh_a2a::A2aConfig,
 }
 
 /// OpenTelemetry export of the node's spans (one per hop, child of the caller's
@@ -186,6 +188,7 @@ impl Default for NodeConfig {
             store: StoreSettings::default(),
             trace: JournalConfig::default(),
             telemetry: TelemetryConfig::default(),
+            a2a: agentmesh_a2a::A2aConfig::default(),
             connections: ConnectionSettings::default(),
         }
     }

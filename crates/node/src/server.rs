@@ -44,6 +44,7 @@ pub struct Node {
     shutdown: CancellationToken,
     queue: Option<QueueHandle>,
     roster: Option<agentmesh_redis::NodeRoster>,
+    a2a_tasks: Arc<dyn agentmesh_a2a::inbound::TaskStore>,
 }
 
 impl Node {
@@ -69,6 +70,7 @@ impl Node {
             shutdown: CancellationToken::new(),
             queue: stores.queue,
             roster: stores.roster,
+            a2a_tasks: stores.a2a_tasks,
         }
     }
 
@@ -156,6 +158,17 @@ impl Node {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha);
+        let a2a = self.config.a2a.enabled.then(|| {
+            let a2a = Arc::new(agentmesh_a2a::A2aInbound::new(
+                Arc::clone(&mesh) as Arc<dyn agentmesh_core::Mesh>,
+                Arc::clone(&self.registry),
+                queue.backend().clone(),
+                Arc::clone(&self.a2a_tasks),
+                self.config.a2a.clone(),
+            ));
+            a2a.spawn_worker(self.shutdown.clone());
+            agentmesh_a2a::inbound::router(a2a)
+        });
         let gateway = agentmesh_gateway::router_with_queues(
             mesh,
             Arc::new(queues),
@@ -166,6 +179,10 @@ impl Node {
             self.router.clone(),
             queue.clone(),
         ));
+        let gateway = match a2a {
+            Some(a2a) => gateway.merge(a2a),
+            None => gateway,
+        };
         let app = routes
             .routes()
             .into_axum_router()

@@ -1,0 +1,189 @@
+//! Completes non-blocking tasks: the node consumes each registered agent's A2A queue and
+//! invokes the agent through the router. A task sent while its agent was down waits,
+//! durable, in the queue until the agent registers; a failed call is retried with backoff
+//! (the queue's nack) until the queue dead-letters it, which fails the task.
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use agentmesh_proto::{
+    CallContext, DeadlinePolicy,
+    v1::{AgentFilter, Envelope, InvokeRequest, LookupRequest},
+};
+use agentmesh_queue::{Leased, NackOutcome};
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status};
+
+use super::{
+    service::{A2aInbound, finish, status},
+    tasks::TaskRecord,
+};
+use crate::types::TaskState;
+
+const LEASE: Duration = Duration::from_secs(60);
+
+impl A2aInbound {
+    /// Starts the worker; it stops when `shutdown` is cancelled.
+    pub fn spawn_worker(self: &Arc<Self>, shutdown: CancellationToken) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move { this.work(shutdown).await });
+    }
+
+    async fn work(self: Arc<Self>, shutdown: CancellationToken) {
+        let consumer = format!("a2a-{}", agentmesh_proto::new_id());
+        let permits = Arc::new(Semaphore::new(self.config.worker_concurrency.max(1)));
+        while !shutdown.is_cancelled() {
+            let agents = self.registered_agents().await;
+            let mut found = false;
+            for agent in agents {
+                let free = permits.available_permits();
+                if free == 0 {
+                    break;
+                }
+                let leased = match self
+                    .queue
+                    .receive(
+                        &self.queue_of(&agent),
+                        &consumer,
+                        free,
+                        LEASE,
+                        Duration::ZERO,
+                    )
+                    .await
+                {
+                    Ok(leased) => leased,
+                    Err(error) => {
+                        tracing::debug!(%agent, %error, "A2A queue not read");
+                        continue;
+                    }
+                };
+                for message in leased {
+                    found = true;
+                    let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                        return;
+                    };
+                    let this = Arc::clone(&self);
+                    tokio::spawn(async move {
+                        this.complete(message).await;
+                        drop(permit);
+                    });
+                }
+            }
+            if !found {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(self.config.poll_interval) => {}
+                }
+            }
+        }
+    }
+
+    async fn registered_agents(&self) -> BTreeSet<String> {
+        let policy = DeadlinePolicy::default();
+        match self
+            .mesh
+            .lookup(
+                CallContext::new(&policy),
+                LookupRequest {
+                    filter: Some(AgentFilter::default()),
+                },
+            )
+            .await
+        {
+            Ok(found) => found
+                .instances
+                .into_iter()
+                .filter_map(|i| i.card.map(|c| c.name))
+                .collect(),
+            Err(_) => BTreeSet::new(),
+        }
+    }
+
+    /// Runs one queued task and settles its delivery.
+    async fn complete(&self, message: Leased) {
+        let parsed: Option<(String, String, Envelope)> = (|| {
+            let body: Value = serde_json::from_slice(&message.body).ok()?;
+            let agent = body.get("agent")?.as_str()?.to_owned();
+            let task = body.get("taskId")?.as_str()?.to_owned();
+            let envelope =
+                agentmesh_proto::json::from_json_value(body.get("envelope")?.clone()).ok()?;
+            Some((agent, task, envelope))
+        })();
+        let Some((agent, task_id, envelope)) = parsed else {
+            let _ = self
+                .queue
+                .nack(&message.receipt, "not an A2A task", Some(Duration::ZERO))
+                .await;
+            return;
+        };
+        let mut record: TaskRecord = match self.tasks.get(&agent, &task_id).await {
+            Ok(Some(record)) if !record.state().is_terminal() => record,
+            // Canceled (or forgotten) before its turn: nothing to do.
+            Ok(_) => {
+                let _ = self.queue.ack(&message.receipt, None).await;
+                return;
+            }
+            Err(error) => {
+                let _ = self.queue.nack(&message.receipt, &error, None).await;
+                return;
+            }
+        };
+        if record.state() != TaskState::Working {
+            record.task.status = status(TaskState::Working, None);
+            record.touch();
+            if !matches!(self.tasks.update(&record).await, Ok(true)) {
+                let _ = self.queue.ack(&message.receipt, None).await;
+                return;
+            }
+        }
+        let ctx = CallContext::from_envelope(&envelope, self.config.task_timeout);
+        let mut envelope = envelope;
+        envelope.deadline = Some(ctx.deadline.as_system_time().into());
+        envelope.attempt = message.attempt.max(1);
+        let outcome = self
+            .mesh
+            .invoke(
+                ctx,
+                InvokeRequest {
+                    envelope: Some(envelope),
+                },
+            )
+            .await
+            .map(|r| r.envelope.unwrap_or_default());
+        match outcome {
+            Err(error) if retriable(&error) => {
+                match self
+                    .queue
+                    .nack(&message.receipt, error.message(), None)
+                    .await
+                {
+                    Ok(NackOutcome::DeadLettered) => {
+                        finish(&mut record, Err(error));
+                        let _ = self.tasks.update(&record).await;
+                    }
+                    Ok(_) => {
+                        // Back to waiting for its next attempt.
+                        record.task.status = status(TaskState::Submitted, None);
+                        record.touch();
+                        let _ = self.tasks.update(&record).await;
+                    }
+                    Err(e) => tracing::warn!(task = %task_id, error = %e, "A2A task not nacked"),
+                }
+            }
+            outcome => {
+                finish(&mut record, outcome);
+                let _ = self.tasks.update(&record).await;
+                let _ = self.queue.ack(&message.receipt, None).await;
+            }
+        }
+    }
+}
+
+/// Failures worth another attempt: the agent is away, busy or slow.
+fn retriable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::NotFound | Code::DeadlineExceeded | Code::ResourceExhausted
+    )
+}
