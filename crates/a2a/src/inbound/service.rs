@@ -111,10 +111,10 @@ impl std::fmt::Debug for A2aInbound {
 }
 
 /// Removes a task from the running set when its work ends.
-struct Running<'a> {
+pub(crate) struct Running<'a> {
     inbound: &'a A2aInbound,
     id: String,
-    token: CancellationToken,
+    pub(crate) token: CancellationToken,
 }
 
 impl Drop for Running<'_> {
@@ -141,7 +141,7 @@ impl A2aInbound {
         }
     }
 
-    fn run(&self, id: &str) -> Running<'_> {
+    pub(crate) fn run(&self, id: &str) -> Running<'_> {
         let token = CancellationToken::new();
         self.running.lock().insert(id.to_owned(), token.clone());
         Running {

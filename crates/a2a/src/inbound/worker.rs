@@ -141,16 +141,15 @@ impl A2aInbound {
         let mut envelope = envelope;
         envelope.deadline = Some(ctx.deadline.as_system_time().into());
         envelope.attempt = message.attempt.max(1);
-        let outcome = self
-            .mesh
-            .invoke(
-                ctx,
-                InvokeRequest {
-                    envelope: Some(envelope),
-                },
-            )
-            .await
-            .map(|r| r.envelope.unwrap_or_default());
+        let running = self.run(&task_id);
+        let outcome = tokio::select! {
+            outcome = self.mesh.invoke(ctx, InvokeRequest { envelope: Some(envelope) }) => {
+                outcome.map(|r| r.envelope.unwrap_or_default())
+            }
+            // CancelTask stored the canceled state; the call is dropped.
+            () = running.token.cancelled() => Err(Status::cancelled("the task was canceled")),
+        };
+        drop(running);
         match outcome {
             Err(error) if retriable(&error) => {
                 match self
