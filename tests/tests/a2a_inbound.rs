@@ -785,3 +785,149 @@ async fn python_sdk_cancels_a_running_task() {
     assert_eq!(got["status"]["state"], "TASK_STATE_CANCELED", "{got}");
     node.stop().await;
 }
+
+// ---- tasks shared through Redis ----
+
+/// A node whose state (tasks included) is in the Redis of `AGENTMESH_TEST_REDIS`, under
+/// `prefix`.
+async fn redis_node(
+    prefix: &str,
+    id: &str,
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let url = outside_tool(
+        "AGENTMESH_TEST_REDIS",
+        "a Redis URL, e.g. redis://127.0.0.1:6379",
+    );
+    let mut config = agentmesh_tests::test_config();
+    config.store.url = url;
+    config.store.key_prefix = prefix.to_owned();
+    config.store.node_id = id.to_owned();
+    let stores = agentmesh_node::Stores::open(&config).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(
+        agentmesh_node::Node::with_stores(config, stores).serve(listener, async move {
+            let _ = stopped.await;
+        }),
+    );
+    (address, stop)
+}
+
+async fn rpc_at(address: std::net::SocketAddr, agent: &str, body: Value) -> Value {
+    http_client()
+        .post(format!("http://{address}/a2a/{agent}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Deletes the test's keys when it ends.
+struct RedisKeys(String);
+
+impl Drop for RedisKeys {
+    fn drop(&mut self) {
+        let Ok(url) = std::env::var("AGENTMESH_TEST_REDIS") else {
+            return;
+        };
+        let Ok(mut connection) = redis::Client::open(url).and_then(|c| c.get_connection()) else {
+            return;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.0))
+            .query(&mut connection)
+            .unwrap_or_default();
+        for key in keys {
+            let _: Result<(), _> = redis::cmd("DEL").arg(key).query(&mut connection);
+        }
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs AGENTMESH_TEST_REDIS"]
+async fn tasks_on_redis_are_the_same_through_every_node() {
+    let prefix = format!("a2a-test-{}", uuid::Uuid::now_v7().simple());
+    let _keys = RedisKeys(prefix.clone());
+    let (a, _stop_a) = redis_node(&prefix, "node-a").await;
+    let (b, _stop_b) = redis_node(&prefix, "node-b").await;
+    let agent = Controlled::default();
+    let _agent = agentmesh_sdk::AgentRuntime::new(card("counted"), agent.clone())
+        .node(format!("http://{a}"))
+        .start()
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let got = rpc_at(
+                b,
+                "counted",
+                call("SendMessage", send_params("probe", json!({"text": "x"}))),
+            )
+            .await;
+            got["result"]["task"]["status"]["state"] == "TASK_STATE_COMPLETED"
+        })
+        .await,
+        "the agent is reachable through node b"
+    );
+    let calls = agent.calls.load(Ordering::SeqCst);
+
+    // Sent through a, read, listed and retried through b.
+    let mut params = send_params("shared-1", json!({"text": "once"}));
+    params["message"]["contextId"] = json!("shared-context");
+    let sent = rpc_at(a, "counted", call("SendMessage", params.clone())).await;
+    let id = sent["result"]["task"]["id"].as_str().unwrap().to_owned();
+    let got = rpc_at(b, "counted", call("GetTask", json!({"id": id}))).await;
+    assert_eq!(
+        got["result"]["status"]["state"], "TASK_STATE_COMPLETED",
+        "{got}"
+    );
+    assert_eq!(got["result"]["artifacts"][0]["parts"][0]["text"], "once");
+    let listed = rpc_at(
+        b,
+        "counted",
+        call("ListTasks", json!({"contextId": "shared-context"})),
+    )
+    .await;
+    assert_eq!(listed["result"]["totalSize"], 1, "{listed}");
+    assert_eq!(listed["result"]["tasks"][0]["id"], id.as_str());
+    let again = rpc_at(b, "counted", call("SendMessage", params)).await;
+    assert_eq!(again["result"]["task"]["id"], id.as_str(), "{again}");
+    assert_eq!(
+        agent.calls.load(Ordering::SeqCst),
+        calls + 1,
+        "processed once"
+    );
+    expect_code(
+        &rpc_at(b, "counted", call("CancelTask", json!({"id": id}))).await,
+        -32002,
+        "TASK_NOT_CANCELABLE",
+    );
+
+    // A non-blocking task through b, for an agent not there yet, done once it registers at a.
+    let mut params = send_params("later-1", json!({"text": "queued"}));
+    params["configuration"] = json!({"returnImmediately": true});
+    let sent = rpc_at(b, "later", call("SendMessage", params)).await;
+    assert_eq!(
+        sent["result"]["task"]["status"]["state"], "TASK_STATE_SUBMITTED",
+        "{sent}"
+    );
+    let id = sent["result"]["task"]["id"].as_str().unwrap().to_owned();
+    let later = Controlled::default();
+    let _later = agentmesh_sdk::AgentRuntime::new(card("later"), later.clone())
+        .node(format!("http://{a}"))
+        .start()
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let got = rpc_at(a, "later", call("GetTask", json!({"id": id}))).await;
+            got["result"]["status"]["state"] == "TASK_STATE_COMPLETED"
+        })
+        .await
+    );
+    assert_eq!(later.calls.load(Ordering::SeqCst), 1);
+}

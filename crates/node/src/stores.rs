@@ -134,8 +134,9 @@ impl Stores {
                 true => Arc::new(RedisJournal::new(store.clone(), config.trace.clone())),
                 false => Arc::new(NoJournal),
             },
-            a2a_tasks: Arc::new(agentmesh_a2a::MemoryTaskStore::new(
-                config.a2a.task_capacity,
+            a2a_tasks: Arc::new(agentmesh_redis::RedisTaskStore::new(
+                &store,
+                config.a2a.task_retention,
             )),
         })
     }

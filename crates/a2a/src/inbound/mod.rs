@@ -38,6 +38,9 @@ pub struct A2aConfig {
     pub poll_interval: Duration,
     /// Tasks kept by the in-process task store (the oldest are forgotten first).
     pub task_capacity: usize,
+    /// How long a task is kept after its last change when tasks live in Redis.
+    #[serde(with = "humantime_serde")]
+    pub task_retention: Duration,
 }
 
 impl Default for A2aConfig {
@@ -49,6 +52,7 @@ impl Default for A2aConfig {
             task_timeout: Duration::from_secs(30),
             poll_interval: Duration::from_millis(100),
             task_capacity: 100_000,
+            task_retention: Duration::from_secs(86_400),
         }
     }
 }
