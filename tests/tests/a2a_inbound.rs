@@ -412,6 +412,58 @@ async fn a_send_is_a_routed_call_with_the_callers_deadline_and_a_trace() {
     node.stop().await;
 }
 
+#[tokio::test]
+async fn a_streaming_task_goes_on_after_its_client_leaves() {
+    let node = TestNode::start().await;
+    let _streamer = start_agent(&node, streaming_card("streamer"), Streamer).await;
+    let mut response = http_client()
+        .post(format!("{}/a2a/streamer", node.http_url()))
+        .json(&call(
+            "SendStreamingMessage",
+            send_params("leaves-1", json!({"data": {"n": 10, "delay_ms": 50}})),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    // Read up to the first event (the task), then hang up.
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        let chunk = response.chunk().await.unwrap().expect("an event");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(response);
+    let data = text
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .expect("a data line");
+    let first: Value = serde_json::from_str(data).unwrap();
+    let id = first["result"]["task"]["id"].as_str().unwrap().to_owned();
+
+    // Nobody resubscribes: the node still takes the task to its end, each event once.
+    let mut task = Value::Null;
+    for _ in 0..1000 {
+        task = rpc(&node, "streamer", call("GetTask", json!({"id": id}))).await["result"].clone();
+        if task["status"]["state"] == "TASK_STATE_COMPLETED" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(task["status"]["state"], "TASK_STATE_COMPLETED", "{task}");
+    let partial = task["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["artifactId"] == "partial")
+        .unwrap();
+    assert_eq!(
+        numbers(&partial["parts"]),
+        (1..=10).collect::<Vec<_>>(),
+        "{task}"
+    );
+    node.stop().await;
+}
+
 // ---- the official Python SDK as the client ----
 
 const NEEDS_PYTHON: &str = "a Python 3 with a2a-sdk 1.3 (python3 -m pip install a2a-sdk==1.3.0)";

@@ -29,16 +29,18 @@ return {1, ARGV[2]}
 ";
 
 /// Replaces task `KEYS[1]` with `ARGV[1]` if it exists and (with `ARGV[4]` = 1) is not in
-/// a terminal state; returns 1 when written.
+/// a terminal state nor further into its stream than `ARGV[6]`; returns 1 when written.
 const UPDATE: &str = r"
 local current = redis.call('GET', KEYS[1])
 if not current then return 0 end
 if ARGV[4] == '1' then
-  local state = cjson.decode(current)['task']['status']['state']
+  local stored = cjson.decode(current)
+  local state = stored['task']['status']['state']
   if state == 'TASK_STATE_COMPLETED' or state == 'TASK_STATE_FAILED'
      or state == 'TASK_STATE_CANCELED' or state == 'TASK_STATE_REJECTED' then
     return 0
   end
+  if (stored['last_sequence'] or 0) > tonumber(ARGV[6]) then return 0 end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[5])
@@ -100,6 +102,7 @@ impl RedisTaskStore {
             .arg(self.ttl_ms())
             .arg(if unless_terminal { "1" } else { "0" })
             .arg(&record.task.id)
+            .arg(record.last_sequence)
             .invoke_async(&mut self.store.connection())
             .await
             .map_err(|e| self.failed("writing an A2A task", &e))?;

@@ -123,6 +123,38 @@ impl Drop for Running<'_> {
     }
 }
 
+/// Finishes a streaming task whose client went away: the task goes on (an A2A task
+/// outlives its connection), read to its end from the replay window by the node.
+struct Finisher {
+    inbound: Arc<A2aInbound>,
+    agent: String,
+    id: String,
+    done: bool,
+}
+
+impl Drop for Finisher {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let inbound = Arc::clone(&self.inbound);
+        let (agent, id) = (self.agent.clone(), self.id.clone());
+        tokio::spawn(async move {
+            let policy = agentmesh_proto::DeadlinePolicy {
+                default_timeout: inbound.config.task_timeout,
+                ..Default::default()
+            };
+            let ctx = CallContext::new(&policy);
+            match inbound.subscribe(&agent, ctx, &id, None).await {
+                Ok(mut events) => while events.next().await.is_some() {},
+                Err(error) => {
+                    tracing::debug!(task = %id, %error.message, "A2A task not followed after its client left")
+                }
+            }
+        });
+    }
+}
+
 impl A2aInbound {
     pub fn new(
         mesh: Arc<dyn Mesh>,
@@ -484,6 +516,7 @@ impl A2aInbound {
                 }
             };
             let running = this.run(&id);
+            let mut finisher = Finisher { inbound: Arc::clone(&this), agent: record.agent.clone(), id: id.clone(), done: false };
             loop {
                 let next = tokio::select! {
                     next = events.next() => next,
@@ -499,6 +532,35 @@ impl A2aInbound {
                 };
                 let (sequence, out) = match next {
                     Some(Ok(event)) => {
+                        // Another reader of the stream (a resubscribe, or the node finishing
+                        // the task for a client that left) may be ahead: apply each event once.
+                        if let Ok(stored) = this.load(&record.agent, &id).await {
+                            if stored.stream_id.is_some() && stored.last_sequence >= event.sequence {
+                                let mut scratch = record.clone();
+                                let out = apply(&mut scratch, &event);
+                                let count = out.len() as u32;
+                                record = stored;
+                                for (index, response) in out.into_iter().enumerate() {
+                                    let point = EventPoint { sequence: event.sequence, index: index as u32 };
+                                    if skip.is_none_or(|s| point > s) {
+                                        yield Ok(TaskEvent { id: event_id(&id, point), response });
+                                    }
+                                }
+                                if scratch.state().is_terminal() {
+                                    finisher.done = true;
+                                    break;
+                                }
+                                if record.state().is_terminal() && record.last_sequence <= event.sequence {
+                                    // It ended here another way (canceled): say so and stop.
+                                    let point = EventPoint { sequence: event.sequence, index: count };
+                                    yield Ok(TaskEvent { id: event_id(&id, point), response: status_event(&record) });
+                                    finisher.done = true;
+                                    break;
+                                }
+                                continue;
+                            }
+                            record = stored;
+                        }
                         if record.stream_id.is_none() {
                             record.stream_id = Some(event.stream_id.clone());
                         }
@@ -519,16 +581,28 @@ impl A2aInbound {
                 };
                 record.last_sequence = record.last_sequence.max(sequence);
                 record.touch();
+                // Whether this event ends the task (the stored record may be ahead of it).
+                let ended = record.state().is_terminal();
                 match this.save(&record).await {
                     Ok(true) => {}
                     Ok(false) => {
-                        // Canceled meanwhile: say so and stop.
-                        if let Ok(stored) = this.load(&record.agent, &id).await {
-                            record = stored;
+                        let stored = this.load(&record.agent, &id).await;
+                        match stored {
+                            // Another reader of the stream got ahead and recorded this event.
+                            Ok(stored) if stored.last_sequence > record.last_sequence => record = stored,
+                            // Canceled meanwhile: say so and stop.
+                            Ok(stored) if stored.state().is_terminal() => {
+                                record = stored;
+                                let point = EventPoint { sequence, index: 0 };
+                                yield Ok(TaskEvent { id: event_id(&id, point), response: status_event(&record) });
+                                break;
+                            }
+                            Ok(stored) => record = stored,
+                            Err(e) => {
+                                yield Err(e);
+                                break;
+                            }
                         }
-                        let point = EventPoint { sequence, index: 0 };
-                        yield Ok(TaskEvent { id: event_id(&id, point), response: status_event(&record) });
-                        break;
                     }
                     Err(e) => {
                         yield Err(e);
@@ -542,10 +616,11 @@ impl A2aInbound {
                     }
                     yield Ok(TaskEvent { id: event_id(&id, point), response });
                 }
-                if record.state().is_terminal() {
+                if ended {
                     break;
                 }
             }
+            finisher.done = true;
         })
     }
 

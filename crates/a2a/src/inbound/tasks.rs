@@ -75,7 +75,8 @@ pub trait TaskStore: Send + Sync + std::fmt::Debug + 'static {
     async fn create(&self, record: TaskRecord) -> Result<(TaskRecord, bool), String>;
 
     /// Replaces a task, unless the stored one is already in a terminal state (a task that
-    /// was canceled stays canceled). Returns whether it was written.
+    /// was canceled stays canceled) or is further into the task's stream (another reader
+    /// of it got ahead). Returns whether it was written.
     async fn update(&self, record: &TaskRecord) -> Result<bool, String>;
 
     /// Replaces a task whatever its state.
@@ -149,7 +150,11 @@ impl TaskStore for MemoryTaskStore {
         let mut inner = self.inner.lock();
         let key = (record.agent.clone(), record.task.id.clone());
         match inner.tasks.get_mut(&key) {
-            Some(stored) if stored.state().is_terminal() => Ok(false),
+            Some(stored)
+                if stored.state().is_terminal() || stored.last_sequence > record.last_sequence =>
+            {
+                Ok(false)
+            }
             Some(stored) => {
                 *stored = record.clone();
                 Ok(true)
