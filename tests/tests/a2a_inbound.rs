@@ -183,20 +183,25 @@ async fn json_rpc_errors_carry_the_spec_codes() {
             "echo",
             call(
                 "CreateTaskPushNotificationConfig",
-                json!({"taskId": id, "url": "http://127.0.0.1:9/hook"}),
+                json!({"taskId": id, "url": "ftp://127.0.0.1/hook"}),
             ),
         )
         .await,
-        -32003,
-        "PUSH_NOTIFICATION_NOT_SUPPORTED",
+        -32602,
+        "INVALID_PARAMS",
     );
-    let mut with_push = send_params("m-2", json!({"text": "hi"}));
-    with_push["configuration"] =
-        json!({"taskPushNotificationConfig": {"url": "http://127.0.0.1:9/hook"}});
     expect_code(
-        &rpc(&node, "echo", call("SendMessage", with_push)).await,
-        -32003,
-        "PUSH_NOTIFICATION_NOT_SUPPORTED",
+        &rpc(
+            &node,
+            "echo",
+            call(
+                "GetTaskPushNotificationConfig",
+                json!({"taskId": id, "id": "none"}),
+            ),
+        )
+        .await,
+        -32001,
+        "TASK_NOT_FOUND",
     );
     expect_code(
         &rpc(&node, "echo", call("SubscribeToTask", json!({"id": id}))).await,
@@ -246,7 +251,7 @@ async fn http_json_errors_use_the_spec_statuses() {
         .unwrap();
     assert_eq!(card["name"], "echo");
     assert_eq!(card["capabilities"]["streaming"], true);
-    assert_eq!(card["capabilities"]["pushNotifications"], false);
+    assert_eq!(card["capabilities"]["pushNotifications"], true);
     assert_eq!(card["skills"][0]["id"], "echo-skill");
     let bindings: Vec<&str> = card["supportedInterfaces"]
         .as_array()
@@ -353,10 +358,10 @@ async fn http_json_errors_use_the_spec_statuses() {
             .unwrap(),
     )
     .await;
-    expect(400, "PUSH_NOTIFICATION_NOT_SUPPORTED")(
+    expect(400, "INVALID_PARAMS")(
         client
             .post(format!("{base}/tasks/{id}/pushNotificationConfigs"))
-            .json(&json!({"url": "http://127.0.0.1:9/"}))
+            .json(&json!({"url": "not a url"}))
             .send()
             .await
             .unwrap(),
@@ -460,6 +465,119 @@ async fn a_streaming_task_goes_on_after_its_client_leaves() {
         numbers(&partial["parts"]),
         (1..=10).collect::<Vec<_>>(),
         "{task}"
+    );
+    node.stop().await;
+}
+
+/// A webhook on a real socket: answers 503 to its first request, 200 after, and hands
+/// each request (head and body) to the test.
+async fn webhook() -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<(String, Value)>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut served = 0;
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut buffer = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // The head, then as many body bytes as it announces.
+            let (head, body) = loop {
+                let n = socket.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    break (String::new(), Vec::new());
+                }
+                buffer.extend_from_slice(&chunk[..n]);
+                let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
+                let head = String::from_utf8_lossy(&buffer[..end]).to_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if buffer.len() >= end + 4 + length {
+                    break (head, buffer[end + 4..end + 4 + length].to_vec());
+                }
+            };
+            served += 1;
+            let status = if served == 1 {
+                "503 Service Unavailable"
+            } else {
+                "200 OK"
+            };
+            let _ = socket
+                .write_all(
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await;
+            let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let _ = tx.send((head, body));
+        }
+    });
+    (url, rx)
+}
+
+#[tokio::test]
+async fn push_notifications_reach_the_webhook_at_least_once_with_its_credentials() {
+    let node = TestNode::start().await;
+    let slow = Slow::default();
+    let _slow = start_agent(&node, card("slow"), slow.clone()).await;
+    let (url, mut received) = webhook().await;
+
+    let mut params = send_params("pushed-1", json!({"data": {"delay_ms": 0}}));
+    params["configuration"] = json!({
+        "returnImmediately": true,
+        "taskPushNotificationConfig": {
+            "url": url,
+            "token": "task-token",
+            "authentication": {"scheme": "Bearer", "credentials": "s3cret"}
+        }
+    });
+    let sent = rpc(&node, "slow", call("SendMessage", params)).await;
+    let id = sent["result"]["task"]["id"].as_str().unwrap().to_owned();
+    let listed = rpc(
+        &node,
+        "slow",
+        call("ListTaskPushNotificationConfigs", json!({"taskId": id})),
+    )
+    .await;
+    assert_eq!(
+        listed["result"]["configs"][0]["url"],
+        url.as_str(),
+        "{listed}"
+    );
+
+    // The first delivery is refused (503): the notification is delivered again.
+    let mut states = Vec::new();
+    let mut refused = 0;
+    while !states.contains(&"TASK_STATE_COMPLETED".to_owned()) {
+        let (head, body) = tokio::time::timeout(Duration::from_secs(30), received.recv())
+            .await
+            .expect("a notification within 30 s")
+            .unwrap();
+        assert!(head.starts_with("post /hook"), "{head}");
+        assert!(head.contains("authorization: bearer s3cret"), "{head}");
+        assert!(
+            head.contains("x-a2a-notification-token: task-token"),
+            "{head}"
+        );
+        let update = &body["statusUpdate"];
+        assert_eq!(update["taskId"], id.as_str(), "{body}");
+        if refused == 0 {
+            refused += 1;
+            continue;
+        }
+        states.push(update["status"]["state"].as_str().unwrap().to_owned());
+    }
+    assert!(
+        states.ends_with(&["TASK_STATE_COMPLETED".to_owned()]),
+        "{states:?}"
     );
     node.stop().await;
 }

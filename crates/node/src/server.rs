@@ -167,6 +167,7 @@ impl Node {
                 self.config.a2a.clone(),
             ));
             a2a.spawn_worker(self.shutdown.clone());
+            a2a.spawn_push_worker(self.shutdown.clone());
             agentmesh_a2a::inbound::router(a2a)
         });
         let gateway = agentmesh_gateway::router_with_queues(

@@ -21,15 +21,13 @@ use axum::{
         IntoResponse, Response,
         sse::{Event, KeepAlive, Sse},
     },
-    routing::{any, get, post},
+    routing::{get, post},
 };
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
-use super::service::{
-    A2aError, A2aInbound, EventPoint, TaskEvents, parse_event_id, push_not_supported,
-};
+use super::service::{A2aError, A2aInbound, EventPoint, TaskEvents, parse_event_id};
 use crate::types::*;
 
 /// The routes of every agent's A2A face.
@@ -39,7 +37,14 @@ pub fn router(inbound: Arc<A2aInbound>) -> Router {
         .route("/a2a/{agent}", post(jsonrpc))
         .route("/a2a/{agent}/{action}", post(rest_post).get(rest_get))
         .route("/a2a/{agent}/tasks/{task}", get(task_get).post(task_post))
-        .route("/a2a/{agent}/tasks/{task}/{*rest}", any(push_configs))
+        .route(
+            "/a2a/{agent}/tasks/{task}/pushNotificationConfigs",
+            post(push_create).get(push_list),
+        )
+        .route(
+            "/a2a/{agent}/tasks/{task}/pushNotificationConfigs/{config}",
+            get(push_get).delete(push_delete),
+        )
         .with_state(inbound)
 }
 
@@ -149,7 +154,7 @@ async fn card(State(a2a): State<Arc<A2aInbound>>, Path(agent): Path<String>, ctx
         documentation_url: None,
         capabilities: AgentCapabilities {
             streaming: Some(streaming),
-            push_notifications: Some(false),
+            push_notifications: Some(true),
             extensions: Vec::new(),
             extended_agent_card: Some(false),
         },
@@ -283,10 +288,22 @@ async fn jsonrpc(
             Ok(p) => a2a.cancel_task(&agent, p).await.map(to_value),
             Err(e) => Err(e),
         },
-        methods::CREATE_TASK_PUSH_NOTIFICATION_CONFIG
-        | methods::GET_TASK_PUSH_NOTIFICATION_CONFIG
-        | methods::LIST_TASK_PUSH_NOTIFICATION_CONFIGS
-        | methods::DELETE_TASK_PUSH_NOTIFICATION_CONFIG => Err(push_not_supported()),
+        methods::CREATE_TASK_PUSH_NOTIFICATION_CONFIG => match parse(params) {
+            Ok(p) => a2a.create_push_config(&agent, p).await.map(to_value),
+            Err(e) => Err(e),
+        },
+        methods::GET_TASK_PUSH_NOTIFICATION_CONFIG => match parse(params) {
+            Ok(p) => a2a.get_push_config(&agent, p).await.map(to_value),
+            Err(e) => Err(e),
+        },
+        methods::LIST_TASK_PUSH_NOTIFICATION_CONFIGS => match parse(params) {
+            Ok(p) => a2a.list_push_configs(&agent, p).await.map(to_value),
+            Err(e) => Err(e),
+        },
+        methods::DELETE_TASK_PUSH_NOTIFICATION_CONFIG => match parse(params) {
+            Ok(p) => a2a.delete_push_config(&agent, p).await.map(|()| json!({})),
+            Err(e) => Err(e),
+        },
         methods::GET_EXTENDED_AGENT_CARD => Err(no_extended_card()),
         other => Err(A2aError::new(
             A2aErrorKind::MethodNotFound,
@@ -566,7 +583,68 @@ async fn task_post(
     })
 }
 
-/// `/tasks/{id}/pushNotificationConfigs…`: not supported.
-async fn push_configs() -> Response {
-    rest_error(&push_not_supported())
+/// `POST /tasks/{id}/pushNotificationConfigs`.
+async fn push_create(
+    State(a2a): State<Arc<A2aInbound>>,
+    Path((agent, task)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let mut params = match body_json(&body) {
+        Ok(p) if p.is_object() => p,
+        Ok(_) => return rest_error(&A2aError::params("the body must be a JSON object")),
+        Err(e) => return rest_error(&e),
+    };
+    params["taskId"] = Value::String(task);
+    rest(match parse(params) {
+        Ok(p) => a2a.create_push_config(&agent, p).await.map(to_value),
+        Err(e) => Err(e),
+    })
+}
+
+/// `GET /tasks/{id}/pushNotificationConfigs`.
+async fn push_list(
+    State(a2a): State<Arc<A2aInbound>>,
+    Path((agent, task)): Path<(String, String)>,
+) -> Response {
+    rest(
+        a2a.list_push_configs(
+            &agent,
+            ListTaskPushNotificationConfigsRequest {
+                task_id: task,
+                ..Default::default()
+            },
+        )
+        .await
+        .map(to_value),
+    )
+}
+
+/// `GET /tasks/{id}/pushNotificationConfigs/{configId}`.
+async fn push_get(
+    State(a2a): State<Arc<A2aInbound>>,
+    Path((agent, task, config)): Path<(String, String, String)>,
+) -> Response {
+    let request = GetTaskPushNotificationConfigRequest {
+        tenant: None,
+        task_id: task,
+        id: config,
+    };
+    rest(a2a.get_push_config(&agent, request).await.map(to_value))
+}
+
+/// `DELETE /tasks/{id}/pushNotificationConfigs/{configId}`.
+async fn push_delete(
+    State(a2a): State<Arc<A2aInbound>>,
+    Path((agent, task, config)): Path<(String, String, String)>,
+) -> Response {
+    let request = GetTaskPushNotificationConfigRequest {
+        tenant: None,
+        task_id: task,
+        id: config,
+    };
+    rest(
+        a2a.delete_push_config(&agent, request)
+            .await
+            .map(|()| json!({})),
+    )
 }

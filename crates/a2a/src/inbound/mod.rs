@@ -4,7 +4,8 @@
 //! - [`http`]: the JSON-RPC 2.0 and HTTP+JSON bindings and the agent card;
 //! - [`mapping`]: A2A parts ↔ envelope payloads;
 //! - [`tasks`]: where tasks are kept ([`TaskStore`]);
-//! - [`worker`]: the node's consumer of non-blocking tasks.
+//! - [`worker`]: the node's consumer of non-blocking tasks;
+//! - [`push`]: push notification configs and their delivery.
 
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod http;
 pub mod mapping;
+pub mod push;
 pub mod service;
 pub mod tasks;
 mod worker;

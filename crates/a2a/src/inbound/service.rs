@@ -275,7 +275,18 @@ impl A2aInbound {
             stream_id: None,
             last_sequence: 0,
             updated_ms: 0,
+            push_configs: Vec::new(),
         };
+        if let Some(config) = request
+            .configuration
+            .as_ref()
+            .and_then(|c| c.task_push_notification_config.clone())
+        {
+            let id = record.task.id.clone();
+            record
+                .push_configs
+                .push(Self::admit_push_config(&id, config)?);
+        }
         record.touch();
         Ok((record, envelope))
     }
@@ -297,7 +308,7 @@ impl A2aInbound {
         }
     }
 
-    async fn load(&self, agent: &str, task_id: &str) -> Result<TaskRecord, A2aError> {
+    pub(crate) async fn load(&self, agent: &str, task_id: &str) -> Result<TaskRecord, A2aError> {
         self.tasks
             .get(agent, task_id)
             .await
@@ -319,9 +330,6 @@ impl A2aInbound {
         self.refuse_continuation(agent, &request.message).await?;
         let config = request.configuration.clone().unwrap_or_default();
         let history = config.history_length;
-        if config.task_push_notification_config.is_some() {
-            return Err(push_not_supported());
-        }
         if config.non_blocking() {
             let (record, envelope) =
                 self.prepare(agent, &mut ctx, &request, TaskState::Submitted)?;
@@ -355,7 +363,9 @@ impl A2aInbound {
         };
         drop(running);
         finish(&mut record, outcome);
-        if !self.save(&record).await? {
+        if self.save(&record).await? {
+            self.notify(&record).await;
+        } else {
             record = self.load(agent, &record.task.id).await?;
         }
         Ok(SendMessageResponse::Task(view(record.task, history, true)))
@@ -413,10 +423,6 @@ impl A2aInbound {
         request: SendMessageRequest,
     ) -> Result<TaskEvents, A2aError> {
         self.refuse_continuation(agent, &request.message).await?;
-        let config = request.configuration.clone().unwrap_or_default();
-        if config.task_push_notification_config.is_some() {
-            return Err(push_not_supported());
-        }
         let (record, envelope) = self.prepare(agent, &mut ctx, &request, TaskState::Working)?;
         let (record, created) = self
             .tasks
@@ -516,6 +522,7 @@ impl A2aInbound {
                 }
             };
             let running = this.run(&id);
+            let mut state_before = record.state();
             let mut finisher = Finisher { inbound: Arc::clone(&this), agent: record.agent.clone(), id: id.clone(), done: false };
             loop {
                 let next = tokio::select! {
@@ -564,6 +571,7 @@ impl A2aInbound {
                         if record.stream_id.is_none() {
                             record.stream_id = Some(event.stream_id.clone());
                         }
+                        state_before = record.state();
                         let out = apply(&mut record, &event);
                         (event.sequence, out)
                     }
@@ -584,7 +592,11 @@ impl A2aInbound {
                 // Whether this event ends the task (the stored record may be ahead of it).
                 let ended = record.state().is_terminal();
                 match this.save(&record).await {
-                    Ok(true) => {}
+                    Ok(true) => {
+                        if record.state() != state_before {
+                            this.notify(&record).await;
+                        }
+                    }
                     Ok(false) => {
                         let stored = this.load(&record.agent, &id).await;
                         match stored {
@@ -750,15 +762,9 @@ impl A2aInbound {
         if let Some(token) = self.running.lock().get(&request.id) {
             token.cancel();
         }
+        self.notify(&record).await;
         Ok(view(record.task, None, true))
     }
-}
-
-pub(crate) fn push_not_supported() -> A2aError {
-    A2aError::new(
-        A2aErrorKind::PushNotificationNotSupported,
-        "push notifications are not supported by this agent",
-    )
 }
 
 /// A status at this moment.

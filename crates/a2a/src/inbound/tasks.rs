@@ -9,7 +9,7 @@ use std::{
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Task, TaskState};
+use crate::types::{Task, TaskPushNotificationConfig, TaskState};
 
 /// A task as the node keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,6 +28,9 @@ pub struct TaskRecord {
     pub last_sequence: u64,
     /// Milliseconds since the Unix epoch of the last change (ListTasks sorts by it).
     pub updated_ms: u64,
+    /// Webhooks told of the task's changes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub push_configs: Vec<TaskPushNotificationConfig>,
 }
 
 impl TaskRecord {

@@ -136,6 +136,7 @@ impl A2aInbound {
                 let _ = self.queue.ack(&message.receipt, None).await;
                 return;
             }
+            self.notify(&record).await;
         }
         let ctx = CallContext::from_envelope(&envelope, self.config.task_timeout);
         let mut envelope = envelope;
@@ -159,7 +160,9 @@ impl A2aInbound {
                 {
                     Ok(NackOutcome::DeadLettered) => {
                         finish(&mut record, Err(error));
-                        let _ = self.tasks.update(&record).await;
+                        if let Ok(true) = self.tasks.update(&record).await {
+                            self.notify(&record).await;
+                        }
                     }
                     Ok(_) => {
                         // Back to waiting for its next attempt.
@@ -172,7 +175,9 @@ impl A2aInbound {
             }
             outcome => {
                 finish(&mut record, outcome);
-                let _ = self.tasks.update(&record).await;
+                if let Ok(true) = self.tasks.update(&record).await {
+                    self.notify(&record).await;
+                }
                 let _ = self.queue.ack(&message.receipt, None).await;
             }
         }
