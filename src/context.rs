@@ -53,10 +53,47 @@ impl Deadline {
 }
 
 /// Who is calling, once authentication has established it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Principal {
     /// The authenticated identity (a token subject or certificate name).
     pub id: String,
+    /// Groups or roles the credentials grant (from the token's entry in the configuration, or
+    /// a JWT's `groups` / `roles` claims); policies may name them as `group:<name>`.
+    pub groups: Vec<String>,
+}
+
+impl Principal {
+    /// A principal without groups.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            groups: Vec::new(),
+        }
+    }
+}
+
+/// The bearer token a caller authenticated with. Passed on only to other nodes of the mesh
+/// (a stream resumed through one node and served by another), never to agents; its `Debug`
+/// never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials(String);
+
+impl Credentials {
+    /// Wraps a bearer token.
+    pub fn bearer(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// The token.
+    pub fn token(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credentials(..)")
+    }
 }
 
 /// How the edge turns a caller's timeout into a deadline.
@@ -91,6 +128,8 @@ pub struct CallContext {
     pub idempotency_key: Option<String>,
     /// The authenticated caller, when authentication is on.
     pub principal: Option<Principal>,
+    /// The credentials it authenticated with (see [`Credentials`]).
+    pub credentials: Option<Credentials>,
 }
 
 impl CallContext {
@@ -102,6 +141,7 @@ impl CallContext {
             traceparent: None,
             idempotency_key: None,
             principal: None,
+            credentials: None,
         }
     }
 
@@ -149,6 +189,7 @@ impl CallContext {
             traceparent: text(TRACEPARENT),
             idempotency_key: text(IDEMPOTENCY_KEY),
             principal: None,
+            credentials: None,
         }
     }
 
@@ -170,6 +211,7 @@ impl CallContext {
             traceparent: some(&envelope.traceparent),
             idempotency_key: some(&envelope.idempotency_key),
             principal: None,
+            credentials: None,
         }
     }
 
@@ -182,6 +224,19 @@ impl CallContext {
             crate::envelope::put(&mut metadata, TRACEPARENT, traceparent);
         }
         metadata
+    }
+
+    /// The principal the node stamped on a call it routed here (`x-agentmesh-principal`), for
+    /// an agent's handlers. Only the node sets that header on calls it forwards, overwriting
+    /// whatever its caller sent; an agent reachable other than through the node should not
+    /// trust it.
+    pub fn with_forwarded_principal(mut self, metadata: &tonic::metadata::MetadataMap) -> Self {
+        self.principal = metadata
+            .get(crate::metadata::PRINCIPAL)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .map(Principal::new);
+        self
     }
 
     /// The context the edge layer stored in a request's extensions.

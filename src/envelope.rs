@@ -9,7 +9,7 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use crate::{
     context::{CallContext, new_id},
     metadata::{CORRELATION_ID, IDEMPOTENCY_KEY, TRACEPARENT},
-    v1::{Envelope, ErrorStatus},
+    v1::{Envelope, ErrorStatus, envelope::Payload},
 };
 
 /// Domain of every `google.rpc.ErrorInfo` the mesh reports.
@@ -20,6 +20,15 @@ impl Envelope {
     /// creation time, deadline (the call's, unless the envelope already carries an earlier
     /// one), trace context, idempotency key, and attempt 1.
     pub fn fill_from(&mut self, ctx: &CallContext) {
+        self.fill_frame(ctx);
+        if self.idempotency_key.is_empty() {
+            self.idempotency_key = ctx.idempotency_key.clone().unwrap_or_default();
+        }
+    }
+
+    /// What [`fill_from`](Self::fill_from) fills except the idempotency key: for the frames of
+    /// a conversation, which share its deadline but are distinct messages.
+    pub fn fill_frame(&mut self, ctx: &CallContext) {
         self.fill_identity(ctx);
         let deadline = ctx.deadline.as_system_time();
         let earlier = self
@@ -28,9 +37,6 @@ impl Envelope {
             .is_some_and(|d| d <= deadline);
         if !earlier {
             self.deadline = Some(deadline.into());
-        }
-        if self.idempotency_key.is_empty() {
-            self.idempotency_key = ctx.idempotency_key.clone().unwrap_or_default();
         }
         if self.attempt == 0 {
             self.attempt = 1;
@@ -50,7 +56,21 @@ impl Envelope {
         if self.created_at.is_none() {
             self.created_at = Some(SystemTime::now().into());
         }
+        if self.content_type.is_empty() {
+            self.content_type = self.derived_content_type().to_owned();
+        }
         self.fill_trace(ctx);
+    }
+
+    /// The MIME type the payload's case implies, for an envelope that names none; empty with
+    /// no payload.
+    pub fn derived_content_type(&self) -> &'static str {
+        match &self.payload {
+            Some(Payload::Json(_)) => "application/json",
+            Some(Payload::Proto(_)) => "application/x-protobuf",
+            Some(Payload::Binary(_)) => "application/octet-stream",
+            None => "",
+        }
     }
 
     /// Fills the trace context alone.
@@ -166,6 +186,7 @@ mod tests {
             traceparent: Some("00-t-s-01".into()),
             idempotency_key: Some("key".into()),
             principal: None,
+            credentials: None,
         }
     }
 
@@ -194,6 +215,35 @@ mod tests {
             ("mine", "other", 3)
         );
         assert_eq!(own.deadline, Some(earlier), "an earlier deadline stays");
+    }
+
+    #[test]
+    fn frames_share_the_deadline_but_not_the_idempotency_key() {
+        let mut frame = Envelope::default();
+        frame.fill_frame(&ctx());
+        assert!(frame.idempotency_key.is_empty());
+        assert!(frame.deadline.is_some());
+        assert_eq!(frame.attempt, 1);
+    }
+
+    #[test]
+    fn content_type_is_derived_from_the_payload_when_empty() {
+        let mut json = Envelope {
+            payload: Some(Payload::Json(prost_types::Value::default())),
+            ..Default::default()
+        };
+        json.fill_identity(&ctx());
+        assert_eq!(json.content_type, "application/json");
+        let mut named = Envelope {
+            content_type: "text/plain".into(),
+            payload: Some(Payload::Binary(b"hi".to_vec().into())),
+            ..Default::default()
+        };
+        named.fill_identity(&ctx());
+        assert_eq!(named.content_type, "text/plain", "a named type stays");
+        let mut empty = Envelope::default();
+        empty.fill_identity(&ctx());
+        assert!(empty.content_type.is_empty());
     }
 
     #[test]

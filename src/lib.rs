@@ -35,6 +35,6 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/agentmesh_descriptor.bin"));
 
-pub use context::{CallContext, Deadline, DeadlinePolicy, Principal, new_id};
+pub use context::{CallContext, Credentials, Deadline, DeadlinePolicy, Principal, new_id};
 pub use envelope::ERROR_DOMAIN;
 pub use payload::{json_to_value, value_to_json};

@@ -15,6 +15,11 @@ pub const GRPC_TIMEOUT: &str = "grpc-timeout";
 pub const TIMEOUT_MS: &str = "x-timeout-ms";
 /// Set by the node on calls it routes to an agent: the hop they came through.
 pub const VIA: &str = "x-agentmesh-via";
+/// Set by the node on calls it routes to an agent: the authenticated caller's principal id.
+/// The node always overwrites it, so a caller cannot choose it; agents read it, never callers.
+pub const PRINCIPAL: &str = "x-agentmesh-principal";
+/// Bearer credentials: an API token or a JWT (`authorization: Bearer <token>`).
+pub const AUTHORIZATION: &str = "authorization";
 
 /// Parses a `grpc-timeout` value (`<digits><unit>`, unit one of H M S m u n).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {

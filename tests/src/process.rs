@@ -51,7 +51,12 @@ impl NodeProcess {
         let node = Self { child, address };
         let client = node.client();
         let until = Instant::now() + Duration::from_secs(20);
-        while client.list_queues().await.is_err() {
+        // A node with authentication on answers UNAUTHENTICATED: it is up.
+        while client
+            .list_queues()
+            .await
+            .is_err_and(|status| status.code() != tonic::Code::Unauthenticated)
+        {
             assert!(
                 Instant::now() < until,
                 "node at {} did not come up",

@@ -148,56 +148,76 @@ fn card(name: &str, description: &str, skill: &str, styles: &[InteractionStyle])
     }
 }
 
-/// Starts every demo agent against the node at `node`.
-pub(crate) async fn start(node: &str) -> anyhow::Result<Vec<RunningAgent>> {
+fn with_token<A: Agent>(runtime: AgentRuntime<A>, token: Option<&str>) -> AgentRuntime<A> {
+    match token {
+        Some(token) => runtime.token(token),
+        None => runtime,
+    }
+}
+
+/// Starts every demo agent against the node at `node`; with authentication on, they register
+/// with `token` (`AGENTMESH_TOKEN`).
+pub(crate) async fn start(node: &str, token: Option<&str>) -> anyhow::Result<Vec<RunningAgent>> {
     use InteractionStyle::{Converse, Stream, Unary};
     let agents = vec![
-        AgentRuntime::new(
-            card(
-                "echo",
-                "Replies with what it is sent",
-                "echo",
-                &[Unary, Converse],
-            ),
-            Echo,
+        with_token(
+            AgentRuntime::new(
+                card(
+                    "echo",
+                    "Replies with what it is sent",
+                    "echo",
+                    &[Unary, Converse],
+                ),
+                Echo,
+            )
+            .node(node),
+            token,
         )
-        .node(node)
         .start()
         .await?,
-        AgentRuntime::new(
-            card(
-                "counter",
-                "Counts to n, streaming each number with progress",
-                "count",
-                &[Unary, Stream],
-            ),
-            Counter,
+        with_token(
+            AgentRuntime::new(
+                card(
+                    "counter",
+                    "Counts to n, streaming each number with progress",
+                    "count",
+                    &[Unary, Stream],
+                ),
+                Counter,
+            )
+            .node(node),
+            token,
         )
-        .node(node)
         .start()
         .await?,
-        AgentRuntime::new(
-            card(
-                "flaky",
-                "Fails half the time with UNAVAILABLE; retried by the node",
-                "flaky",
-                &[Unary],
-            ),
-            Flaky,
+        with_token(
+            AgentRuntime::new(
+                card(
+                    "flaky",
+                    "Fails half the time with UNAVAILABLE; retried by the node",
+                    "flaky",
+                    &[Unary],
+                ),
+                Flaky,
+            )
+            .node(node),
+            token,
         )
-        .node(node)
         .start()
         .await?,
-        AgentRuntime::new(
-            card(
-                "slow",
-                "Answers after delay_ms (default 2 s)",
-                "slow",
-                &[Unary],
-            ),
-            Slow,
+        with_token(
+            AgentRuntime::new(
+                card(
+                    "slow",
+                    "Answers after delay_ms (default 2 s)",
+                    "slow",
+                    &[Unary],
+                ),
+                Slow,
+            )
+            .node(node),
+            token,
         )
-        .node(node)
         .start()
         .await?,
     ];

@@ -57,6 +57,31 @@ struct NodeArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// Bearer token (API token or JWT) for a node with authentication on.
+    #[arg(long, env = "AGENTMESH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl NodeArgs {
+    /// A client of the node, presenting the token if one was given.
+    fn client(&self) -> anyhow::Result<MeshClient> {
+        let client = MeshClient::connect_lazy(&self.node)?;
+        Ok(match self.token.as_deref().filter(|t| !t.is_empty()) {
+            Some(token) => client.with_token(token)?,
+            None => client,
+        })
+    }
+}
+
+/// `agentmesh auth ...`
+#[derive(Debug, Subcommand)]
+enum AuthCommand {
+    /// Print the `sha256:<hex>` hash of an API token, for `[[auth.tokens]]` (the token is read
+    /// from standard input when not given, so it stays out of the shell history).
+    HashToken {
+        /// The token.
+        token: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -65,6 +90,9 @@ enum Command {
     Serve(serve_command::ServeArgs),
     #[command(flatten)]
     Queue(queue_commands::QueueCommand),
+    /// Authentication helpers.
+    #[command(subcommand)]
+    Auth(AuthCommand),
     /// List registered agents.
     Agents {
         #[command(flatten)]
@@ -175,6 +203,22 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Queue(command) => queue_commands::run(command).await,
         Command::Agents { node, skill } => agents(node, skill).await,
+        Command::Auth(AuthCommand::HashToken { token }) => {
+            let token = match token {
+                Some(token) => token,
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin()
+                        .read_line(&mut line)
+                        .context("reading the token from standard input")?;
+                    line
+                }
+            };
+            let token = token.trim();
+            anyhow::ensure!(!token.is_empty(), "the token is empty");
+            println!("{}", agentmesh_node::auth::hash_token(token));
+            Ok(())
+        }
         Command::Trace(args) => trace_command::run(args).await,
         Command::FanOut {
             targets,
@@ -201,7 +245,7 @@ async fn run() -> anyhow::Result<()> {
                 policy: policy as i32,
                 count,
             };
-            let client = MeshClient::connect_lazy(&node.node)?;
+            let client = node.client()?;
             let options = CallOptions {
                 timeout: Some(Duration::from_millis(timeout_ms)),
                 idempotency_key: None,
@@ -262,7 +306,7 @@ async fn run() -> anyhow::Result<()> {
             after,
             node,
         } => {
-            let client = MeshClient::connect_lazy(&node.node)?;
+            let client = node.client()?;
             let events = match resume {
                 Some(stream_id) => client.resume(&stream_id, after).await,
                 None => {
@@ -293,7 +337,7 @@ async fn run() -> anyhow::Result<()> {
                 serde_json::from_str(&json).context("--json is not valid JSON")?;
             let mut envelope = Envelope::json(payload_type, payload);
             envelope.type_version = type_version;
-            let client = MeshClient::connect_lazy(&node.node)?;
+            let client = node.client()?;
             let options = CallOptions {
                 timeout: Some(Duration::from_millis(timeout_ms)),
                 idempotency_key,
@@ -323,7 +367,7 @@ async fn shutdown_signal() {
 }
 
 async fn agents(node: NodeArgs, skill: Option<String>) -> anyhow::Result<()> {
-    let client = MeshClient::connect_lazy(&node.node)?;
+    let client = node.client()?;
     let instances = client
         .lookup(AgentFilter {
             skill: skill.unwrap_or_default(),

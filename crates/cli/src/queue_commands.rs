@@ -3,7 +3,7 @@
 use std::{process::Stdio, time::Duration};
 
 use agentmesh_proto::v1::{Envelope, SubmitStatus};
-use agentmesh_sdk::{DeadLetterSelection, MeshClient, Worker};
+use agentmesh_sdk::{DeadLetterSelection, Worker};
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use tokio::io::AsyncWriteExt;
@@ -204,7 +204,7 @@ fn age(duration: Option<prost_types::Duration>) -> String {
 }
 
 async fn queues(node: NodeArgs) -> anyhow::Result<()> {
-    let client = MeshClient::connect_lazy(&node.node)?;
+    let client = node.client()?;
     let queues = client.list_queues().await.map_err(status_error)?;
     if node.output == Output::Json {
         for queue in &queues {
@@ -233,7 +233,7 @@ async fn queues(node: NodeArgs) -> anyhow::Result<()> {
 }
 
 async fn submit(queue: &str, envelopes: Vec<Envelope>, node: NodeArgs) -> anyhow::Result<()> {
-    let client = MeshClient::connect_lazy(&node.node)?;
+    let client = node.client()?;
     let response = client
         .submit(queue, envelopes)
         .await
@@ -328,7 +328,7 @@ async fn consume(
     max: Option<u64>,
     node: NodeArgs,
 ) -> anyhow::Result<()> {
-    let client = MeshClient::connect_lazy(&node.node)?;
+    let client = node.client()?;
     let output = node.output;
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let command = std::sync::Arc::new(command);
@@ -396,7 +396,7 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             page_token,
             node,
         } => {
-            let client = MeshClient::connect_lazy(&node.node)?;
+            let client = node.client()?;
             let page = client
                 .list_dead_letters(&queue, page_size, &page_token)
                 .await
@@ -432,7 +432,7 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             select,
             node,
         } => {
-            let client = MeshClient::connect_lazy(&node.node)?;
+            let client = node.client()?;
             let count = client
                 .redrive_dead_letters(&queue, select.selection())
                 .await
@@ -450,7 +450,7 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             select,
             node,
         } => {
-            let client = MeshClient::connect_lazy(&node.node)?;
+            let client = node.client()?;
             let count = client
                 .purge_dead_letters(&queue, select.selection())
                 .await
@@ -470,7 +470,7 @@ async fn result(
     timeout_ms: Option<u64>,
     node: NodeArgs,
 ) -> anyhow::Result<()> {
-    let client = MeshClient::connect_lazy(&node.node)?;
+    let client = node.client()?;
     let found = if wait {
         let timeout = timeout_ms.map(Duration::from_millis);
         match client.await_result(correlation_id, timeout).await {

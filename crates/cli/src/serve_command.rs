@@ -15,7 +15,8 @@ pub(crate) struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "AGENTMESH_LISTEN", default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
-    /// Also start the built-in demo agents (echo, counter).
+    /// Also start the built-in demo agents (echo, counter); with authentication on they
+    /// register with `AGENTMESH_TOKEN`.
     #[arg(long)]
     demo_agents: bool,
     /// Configuration file (TOML); `AGENTMESH_<SECTION>__<KEY>` variables override it, and
@@ -126,7 +127,11 @@ impl ServeArgs {
         let node = Node::with_stores(config, stores).with_queue(queue.clone());
         let server = tokio::spawn(node.serve(listener, crate::shutdown_signal()));
         let demos = if self.demo_agents {
-            let demos = demo::start(&address.to_string()).await?;
+            // With authentication on, the demo agents need a principal allowed to register.
+            let token = std::env::var("AGENTMESH_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty());
+            let demos = demo::start(&address.to_string(), token.as_deref()).await?;
             for agent in &demos {
                 agent.registered(1).await;
             }

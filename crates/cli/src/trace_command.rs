@@ -4,7 +4,6 @@
 
 use agentmesh_core::journal::{TraceNode, tree};
 use agentmesh_proto::v1::Hop;
-use agentmesh_sdk::MeshClient;
 
 use crate::{NodeArgs, Output, status_error};
 
@@ -24,7 +23,7 @@ pub(crate) struct TraceArgs {
 }
 
 pub(crate) async fn run(args: TraceArgs) -> anyhow::Result<()> {
-    let client = MeshClient::connect_lazy(&args.node.node)?;
+    let client = args.node.client()?;
     if args.follow {
         let mut hops = client
             .follow_trace(&args.correlation_id)

@@ -2,6 +2,7 @@
 //! commands, grpcurl through server reflection, and graceful shutdown.
 
 use std::{
+    io::Write,
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -158,4 +159,117 @@ fn grpcurl_lists_checks_and_invokes() {
     ]);
     assert!(invoke.contains("x-correlation-id:"), "{invoke}");
     assert!(invoke.contains(r#""text": "hi""#), "{invoke}");
+}
+
+/// `agentmesh auth hash-token` prints what `[[auth.tokens]]` stores; with authentication on,
+/// the demo agents register with `AGENTMESH_TOKEN`, and the client commands are refused
+/// without a token and served with `--token` or `AGENTMESH_TOKEN`.
+#[test]
+fn auth_hash_token_and_client_tokens() {
+    let hashed = Command::new(BIN)
+        .args(["auth", "hash-token", "ops-token"])
+        .output()
+        .unwrap();
+    assert!(hashed.status.success(), "{hashed:?}");
+    let hash = String::from_utf8(hashed.stdout).unwrap().trim().to_owned();
+    // printf %s ops-token | sha256sum
+    assert_eq!(
+        hash,
+        "sha256:d9310c002af91822beb0b3487d8b04f85bf6bf1f8a5496bff7d35fc7c5a29def"
+    );
+    let mut stdin_hash = Command::new(BIN)
+        .args(["auth", "hash-token"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    stdin_hash
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"ops-token\n")
+        .unwrap();
+    let from_stdin = stdin_hash.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8(from_stdin.stdout).unwrap().trim(), hash);
+
+    let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("agentmesh.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+            [auth]
+            enabled = true
+            [[auth.tokens]]
+            hash = "{hash}"
+            principal = "ops"
+            [[auth.policy]]
+            principals = ["ops"]
+            actions = ["*"]
+            "#
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("127.0.0.1:{port}");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--demo-agents", "--listen", &address, "--config"])
+        .arg(&config)
+        .env("AGENTMESH_DATA_DIR", data.path().join("data"))
+        .env("AGENTMESH_LOG", "warn")
+        .env("AGENTMESH_TOKEN", "ops-token")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let cli = |args: &[&str], token: Option<&str>| {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .env("AGENTMESH_NODE", &address)
+            .env_remove("AGENTMESH_TOKEN");
+        if let Some(token) = token {
+            command.env("AGENTMESH_TOKEN", token);
+        }
+        command.output().unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut up = false;
+    while Instant::now() < deadline {
+        let out = cli(&["agents"], Some("ops-token"));
+        if String::from_utf8_lossy(&out.stdout).contains("counter") {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let refused = cli(&["call", "echo", "--json", "{}"], None);
+    let with_flag = cli(
+        &[
+            "call",
+            "echo",
+            "--json",
+            r#"{"a":1}"#,
+            "--token",
+            "ops-token",
+        ],
+        None,
+    );
+    let wrong = cli(&["call", "echo", "--json", "{}"], Some("nope"));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(up, "the demo agents registered with AGENTMESH_TOKEN");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("Unauthenticated"), "{stderr}");
+    assert!(with_flag.status.success(), "{with_flag:?}");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&with_flag.stdout).unwrap(),
+        serde_json::json!({"a": 1})
+    );
+    assert!(!wrong.status.success());
 }

@@ -13,8 +13,9 @@ use std::{
 };
 
 use agentmesh_proto::v1::{
-    AgentFilter, ConsumeAck, ConsumeRequest, ConsumeSubscribe, Envelope, StreamEventKind,
-    WatchEventKind, WatchRequest, consume_request::Action, consume_response::Event,
+    AgentFilter, ConsumeAck, ConsumeRequest, ConsumeSubscribe, DeregisterRequest, Envelope,
+    HeartbeatRequest, RegisterRequest, StreamEventKind, WatchEventKind, WatchRequest,
+    consume_request::Action, consume_response::Event,
 };
 use agentmesh_sdk::{AgentRuntime, CallOptions, MeshClient, RunningAgent};
 use agentmesh_tests::{Controlled, Echo, NodeProcess, Streamer, card, free_port, outside_tool};
@@ -147,6 +148,116 @@ async fn subscribe(
         .unwrap()
         .into_inner();
     (tx, frames)
+}
+
+/// With authentication on, the registry in Redis records who registered each instance: a lease
+/// registered through one node by one principal cannot be renewed, replaced or deregistered by
+/// another principal through another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs AGENTMESH_TEST_REDIS"]
+async fn leases_on_redis_belong_to_their_principal() {
+    let redis = SharedRedis::new();
+    let tokens = format!(
+        r#"auth.tokens=[{{hash="{}", principal="agent-a"}}, {{hash="{}", principal="agent-b"}}]"#,
+        agentmesh_node::auth::hash_token("agent-a-token"),
+        agentmesh_node::auth::hash_token("agent-b-token"),
+    );
+    let settings = [
+        "auth.enabled=true",
+        tokens.as_str(),
+        r#"auth.policy=[{principals=["agent-*"], actions=["register", "discover", "call"]}]"#,
+    ];
+    let a = MeshNode::start_with(&redis, "node-a", &settings).await;
+    let b = MeshNode::start_with(&redis, "node-b", &settings).await;
+    let echo = AgentRuntime::new(card("echo"), Echo)
+        .node(a.address.clone())
+        .token("agent-a-token")
+        .start()
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), echo.registered(1))
+        .await
+        .expect("agent-a registers through A");
+    let registration = echo.registration();
+    let lease_id = registration.lease_id.clone().unwrap();
+
+    let intruder = b.client().with_token("agent-b-token").unwrap();
+    let owner = b.client().with_token("agent-a-token").unwrap();
+    // B's copy of the registry catches up with A's registration.
+    let until = Instant::now() + Duration::from_secs(5);
+    while owner
+        .lookup(AgentFilter::default())
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(Instant::now() < until, "node B sees the registration");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut discovery = intruder.discovery();
+    let status = discovery
+        .heartbeat(HeartbeatRequest {
+            lease_id: lease_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    let status = discovery
+        .deregister(DeregisterRequest {
+            lease_id: lease_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    let mut taken = card("echo");
+    taken.instance_id = registration.instance_id.clone();
+    taken.endpoint = "http://127.0.0.1:1".into();
+    let status = discovery
+        .register(RegisterRequest {
+            card: Some(taken),
+            ttl: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    // The owner renews through B, and the agent still answers.
+    owner
+        .discovery()
+        .heartbeat(HeartbeatRequest { lease_id })
+        .await
+        .expect("the owner renews through another node");
+    owner
+        .invoke("echo", Envelope::json("t", json!({})))
+        .await
+        .unwrap();
+
+    // A stream opened through A and resumed through B: B forwards the caller's credentials
+    // to A, which authenticates and serves the resume.
+    let streamer = AgentRuntime::new(card("streamer"), Streamer)
+        .node(a.address.clone())
+        .token("agent-a-token")
+        .start()
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), streamer.registered(1))
+        .await
+        .expect("the streamer registers");
+    let through_a = a.client().with_token("agent-a-token").unwrap();
+    let mut events = through_a
+        .stream("streamer", Envelope::json("count", json!({ "n": 4 })))
+        .await
+        .unwrap();
+    let first = events.message().await.unwrap().unwrap();
+    drop(events);
+    let mut rest = owner
+        .resume(&first.stream_id, first.sequence)
+        .await
+        .expect("resume through B is forwarded to A with the caller's token");
+    let mut ended = false;
+    while let Some(event) = rest.message().await.unwrap() {
+        ended |= event.kind == StreamEventKind::Result as i32;
+    }
+    assert!(ended, "the resumed stream reaches its result");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

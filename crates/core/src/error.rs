@@ -67,6 +67,16 @@ pub enum MeshError {
     /// The operation needs something this node has turned off.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller's principal may not do this (see [`crate::access`]).
+    #[error("permission denied: {principal} may not {action} '{resource}'")]
+    PermissionDenied {
+        /// The caller's principal id.
+        principal: String,
+        /// The action refused (`call`, `submit`, ...).
+        action: &'static str,
+        /// What it was refused on (agent, queue, correlation id).
+        resource: String,
+    },
     /// Another node's answer, passed on unchanged (a forwarded stream resume).
     #[error("{}", .0.message())]
     Forwarded(Status),
@@ -87,6 +97,7 @@ impl MeshError {
             MeshError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             MeshError::Unavailable(_) | MeshError::BreakerOpen { .. } => Code::Unavailable,
             MeshError::ResourceExhausted(_) => Code::ResourceExhausted,
+            MeshError::PermissionDenied { .. } => Code::PermissionDenied,
             MeshError::Forwarded(status) => status.code(),
         }
     }
@@ -105,6 +116,7 @@ impl MeshError {
             MeshError::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
             MeshError::TraceNotFound(_) => "TRACE_NOT_FOUND",
             MeshError::FailedPrecondition(_) => "FAILED_PRECONDITION",
+            MeshError::PermissionDenied { .. } => "PERMISSION_DENIED",
             MeshError::Forwarded(_) => "FORWARDED",
         }
     }
@@ -140,6 +152,12 @@ impl From<MeshError> for Status {
                     "probe_in_ms".to_owned(),
                     retry_after.as_millis().to_string(),
                 );
+            }
+            MeshError::PermissionDenied {
+                action, resource, ..
+            } => {
+                metadata.insert("action".to_owned(), (*action).to_owned());
+                metadata.insert("resource".to_owned(), resource.clone());
             }
             _ => {}
         }

@@ -98,11 +98,18 @@ impl Router {
             sent.causation_id = envelope.id.clone();
             let call = call.clone();
             let router = self.clone();
+            // Each target is checked on its own: a denied one fails in the results, the
+            // others still run. Instances found by skill are checked against the skill.
+            let allowed = match &instance {
+                Some(_) => self.check_call(&call, &format!("skill:{}", request.skill)),
+                None => self.check_call(&call, &target),
+            };
             pending.push(async move {
                 let started = Instant::now();
-                let route = match instance {
-                    Some(instance) => router.route_to(instance),
-                    None => router.route(&sent, &[], crate::registry::CallKind::Unary),
+                let route = match (allowed, instance) {
+                    (Err(denied), _) => Err(denied),
+                    (Ok(()), Some(instance)) => router.route_to(instance),
+                    (Ok(()), None) => router.route(&sent, &[], crate::registry::CallKind::Unary),
                 };
                 let outcome = match route {
                     Ok(route) => {

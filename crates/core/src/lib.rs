@@ -4,6 +4,7 @@
 //! the call's [`CallContext`](agentmesh_proto::CallContext) (built once at the edge), calls
 //! an operation of [`api::Mesh`] or [`api::QueueApi`], and wraps the answer.
 //!
+//! - [`access`]: the authorisation policy every operation checks;
 //! - [`api`]: the operations both faces call, and [`api::EventStream`];
 //! - [`mesh`]: [`MeshCore`], those operations for agents over the router and registry;
 //! - [`registry`]: agent instances, their cards, leases, expiry and change events
@@ -21,6 +22,7 @@
 //! - [`telemetry`]: a span per hop, child of the caller's W3C `traceparent`, passed on;
 //! - [`error`]: [`MeshError`], mapped once to `tonic::Status`.
 
+pub mod access;
 pub mod api;
 pub mod error;
 pub mod fanout;

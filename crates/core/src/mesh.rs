@@ -18,6 +18,7 @@ use futures::StreamExt;
 use tonic::Status;
 
 use crate::{
+    access::Action,
     api::{EventStream, Mesh},
     error::MeshError,
     journal::record_lookup,
@@ -93,7 +94,15 @@ impl Mesh for MeshCore {
     ) -> Result<LookupResponse, Status> {
         let began = std::time::SystemTime::now();
         let filter = request.filter.unwrap_or_default();
-        let instances = self.registry.lookup(&filter);
+        let mut instances = self.registry.lookup(&filter);
+        // A caller sees only the agents it may discover.
+        let access = self.router.access();
+        if access.enforced() {
+            instances.retain(|instance| {
+                let name = instance.card.as_ref().map_or("", |c| c.name.as_str());
+                access.allows(ctx.principal.as_ref(), Action::Discover, name)
+            });
+        }
         record_lookup(
             self.router.journal().as_ref(),
             &ctx.correlation_id,
@@ -113,10 +122,11 @@ impl Mesh for MeshCore {
 
     async fn get_trace(
         &self,
-        _ctx: CallContext,
+        ctx: CallContext,
         request: GetTraceRequest,
     ) -> Result<GetTraceResponse, Status> {
         let id = required_correlation_id(&request.correlation_id)?;
+        self.router.access().check(&ctx, Action::ReadTraces, id)?;
         let hops = self.router.journal().hops(id).await?;
         if hops.is_empty() {
             return Err(MeshError::TraceNotFound(id.to_owned()).into());
@@ -130,6 +140,7 @@ impl Mesh for MeshCore {
         request: FollowTraceRequest,
     ) -> Result<EventStream<Hop>, Status> {
         let id = required_correlation_id(&request.correlation_id)?;
+        self.router.access().check(&ctx, Action::ReadTraces, id)?;
         let hops = self.router.journal().follow(id).await?;
         // Following ends with the caller's deadline, when it set one.
         let until = ctx

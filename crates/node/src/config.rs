@@ -50,6 +50,10 @@ pub struct NodeConfig {
     pub connections: ConnectionSettings,
     /// A2A: every agent served as an A2A agent under `/a2a/{agent}`.
     pub a2a: agentmesh_a2a::A2aConfig,
+    /// Authentication (API tokens, JWT) and the authorisation policy; off by default.
+    pub auth: crate::auth::AuthConfig,
+    /// Calls per second per caller (principal, or peer address without authentication).
+    pub rate_limit: crate::auth::RateLimitConfig,
 }
 
 /// OpenTelemetry export of the node's spans (one per hop, child of the caller's
@@ -190,6 +194,8 @@ impl Default for NodeConfig {
             telemetry: TelemetryConfig::default(),
             a2a: agentmesh_a2a::A2aConfig::default(),
             connections: ConnectionSettings::default(),
+            auth: Default::default(),
+            rate_limit: Default::default(),
         }
     }
 }
@@ -197,6 +203,8 @@ impl Default for NodeConfig {
 impl NodeConfig {
     /// Rejects settings that cannot work together, naming the keys at fault.
     pub fn validate(&self) -> Result<(), String> {
+        self.auth.validate()?;
+        self.rate_limit.validate()?;
         let retry = &self.router.retry;
         if retry.max_attempts == 0 {
             return Err("router.retry.max_attempts must be at least 1".into());

@@ -127,11 +127,17 @@ impl Connection {
         let calls = Arc::new(CallsInProgress::new());
         let app = self.app;
         let tracked = calls.clone();
+        // The peer's address, for the rate limit of callers without credentials.
+        let peer = stream.peer_addr().ok().map(axum::extract::ConnectInfo);
         let service = tower::service_fn(move |request: http::Request<Incoming>| {
             let call = tracked.started();
             let app = app.clone();
+            let mut request = request.map(Body::new);
+            if let Some(peer) = peer {
+                request.extensions_mut().insert(peer);
+            }
             async move {
-                let response = app.oneshot(request.map(Body::new)).await?;
+                let response = app.oneshot(request).await?;
                 Ok::<_, Infallible>(
                     response.map(|body| Body::new(TrackedBody { body, _call: call })),
                 )

@@ -2,6 +2,8 @@
 //!
 //! What the mesh does lives in `agentmesh-core` (registry, router, streams, fan-out,
 //! idempotency, the queue's operations). This crate assembles it:
+//! - [`auth`] authenticates callers and limits their rate (the policy is
+//!   `agentmesh_core::access`);
 //! - [`edge`] builds each call's `CallContext` (correlation id, deadline, trace context,
 //!   idempotency key) once, for gRPC and HTTP alike;
 //! - [`grpc`] holds the gRPC services, each a thin face over the core;
@@ -13,6 +15,7 @@
 //! - [`config`] holds the settings and their defaults; [`config_layers`] reads them from a TOML
 //!   file, `AGENTMESH_*` variables and `--set` flags, through the same serde path.
 
+pub mod auth;
 pub mod config;
 pub mod config_layers;
 pub mod connections;

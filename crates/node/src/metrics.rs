@@ -4,7 +4,7 @@
 //! every queue's depth, in-flight count, dead letters and oldest message; the embedded
 //! store's write counters; and the standard `process_*` figures.
 
-use std::sync::Arc;
+use std::sync::{Arc, atomic::Ordering};
 
 use agentmesh_core::{Router, queue::QueueHandle, registry::AgentRegistry};
 use agentmesh_proto::v1::{AgentFilter, BreakerState};
@@ -15,7 +15,7 @@ use prometheus_client::{
     registry::{Registry as Families, Unit},
 };
 
-use crate::process_metrics::ProcessSample;
+use crate::{auth::AuthStats, process_metrics::ProcessSample};
 
 /// The OpenMetrics content type.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -25,6 +25,7 @@ struct MetricsState {
     registry: Arc<dyn AgentRegistry>,
     router: Router,
     queue: QueueHandle,
+    auth: Arc<AuthStats>,
 }
 
 /// The `/metrics` route.
@@ -32,6 +33,7 @@ pub fn routes(
     registry: Arc<dyn AgentRegistry>,
     router: Router,
     queue: QueueHandle,
+    auth: Arc<AuthStats>,
 ) -> axum::Router {
     axum::Router::new()
         .route("/metrics", get(render))
@@ -39,6 +41,7 @@ pub fn routes(
             registry,
             router,
             queue,
+            auth,
         })
 }
 
@@ -112,6 +115,21 @@ async fn collect(state: &MetricsState) -> Families {
         "agentmesh_breaker_state",
         "Circuit breaker of an instance: 0 closed, 1 half-open, 2 open",
         breaker,
+    );
+    families.register(
+        "agentmesh_auth_failures",
+        "Calls refused for missing, invalid or expired credentials",
+        counter(state.auth.unauthenticated.load(Ordering::Relaxed)),
+    );
+    families.register(
+        "agentmesh_auth_denied",
+        "Calls refused by the authorisation policy",
+        counter(state.router.access().denied()),
+    );
+    families.register(
+        "agentmesh_rate_limited",
+        "Calls refused over their caller's rate limit",
+        counter(state.auth.rate_limited.load(Ordering::Relaxed)),
     );
     collect_queues(&mut families, &state.queue).await;
     collect_process(&mut families);

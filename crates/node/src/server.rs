@@ -20,8 +20,11 @@ use agentmesh_core::{
 };
 use agentmesh_proto::DeadlinePolicy;
 
+use agentmesh_core::access::Access;
+
 use crate::{
     Stores,
+    auth::AuthLayer,
     config::NodeConfig,
     edge::CallContextLayer,
     grpc::{AgentFace, Discovery, FanOutFace, OversizedRequestLayer, QueueFace, TraceFace},
@@ -56,13 +59,19 @@ impl Node {
 
     /// A node over the given stores (see [`Stores::open`]).
     pub fn with_stores(config: NodeConfig, stores: Stores) -> Self {
+        let access = if config.auth.enabled {
+            Access::enforce(config.auth.policy.clone())
+        } else {
+            Access::open()
+        };
         let router = Router::with_stores(
             Arc::clone(&stores.registry),
             stores.replay,
             stores.idempotency,
             config.router.clone(),
         )
-        .with_journal(stores.journal);
+        .with_journal(stores.journal)
+        .with_access(Arc::new(access));
         Self {
             config,
             registry: stores.registry,
@@ -94,6 +103,8 @@ impl Node {
         listener: TcpListener,
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let auth = AuthLayer::new(&self.config.auth, &self.config.rate_limit)
+            .map_err(std::io::Error::other)?;
         let (queue, own_queue) = match self.queue.clone() {
             Some(queue) => (queue, false),
             None => {
@@ -108,7 +119,8 @@ impl Node {
             self.config.queue.keep_alive,
             self.shutdown.clone(),
         )
-        .with_journal(Arc::clone(self.router.journal()));
+        .with_journal(Arc::clone(self.router.journal()))
+        .with_access(Arc::clone(self.router.access()));
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mesh = Arc::new(MeshCore::new(
             self.router.clone(),
@@ -179,6 +191,7 @@ impl Node {
             Arc::clone(&self.registry),
             self.router.clone(),
             queue.clone(),
+            auth.stats(),
         ));
         let gateway = match a2a {
             Some(a2a) => gateway.merge(a2a),
@@ -190,10 +203,14 @@ impl Node {
             .layer(OversizedRequestLayer)
             .merge(gateway)
             .layer(
-                ServiceBuilder::new().layer(CallContextLayer::new(DeadlinePolicy {
-                    default_timeout: self.config.router.default_timeout,
-                    max_timeout: self.config.max_timeout,
-                })),
+                // The context first, then who is calling: authentication and rate limits
+                // see the correlation id and store the principal in the context.
+                ServiceBuilder::new()
+                    .layer(CallContextLayer::new(DeadlinePolicy {
+                        default_timeout: self.config.router.default_timeout,
+                        max_timeout: self.config.max_timeout,
+                    }))
+                    .layer(auth),
             );
 
         let address = listener.local_addr()?;

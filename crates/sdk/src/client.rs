@@ -13,6 +13,8 @@ use agentmesh_proto::v1::{
 };
 use tonic::{
     Request, Status, Streaming,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
     transport::{Channel, Endpoint},
 };
 
@@ -28,6 +30,47 @@ pub struct CallOptions {
     pub idempotency_key: Option<String>,
 }
 
+/// The credentials a client presents to the node: `authorization: Bearer <token>` on every
+/// call, when it has a token (an API token or a JWT).
+#[derive(Clone, Default)]
+pub struct Credentials(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.write_str(if self.0.is_some() {
+            "Credentials(bearer)"
+        } else {
+            "Credentials(none)"
+        })
+    }
+}
+
+impl Credentials {
+    /// Credentials that send `token` as a bearer token.
+    pub fn bearer(token: &str) -> Result<Self, SdkError> {
+        let mut value = MetadataValue::try_from(format!("Bearer {}", token.trim()))
+            .map_err(|_| SdkError::InvalidToken("not printable ASCII".into()))?;
+        value.set_sensitive(true);
+        Ok(Self(Some(value)))
+    }
+}
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert(agentmesh_proto::metadata::AUTHORIZATION, value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The channel the generated clients of a [`MeshClient`] use: its connection, with its
+/// credentials on every call.
+pub type NodeChannel = InterceptedService<Channel, Credentials>;
+
 /// A client of the node: invoke agents by name or `skill:<id>`, look them up.
 ///
 /// Inside a handler, calls inherit the handled call's correlation id and a
@@ -35,6 +78,7 @@ pub struct CallOptions {
 #[derive(Debug, Clone)]
 pub struct MeshClient {
     channel: Channel,
+    credentials: Credentials,
     hop_margin: Duration,
     default_timeout: Duration,
     breakers: Option<Arc<TargetBreakers>>,
@@ -93,6 +137,7 @@ impl MeshClient {
     pub fn from_channel(channel: Channel) -> Self {
         Self {
             channel,
+            credentials: Credentials::default(),
             hop_margin: Duration::from_millis(50),
             default_timeout: Duration::from_secs(30),
             breakers: Some(Arc::new(TargetBreakers {
@@ -119,19 +164,31 @@ impl MeshClient {
         self
     }
 
-    /// The underlying channel, for the generated clients.
+    /// Presents `token` (an API token or a JWT) as `authorization: Bearer <token>` on every
+    /// call, for a node with authentication on.
+    pub fn with_token(mut self, token: &str) -> Result<Self, SdkError> {
+        self.credentials = Credentials::bearer(token)?;
+        Ok(self)
+    }
+
+    /// The underlying channel, without the client's credentials (see [`MeshClient::node_channel`]).
     pub fn channel(&self) -> Channel {
         self.channel.clone()
     }
 
+    /// The channel with the client's credentials, for generated clients.
+    pub fn node_channel(&self) -> NodeChannel {
+        InterceptedService::new(self.channel.clone(), self.credentials.clone())
+    }
+
     /// The generated `AgentService` client, talking to the node's router.
-    pub fn agents(&self) -> AgentServiceClient<Channel> {
-        AgentServiceClient::new(self.channel.clone())
+    pub fn agents(&self) -> AgentServiceClient<NodeChannel> {
+        AgentServiceClient::new(self.node_channel())
     }
 
     /// The generated `DiscoveryService` client.
-    pub fn discovery(&self) -> DiscoveryServiceClient<Channel> {
-        DiscoveryServiceClient::new(self.channel.clone())
+    pub fn discovery(&self) -> DiscoveryServiceClient<NodeChannel> {
+        DiscoveryServiceClient::new(self.node_channel())
     }
 
     /// Invokes `target` (an agent name or `skill:<id>`) with `envelope`.
@@ -237,7 +294,7 @@ impl MeshClient {
             })?;
         match tokio::time::timeout(
             timeout,
-            FanOutServiceClient::new(self.channel.clone()).fan_out(request),
+            FanOutServiceClient::new(self.node_channel()).fan_out(request),
         )
         .await
         {
@@ -249,7 +306,7 @@ impl MeshClient {
     /// The hops the node's trace journal recorded under `correlation_id`, in the order they
     /// started (NOT_FOUND when none).
     pub async fn trace(&self, correlation_id: &str) -> Result<Vec<Hop>, Status> {
-        Ok(TraceServiceClient::new(self.channel.clone())
+        Ok(TraceServiceClient::new(self.node_channel())
             .get_trace(GetTraceRequest {
                 correlation_id: correlation_id.to_owned(),
             })
@@ -263,7 +320,7 @@ impl MeshClient {
         &self,
         correlation_id: &str,
     ) -> Result<impl futures::Stream<Item = Result<Hop, Status>> + Unpin + use<>, Status> {
-        let frames = TraceServiceClient::new(self.channel.clone())
+        let frames = TraceServiceClient::new(self.node_channel())
             .follow_trace(FollowTraceRequest {
                 correlation_id: correlation_id.to_owned(),
             })

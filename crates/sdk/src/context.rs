@@ -41,7 +41,8 @@ impl Context {
         client: Option<MeshClient>,
     ) -> Self {
         Self::new(
-            CallContext::from_metadata(metadata, &AGENT_DEADLINES),
+            CallContext::from_metadata(metadata, &AGENT_DEADLINES)
+                .with_forwarded_principal(metadata),
             message_id,
             client,
         )
@@ -68,6 +69,12 @@ impl Context {
     /// The call's context as the mesh sees it (correlation id, deadline, trace context).
     pub fn call(&self) -> &CallContext {
         &self.call
+    }
+
+    /// The caller's principal id, when the node authenticated the call (the node stamps it
+    /// as `x-agentmesh-principal`, replacing anything the caller sent in that header).
+    pub fn principal(&self) -> Option<&str> {
+        self.call.principal.as_ref().map(|p| p.id.as_str())
     }
 
     /// The correlation id of the call chain.

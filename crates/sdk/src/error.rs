@@ -11,6 +11,9 @@ pub enum SdkError {
         /// Why it is invalid.
         reason: String,
     },
+    /// A token cannot be sent as an `authorization` header.
+    #[error("invalid token: {0}")]
+    InvalidToken(String),
     /// Binding or serving the agent's listener failed.
     #[error("agent server failed: {0}")]
     Serve(#[from] std::io::Error),

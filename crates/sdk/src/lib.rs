@@ -33,7 +33,7 @@ mod worker;
 pub use agent::{Agent, StreamSink};
 pub use agentmesh_proto as proto;
 pub use agentmesh_resilience::BreakerConfig;
-pub use client::{CallOptions, MeshClient};
+pub use client::{CallOptions, Credentials, MeshClient, NodeChannel};
 pub use context::Context;
 pub use conversation::{
     Conversation, ConversationSender, ConversationStream, DEFAULT_HEARTBEAT, MISSED_HEARTBEATS,

@@ -8,7 +8,7 @@ use agentmesh_proto::v1::{
     RedriveDeadLettersRequest, SubmitOutcome, SubmitRequest, SubmitResponse,
     queue_service_client::QueueServiceClient,
 };
-use tonic::{Code, Request, Status, metadata::MetadataMap, transport::Channel};
+use tonic::{Code, Request, Status, metadata::MetadataMap};
 
 use crate::{call_scope, client::MeshClient};
 
@@ -53,8 +53,8 @@ fn request<T>(message: T, timeout: Option<Duration>) -> Request<T> {
 
 impl MeshClient {
     /// The generated `QueueService` client.
-    pub fn queues(&self) -> QueueServiceClient<Channel> {
-        QueueServiceClient::new(self.channel())
+    pub fn queues(&self) -> QueueServiceClient<crate::client::NodeChannel> {
+        QueueServiceClient::new(self.node_channel())
             .max_decoding_message_size(64 * 1024 * 1024)
             .max_encoding_message_size(64 * 1024 * 1024)
     }

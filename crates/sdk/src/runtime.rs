@@ -11,10 +11,7 @@ use agentmesh_proto::v1::{
 use agentmesh_resilience::Backoff;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
-use tonic::{
-    Code,
-    transport::{Channel, server::TcpIncoming},
-};
+use tonic::{Code, transport::server::TcpIncoming};
 
 use crate::{Agent, AgentHost, client::MeshClient, error::SdkError};
 
@@ -39,6 +36,7 @@ pub struct AgentRuntime<A> {
     listen: SocketAddr,
     advertise: Option<String>,
     ttl: Duration,
+    token: Option<String>,
 }
 
 impl<A: Agent> AgentRuntime<A> {
@@ -51,7 +49,15 @@ impl<A: Agent> AgentRuntime<A> {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise: None,
             ttl: Duration::from_secs(10),
+            token: None,
         }
+    }
+
+    /// The token (API token or JWT) to present to a node with authentication on: registration,
+    /// heartbeats and the calls the agent's handlers make through the node carry it.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
     }
 
     /// The node to register with (`host:port` or a URI).
@@ -90,7 +96,13 @@ impl<A: Agent> AgentRuntime<A> {
             card.instance_id = uuid::Uuid::now_v7().to_string();
         }
         let client = match &self.node {
-            Some(node) => Some(MeshClient::connect_lazy(node)?),
+            Some(node) => {
+                let client = MeshClient::connect_lazy(node)?;
+                Some(match &self.token {
+                    Some(token) => client.with_token(token)?,
+                    None => client,
+                })
+            }
             None => None,
         };
         let shutdown = CancellationToken::new();
@@ -194,7 +206,7 @@ impl RunningAgent {
 /// Registers, heartbeats, re-registers whenever the lease is lost, and
 /// deregisters once `shutdown` fires.
 async fn keep_registered(
-    mut discovery: DiscoveryServiceClient<Channel>,
+    mut discovery: DiscoveryServiceClient<crate::client::NodeChannel>,
     card: AgentCard,
     ttl: Duration,
     state: watch::Sender<Registration>,

@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use agentmesh_proto::CallContext;
 use agentmesh_proto::v1::{
     ConsumeAck, ConsumeExtend, ConsumeNack, ConsumeReceipt, ConsumeRequest, ConsumeResponse,
     ConsumeSubscribe, Delivery, DeliveryBatch, Envelope, ErrorStatus, ReceiptBatch,
@@ -530,6 +531,7 @@ impl Queues {
     /// task of its own until it goes away or the node shuts down.
     pub(super) async fn open_consumer(
         &self,
+        call: &CallContext,
         mut inbound: EventStream<ConsumeRequest>,
     ) -> Result<ConsumeFrames, Status> {
         let first = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, inbound.next()).await {
@@ -559,6 +561,8 @@ impl Queues {
         };
         agentmesh_proto::names::check_name("queue name", &queue)
             .map_err(Status::invalid_argument)?;
+        self.access
+            .check(call, crate::access::Action::Consume, &queue)?;
         let prefetch = match prefetch {
             0 => DEFAULT_PREFETCH,
             n => n.min(MAX_PREFETCH),

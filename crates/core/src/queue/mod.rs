@@ -51,6 +51,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::access::{Access, Action};
 use crate::api::{EventStream, QueueApi};
 use crate::journal::{NoJournal, TraceJournal};
 
@@ -218,6 +219,7 @@ pub struct Queues {
     keep_alive: Duration,
     shutdown: CancellationToken,
     journal: Arc<dyn TraceJournal>,
+    access: Arc<Access>,
 }
 
 impl std::fmt::Debug for Queues {
@@ -239,7 +241,14 @@ impl Queues {
             keep_alive: keep_alive.max(Duration::from_millis(10)),
             shutdown,
             journal: Arc::new(NoJournal),
+            access: Arc::new(Access::open()),
         }
+    }
+
+    /// The same operations enforcing `access` (submit, consume, dead letters, results).
+    pub fn with_access(mut self, access: Arc<Access>) -> Self {
+        self.access = access;
+        self
     }
 
     /// The same operations recording submits and deliveries in `journal`.
@@ -256,23 +265,45 @@ impl QueueApi for Queues {
         ctx: CallContext,
         frames: EventStream<SubmitRequest>,
     ) -> Result<SubmitResponse, Status> {
+        // Every frame names its queue: one the caller may not submit to ends the call.
+        let frames = if self.access.enforced() {
+            let access = Arc::clone(&self.access);
+            let call = ctx.clone();
+            frames
+                .map(move |frame| {
+                    let frame = frame?;
+                    access.check(&call, Action::Submit, &frame.queue)?;
+                    Ok(frame)
+                })
+                .boxed()
+        } else {
+            frames
+        };
         self.submit_stream(ctx, frames).await
     }
 
     async fn consume(
         &self,
-        _ctx: CallContext,
+        ctx: CallContext,
         inbound: EventStream<ConsumeRequest>,
     ) -> Result<EventStream<ConsumeResponse>, Status> {
-        Ok(self.open_consumer(inbound).await?.boxed())
+        Ok(self.open_consumer(&ctx, inbound).await?.boxed())
     }
 
     async fn list_queues(
         &self,
-        _ctx: CallContext,
+        ctx: CallContext,
         _request: ListQueuesRequest,
     ) -> Result<ListQueuesResponse, Status> {
-        let stats = self.backend.stats().await.map_err(queue_error_status)?;
+        let mut stats = self.backend.stats().await.map_err(queue_error_status)?;
+        // A caller sees the queues it may submit to or consume.
+        if self.access.enforced() {
+            let who = ctx.principal.as_ref();
+            stats.retain(|s| {
+                self.access.allows(who, Action::Submit, &s.name)
+                    || self.access.allows(who, Action::Consume, &s.name)
+            });
+        }
         Ok(ListQueuesResponse {
             queues: stats
                 .into_iter()
@@ -291,25 +322,28 @@ impl QueueApi for Queues {
 
     async fn list_dead_letters(
         &self,
-        _ctx: CallContext,
+        ctx: CallContext,
         request: ListDeadLettersRequest,
     ) -> Result<ListDeadLettersResponse, Status> {
+        self.access.check(&ctx, Action::Consume, &request.queue)?;
         self.list_dead(request).await
     }
 
     async fn redrive_dead_letters(
         &self,
-        _ctx: CallContext,
+        ctx: CallContext,
         request: RedriveDeadLettersRequest,
     ) -> Result<RedriveDeadLettersResponse, Status> {
+        self.access.check(&ctx, Action::Redrive, &request.queue)?;
         self.redrive(request).await
     }
 
     async fn purge_dead_letters(
         &self,
-        _ctx: CallContext,
+        ctx: CallContext,
         request: PurgeDeadLettersRequest,
     ) -> Result<PurgeDeadLettersResponse, Status> {
+        self.access.check(&ctx, Action::Purge, &request.queue)?;
         self.purge(request).await
     }
 
@@ -318,6 +352,8 @@ impl QueueApi for Queues {
         ctx: CallContext,
         request: GetResultRequest,
     ) -> Result<GetResultResponse, Status> {
+        self.access
+            .check(&ctx, Action::ReadResults, &request.correlation_id)?;
         self.result(ctx, request).await
     }
 
@@ -326,6 +362,8 @@ impl QueueApi for Queues {
         ctx: CallContext,
         request: AwaitResultRequest,
     ) -> Result<EventStream<AwaitResultResponse>, Status> {
+        self.access
+            .check(&ctx, Action::ReadResults, &request.correlation_id)?;
         let rx = self.result_events(ctx, request)?;
         Ok(tokio_stream::wrappers::ReceiverStream::new(rx).boxed())
     }

@@ -327,6 +327,7 @@ mod tests {
             traceparent: None,
             idempotency_key: None,
             principal: None,
+            credentials: None,
         }
     }
     #[test]

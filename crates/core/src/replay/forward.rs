@@ -14,6 +14,7 @@
 
 use std::sync::Arc;
 
+use agentmesh_proto::Credentials;
 use agentmesh_proto::v1::{
     StreamRequest, StreamResponse, agent_service_client::AgentServiceClient,
 };
@@ -74,10 +75,15 @@ impl ReplayStore for ForwardingReplay {
         self: Arc<Self>,
         stream_id: &str,
         after: u64,
+        credentials: Option<&Credentials>,
     ) -> Result<BoxStream<'static, Result<StreamResponse, Status>>, MeshError> {
         let owner = match owner_of(stream_id) {
             Some(owner) if owner != self.node_id => owner,
-            _ => return Arc::clone(&self.local).resume(stream_id, after).await,
+            _ => {
+                return Arc::clone(&self.local)
+                    .resume(stream_id, after, credentials)
+                    .await;
+            }
         };
         let gone = || {
             MeshError::StreamNotFound(format!(
@@ -93,11 +99,22 @@ impl ReplayStore for ForwardingReplay {
                     "node {owner} at {address}, which serves stream {stream_id}, is unreachable: {e}"
                 ))
             })?;
-        let request = StreamRequest {
+        let mut request = tonic::Request::new(StreamRequest {
             resume_stream_id: stream_id.to_owned(),
             resume_after_sequence: after,
             ..Default::default()
-        };
+        });
+        // With authentication on, the owner authenticates (and authorises) the caller itself.
+        if let Some(credentials) = credentials {
+            if let Ok(mut value) =
+                tonic::metadata::MetadataValue::try_from(format!("Bearer {}", credentials.token()))
+            {
+                value.set_sensitive(true);
+                request
+                    .metadata_mut()
+                    .insert(agentmesh_proto::metadata::AUTHORIZATION, value);
+            }
+        }
         match client.stream(request).await {
             Ok(response) => {
                 tracing::debug!(stream = %stream_id, %owner, elapsed_us = started.elapsed().as_micros() as u64, "resume forwarded");

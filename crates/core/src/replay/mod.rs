@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentmesh_proto::v1::StreamResponse;
+use agentmesh_proto::{Credentials, v1::StreamResponse};
 use futures::{Stream, StreamExt, stream::BoxStream};
 use parking_lot::Mutex;
 use tokio::sync::watch;
@@ -104,11 +104,13 @@ pub trait ReplayStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<BoxStream<'static, Result<StreamResponse, Status>>, MeshError>;
 
     /// A reader of an existing stream from after `after` (its last seen sequence): no gap,
-    /// no duplicate, or OUT_OF_RANGE when those events have left the window.
+    /// no duplicate, or OUT_OF_RANGE when those events have left the window. `credentials`
+    /// are the caller's, for the node that serves the stream when it is another one.
     async fn resume(
         self: Arc<Self>,
         stream_id: &str,
         after: u64,
+        credentials: Option<&Credentials>,
     ) -> Result<BoxStream<'static, Result<StreamResponse, Status>>, MeshError>;
 }
 
@@ -220,6 +222,7 @@ impl ReplayStore for StreamHub {
         self: Arc<Self>,
         stream_id: &str,
         after: u64,
+        _credentials: Option<&Credentials>,
     ) -> Result<BoxStream<'static, Result<StreamResponse, Status>>, MeshError> {
         let replay = self
             .streams

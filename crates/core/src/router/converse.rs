@@ -55,6 +55,7 @@ impl Router {
             )
             .into());
         }
+        self.check_call(&call, &probe.target)?;
         probe.fill_from(&call);
         check_forwarded(&probe)?;
         let slot = self.long_lived_slot()?;
@@ -74,7 +75,7 @@ impl Router {
             let call = call.clone();
             move |mut request: ConverseRequest| {
                 if let Some(converse_request::Frame::Envelope(envelope)) = &mut request.frame {
-                    envelope.fill_from(&call);
+                    envelope.fill_frame(&call);
                 }
                 request
             }
@@ -104,7 +105,8 @@ impl Router {
             }
         });
         let outgoing = tokio_stream::wrappers::ReceiverStream::new(outgoing);
-        let mut request = Request::from_parts(hop_metadata(&probe), Default::default(), outgoing);
+        let mut request =
+            Request::from_parts(hop_metadata(&probe, &call), Default::default(), outgoing);
         // A conversation has no deadline unless its caller set one.
         if call.deadline.explicit {
             request.set_timeout(hop_budget(&call.deadline, self.config.hop_margin, &hop)?);

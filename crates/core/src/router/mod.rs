@@ -23,7 +23,7 @@ use std::{
 
 use agentmesh_proto::{
     CallContext,
-    metadata::VIA,
+    metadata::{PRINCIPAL, VIA},
     v1::{Envelope, InvokeRequest, agent_service_client::AgentServiceClient},
 };
 use agentmesh_resilience::RetryBudget;
@@ -39,6 +39,7 @@ pub use metrics::{RouterMetrics, Style};
 pub use retry::agent_failure;
 
 use crate::{
+    access::{Access, Action},
     error::MeshError,
     idempotency::{Claim, IdempotencyCache, IdempotencyStore},
     journal::{JournalConfig, MemoryJournal, TraceJournal},
@@ -137,6 +138,7 @@ pub struct Router {
     idempotency: Arc<dyn IdempotencyStore>,
     metrics: Arc<RouterMetrics>,
     journal: Arc<dyn TraceJournal>,
+    access: Arc<Access>,
     config: RouterConfig,
 }
 
@@ -184,6 +186,7 @@ impl Router {
             idempotency,
             metrics: Arc::default(),
             journal: Arc::new(MemoryJournal::new(JournalConfig::default(), "")),
+            access: Arc::new(Access::open()),
             config,
         }
     }
@@ -192,6 +195,23 @@ impl Router {
     pub fn with_journal(mut self, journal: Arc<dyn TraceJournal>) -> Self {
         self.journal = journal;
         self
+    }
+
+    /// The same router enforcing `access` on every call it routes.
+    pub fn with_access(mut self, access: Arc<Access>) -> Self {
+        self.access = access;
+        self
+    }
+
+    /// The policy calls are checked against.
+    pub fn access(&self) -> &Arc<Access> {
+        &self.access
+    }
+
+    /// Refuses a call its caller may not make to `target`, before anything is routed (so a
+    /// refusal never reaches an agent or its breaker).
+    pub(crate) fn check_call(&self, call: &CallContext, target: &str) -> Result<(), MeshError> {
+        self.access.check(call, Action::Call, target)
     }
 
     /// Where the router records its hops.
@@ -359,12 +379,18 @@ impl Router {
         mut envelope: Envelope,
     ) -> Result<Envelope, Status> {
         require_target(&envelope)?;
+        self.check_call(&call, &envelope.target)?;
         envelope.fill_from(&call);
         check_forwarded(&envelope)?;
         let lead = if envelope.idempotency_key.is_empty() {
             None
         } else {
-            let key = format!("{}\u{0}{}", envelope.target, envelope.idempotency_key);
+            // Keys are per caller: one principal never receives another's remembered reply.
+            let principal = call.principal.as_ref().map_or("", |p| p.id.as_str());
+            let key = format!(
+                "{}\u{0}{}\u{0}{}",
+                envelope.target, principal, envelope.idempotency_key
+            );
             match Arc::clone(&self.idempotency).claim(key).await? {
                 Claim::Replay(reply) => return Ok(*reply),
                 Claim::Lead(guard) => Some(guard),
@@ -467,9 +493,16 @@ fn hop_name(instance: &Instance) -> String {
     )
 }
 
-/// The metadata of a hop to an agent: the envelope's tracing fields, and where it came from.
-fn hop_metadata(envelope: &Envelope) -> MetadataMap {
+/// The metadata of a hop to an agent: the envelope's tracing fields, where it came from, and
+/// the authenticated caller. The map is built afresh, so nothing a caller sent in
+/// `x-agentmesh-principal` reaches the agent.
+fn hop_metadata(envelope: &Envelope, call: &CallContext) -> MetadataMap {
     let mut metadata = envelope.metadata();
     metadata.insert(VIA, MetadataValue::from_static("agentmesh-node"));
+    if let Some(principal) = &call.principal {
+        if let Ok(value) = MetadataValue::try_from(principal.id.as_str()) {
+            metadata.insert(PRINCIPAL, value);
+        }
+    }
     metadata
 }

@@ -152,7 +152,7 @@ impl Router {
             record(Err(&status), Duration::ZERO);
             return Err(status);
         }
-        let metadata = hop_metadata(&envelope);
+        let metadata = hop_metadata(&envelope, call);
         let (request, budget) = match self.outgoing(wrap(envelope), metadata, call, &hop) {
             Ok(prepared) => prepared,
             Err(error) => {

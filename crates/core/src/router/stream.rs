@@ -24,13 +24,18 @@ impl Router {
     ) -> Result<EventStream<StreamResponse>, Status> {
         if !request.resume_stream_id.is_empty() {
             return Ok(Arc::clone(&self.streams)
-                .resume(&request.resume_stream_id, request.resume_after_sequence)
+                .resume(
+                    &request.resume_stream_id,
+                    request.resume_after_sequence,
+                    call.credentials.as_ref(),
+                )
                 .await?);
         }
         let mut envelope = request
             .envelope
             .ok_or_else(|| MeshError::InvalidArgument("envelope is required".into()))?;
         require_target(&envelope)?;
+        self.check_call(&call, &envelope.target)?;
         envelope.fill_from(&call);
         check_forwarded(&envelope)?;
         let slot = self.long_lived_slot()?;
