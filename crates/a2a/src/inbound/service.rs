@@ -339,7 +339,7 @@ impl A2aInbound {
                 .await
                 .map_err(A2aError::internal)?;
             if created {
-                self.enqueue(&record, envelope).await?;
+                self.enqueue(&record, envelope, &ctx).await?;
             }
             return Ok(SendMessageResponse::Task(view(record.task, history, true)));
         }
@@ -388,7 +388,12 @@ impl A2aInbound {
     }
 
     /// Puts a non-blocking task on its agent's durable queue.
-    async fn enqueue(&self, record: &TaskRecord, mut envelope: Envelope) -> Result<(), A2aError> {
+    async fn enqueue(
+        &self,
+        record: &TaskRecord,
+        mut envelope: Envelope,
+        ctx: &CallContext,
+    ) -> Result<(), A2aError> {
         // The task may wait for its agent far longer than the send's deadline.
         envelope.deadline = None;
         let body = json!({
@@ -396,6 +401,8 @@ impl A2aInbound {
             "taskId": record.task.id,
             "envelope": agentmesh_proto::json::to_json(&envelope)
                 .map_err(|e| A2aError::internal(e.to_string()))?,
+            // The task runs with its sender's identity: the node's policy applies to it.
+            "principal": ctx.principal.as_ref().map(|p| json!({ "id": p.id, "groups": p.groups })),
         });
         let fates = self
             .queue

@@ -6,8 +6,8 @@
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use agentmesh_proto::{
-    CallContext, DeadlinePolicy,
-    v1::{AgentFilter, Envelope, InvokeRequest, LookupRequest},
+    CallContext, Principal,
+    v1::{AgentFilter, Envelope, InvokeRequest},
 };
 use agentmesh_queue::{Leased, NackOutcome};
 use serde_json::Value;
@@ -79,38 +79,40 @@ impl A2aInbound {
         }
     }
 
+    /// Every agent registered on the mesh (the node's own view: no caller's policy applies).
     async fn registered_agents(&self) -> BTreeSet<String> {
-        let policy = DeadlinePolicy::default();
-        match self
-            .mesh
-            .lookup(
-                CallContext::new(&policy),
-                LookupRequest {
-                    filter: Some(AgentFilter::default()),
-                },
-            )
-            .await
-        {
-            Ok(found) => found
-                .instances
-                .into_iter()
-                .filter_map(|i| i.card.map(|c| c.name))
-                .collect(),
-            Err(_) => BTreeSet::new(),
-        }
+        self.registry
+            .lookup(&AgentFilter::default())
+            .into_iter()
+            .filter_map(|i| i.card.map(|c| c.name))
+            .collect()
     }
 
     /// Runs one queued task and settles its delivery.
     async fn complete(&self, message: Leased) {
-        let parsed: Option<(String, String, Envelope)> = (|| {
+        let parsed: Option<(String, String, Envelope, Option<Principal>)> = (|| {
             let body: Value = serde_json::from_slice(&message.body).ok()?;
             let agent = body.get("agent")?.as_str()?.to_owned();
             let task = body.get("taskId")?.as_str()?.to_owned();
             let envelope =
                 agentmesh_proto::json::from_json_value(body.get("envelope")?.clone()).ok()?;
-            Some((agent, task, envelope))
+            let principal = body.get("principal").and_then(|p| {
+                Some(Principal {
+                    id: p.get("id")?.as_str()?.to_owned(),
+                    groups: p
+                        .get("groups")
+                        .and_then(Value::as_array)
+                        .map(|g| {
+                            g.iter()
+                                .filter_map(|v| v.as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                })
+            });
+            Some((agent, task, envelope, principal))
         })();
-        let Some((agent, task_id, envelope)) = parsed else {
+        let Some((agent, task_id, envelope, principal)) = parsed else {
             let _ = self
                 .queue
                 .nack(&message.receipt, "not an A2A task", Some(Duration::ZERO))
@@ -138,7 +140,8 @@ impl A2aInbound {
             }
             self.notify(&record).await;
         }
-        let ctx = CallContext::from_envelope(&envelope, self.config.task_timeout);
+        let mut ctx = CallContext::from_envelope(&envelope, self.config.task_timeout);
+        ctx.principal = principal;
         let mut envelope = envelope;
         envelope.deadline = Some(ctx.deadline.as_system_time().into());
         envelope.attempt = message.attempt.max(1);
