@@ -48,14 +48,15 @@ pub struct NodeConfig {
     pub telemetry: TelemetryConfig,
     /// Client connections: how many at once, and how long a silent or idle one stays open.
     pub connections: ConnectionSettings,
+    /// A2A: every agent served as an A2A agent under `/a2a/{agent}`, and the external A2A
+    /// agents listed on the mesh.
+    pub a2a: agentmesh_a2a::A2aConfig,
     /// Authentication (API tokens, JWT) and the authorisation policy; off by default.
     pub auth: crate::auth::AuthConfig,
     /// Calls per second per caller (principal, or peer address without authentication).
     pub rate_limit: crate::auth::RateLimitConfig,
     /// TLS on the node's port and on its calls to agents; off by default.
     pub tls: crate::tls::TlsSettings,
-    /// External A2A agents listed on the mesh, and how their cards are kept fresh.
-    pub a2a: agentmesh_a2a::outbound::ExternalAgentsConfig,
 }
 
 /// OpenTelemetry export of the node's spans (one per hop, child of the caller's
@@ -194,11 +195,11 @@ impl Default for NodeConfig {
             store: StoreSettings::default(),
             trace: JournalConfig::default(),
             telemetry: TelemetryConfig::default(),
+            a2a: agentmesh_a2a::A2aConfig::default(),
             connections: ConnectionSettings::default(),
             auth: Default::default(),
             rate_limit: Default::default(),
             tls: crate::tls::TlsSettings::default(),
-            a2a: Default::default(),
         }
     }
 }

@@ -55,6 +55,7 @@ pub struct Node {
     shutdown: CancellationToken,
     queue: Option<QueueHandle>,
     roster: Option<agentmesh_redis::NodeRoster>,
+    a2a_tasks: Arc<dyn agentmesh_a2a::inbound::TaskStore>,
 }
 
 impl Node {
@@ -89,6 +90,7 @@ impl Node {
             shutdown: CancellationToken::new(),
             queue: stores.queue,
             roster: stores.roster,
+            a2a_tasks: stores.a2a_tasks,
         }
     }
 
@@ -149,7 +151,7 @@ impl Node {
         let a2a_agents = ExternalAgents::new(
             Arc::clone(&self.registry),
             A2aClient::new(self.config.router.connect_timeout),
-            self.config.a2a.clone(),
+            self.config.a2a.external(),
             Some(self.config.queue.data_dir.join(A2A_AGENTS_FILE)),
         );
         let mesh = Arc::new(
@@ -204,6 +206,18 @@ impl Node {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha);
+        let a2a = self.config.a2a.enabled.then(|| {
+            let a2a = Arc::new(agentmesh_a2a::A2aInbound::new(
+                Arc::clone(&mesh) as Arc<dyn agentmesh_core::Mesh>,
+                Arc::clone(&self.registry),
+                queue.backend().clone(),
+                Arc::clone(&self.a2a_tasks),
+                self.config.a2a.clone(),
+            ));
+            a2a.spawn_worker(self.shutdown.clone());
+            a2a.spawn_push_worker(self.shutdown.clone());
+            agentmesh_a2a::inbound::router(a2a)
+        });
         let gateway = agentmesh_gateway::router_with_queues(
             mesh,
             Arc::new(queues),
@@ -216,6 +230,10 @@ impl Node {
             auth.stats(),
             tls.clone(),
         ));
+        let gateway = match a2a {
+            Some(a2a) => gateway.merge(a2a),
+            None => gateway,
+        };
         let app = routes
             .routes()
             .into_axum_router()

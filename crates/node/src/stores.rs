@@ -37,6 +37,8 @@ pub struct Stores {
     pub roster: Option<NodeRoster>,
     /// The trace journal.
     pub journal: Arc<dyn TraceJournal>,
+    /// A2A tasks.
+    pub a2a_tasks: Arc<dyn agentmesh_a2a::inbound::TaskStore>,
 }
 
 impl Stores {
@@ -61,6 +63,9 @@ impl Stores {
                 )),
                 false => Arc::new(NoJournal),
             },
+            a2a_tasks: Arc::new(agentmesh_a2a::MemoryTaskStore::new(
+                config.a2a.task_capacity,
+            )),
         }
     }
 
@@ -137,6 +142,10 @@ impl Stores {
                 true => Arc::new(RedisJournal::new(store.clone(), config.trace.clone())),
                 false => Arc::new(NoJournal),
             },
+            a2a_tasks: Arc::new(agentmesh_redis::RedisTaskStore::new(
+                &store,
+                config.a2a.task_retention,
+            )),
         })
     }
 }

@@ -21,6 +21,7 @@
 //! message naming the store, routing keeps using the cached registry, and everything
 //! reconnects and reloads by itself once Redis is back.
 
+pub mod a2a_tasks;
 mod follow;
 pub mod idempotency;
 pub mod journal;
@@ -29,6 +30,7 @@ pub mod nodes;
 pub mod registry;
 pub mod store;
 
+pub use a2a_tasks::RedisTaskStore;
 pub use idempotency::{IdempotencyOptions, RedisIdempotency};
 pub use journal::RedisJournal;
 pub use keys::Keys;
