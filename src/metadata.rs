@@ -16,6 +16,18 @@ pub const TIMEOUT_MS: &str = "x-timeout-ms";
 /// Set by the node on calls it routes to an agent: the hop they came through.
 pub const VIA: &str = "x-agentmesh-via";
 
+/// Parses an `x-timeout-ms` value: a whole number of milliseconds from 1 up, digits only.
+/// A number too large for a `u64` saturates (deadlines are capped at the node's maximum
+/// anyway), so every such number is accepted and nothing else is.
+pub fn parse_timeout_ms(value: &str) -> Option<Duration> {
+    let digits = value.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let ms = digits.parse::<u64>().unwrap_or(u64::MAX);
+    (ms >= 1).then(|| Duration::from_millis(ms))
+}
+
 /// Parses a `grpc-timeout` value (`<digits><unit>`, unit one of H M S m u n).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     if value.len() < 2 || value.len() > 9 {
@@ -46,6 +58,20 @@ pub fn is_valid_correlation_id(value: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeout_ms_is_digits_from_one_up() {
+        assert_eq!(parse_timeout_ms("250"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_timeout_ms(" 7 "), Some(Duration::from_millis(7)));
+        assert_eq!(
+            parse_timeout_ms("99999999999999999999999"),
+            Some(Duration::from_millis(u64::MAX)),
+            "too large saturates"
+        );
+        for bad in ["", "0", "000", "-1", "+5", "1e23", "1.5", "abc", "5ms"] {
+            assert_eq!(parse_timeout_ms(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn parses_grpc_timeouts() {
