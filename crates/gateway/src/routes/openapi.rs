@@ -59,8 +59,8 @@ and echoed in every response; generated when absent or invalid.
 `grpc-timeout`, which is also accepted). Default 30000; every hop gets a \
 strictly shorter deadline. Past it the call fails with `DEADLINE_EXCEEDED` \
 (HTTP 504), and a stream ends with an `error` event. A value that is not a \
-whole number from 1 up (`abc`, `-1`, `1e23`) is refused with 400 \
-(`INVALID_TIMEOUT`); one over the node's `max_timeout` is cut to it.
+whole number from 1 to 18446744073709551615 (`abc`, `-1`, `1e23`) is refused \
+with 400 (`INVALID_TIMEOUT`); one over the node's `max_timeout` is cut to it.
 - `traceparent`: W3C trace context, copied into the envelope when it has none.
 - `Idempotency-Key`: copied into the envelope's `idempotencyKey` when it has none.
 - `Last-Event-ID`: on stream routes, resumes a stream after the given event \
@@ -297,7 +297,7 @@ fn header_schema(name: &str) -> Option<Value> {
     let id = json!({ "type": "string", "maxLength": agentmesh_proto::limits::MAX_ID_BYTES });
     Some(match name {
         "X-Correlation-Id" | "Idempotency-Key" => id,
-        "X-Timeout-Ms" => json!({ "type": "integer", "minimum": 1 }),
+        "X-Timeout-Ms" => json!({ "type": "integer", "minimum": 1, "maximum": u64::MAX }),
         "traceparent" => json!({ "type": "string", "pattern": TRACEPARENT_PATTERN }),
         "Last-Event-ID" => json!({ "type": "string", "pattern": LAST_EVENT_ID_PATTERN }),
         _ => return None,
