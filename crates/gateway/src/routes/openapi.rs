@@ -671,3 +671,57 @@ fn request_schemas() -> Vec<(&'static str, Value)> {
         ("ResultEvent", result_event),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    #[test]
+    fn every_call_route_documents_the_errors_it_can_give() {
+        let document = super::super::openapi_document();
+        let paths = document["paths"].as_object().unwrap();
+        let mut call_routes = 0;
+        for (path, item) in paths {
+            for (method, operation) in item.as_object().unwrap() {
+                let parameters = operation["parameters"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                let timeout = parameters.iter().find(|p| p["name"] == "X-Timeout-Ms");
+                let Some(timeout) = timeout else { continue };
+                call_routes += 1;
+                assert_eq!(timeout["schema"]["type"], "integer", "{method} {path}");
+                assert_eq!(timeout["schema"]["minimum"], 1, "{method} {path}");
+                for status in ["400", "431", "503", "504"] {
+                    let response = &operation["responses"][status];
+                    assert_eq!(
+                        response["content"]["application/json"]["schema"]["$ref"],
+                        "#/components/schemas/ErrorBody",
+                        "{method} {path} documents {status}"
+                    );
+                }
+                for response in operation["responses"].as_object().unwrap().values() {
+                    if let Some(sse) = response.pointer("/content/text~1event-stream") {
+                        let event = sse["schema"]["$ref"].as_str().unwrap();
+                        assert!(event.ends_with("Event"), "{method} {path}: {event}");
+                    }
+                }
+            }
+        }
+        assert!(call_routes >= 14, "{call_routes} call routes");
+        let schemas = &document["components"]["schemas"];
+        let result_events: Vec<&Value> = schemas["ResultEvent"]["properties"]["event"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .collect();
+        assert!(
+            result_events.contains(&&Value::from("error")),
+            "event: error"
+        );
+        assert_eq!(
+            schemas["EnvelopeIn"]["anyOf"][0]["additionalProperties"], false,
+            "request envelopes name their fields"
+        );
+    }
+}
