@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::{
     metadata::{
         CORRELATION_ID, GRPC_TIMEOUT, IDEMPOTENCY_KEY, TIMEOUT_MS, TRACEPARENT,
-        is_valid_correlation_id, parse_grpc_timeout,
+        is_valid_correlation_id, parse_grpc_timeout, parse_timeout_ms,
     },
     v1::Envelope,
 };
@@ -173,11 +173,7 @@ impl CallContext {
         };
         let asked = header(GRPC_TIMEOUT)
             .and_then(parse_grpc_timeout)
-            .or_else(|| {
-                header(TIMEOUT_MS)
-                    .and_then(|v| v.trim().parse().ok())
-                    .map(Duration::from_millis)
-            });
+            .or_else(|| header(TIMEOUT_MS).and_then(parse_timeout_ms));
         let timeout = asked
             .unwrap_or(policy.default_timeout)
             .min(policy.max_timeout);

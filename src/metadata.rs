@@ -21,6 +21,17 @@ pub const PRINCIPAL: &str = "x-agentmesh-principal";
 /// Bearer credentials: an API token or a JWT (`authorization: Bearer <token>`).
 pub const AUTHORIZATION: &str = "authorization";
 
+/// Parses an `x-timeout-ms` value: a whole number of milliseconds from 1 to `u64::MAX`,
+/// digits only (no sign, exponent or fraction), as the OpenAPI document states it.
+pub fn parse_timeout_ms(value: &str) -> Option<Duration> {
+    let digits = value.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let ms = digits.parse::<u64>().ok()?;
+    (ms >= 1).then(|| Duration::from_millis(ms))
+}
+
 /// Parses a `grpc-timeout` value (`<digits><unit>`, unit one of H M S m u n).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     if value.len() < 2 || value.len() > 9 {
@@ -51,6 +62,30 @@ pub fn is_valid_correlation_id(value: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeout_ms_is_digits_from_one_up() {
+        assert_eq!(parse_timeout_ms("250"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_timeout_ms(" 7 "), Some(Duration::from_millis(7)));
+        assert_eq!(
+            parse_timeout_ms("18446744073709551615"),
+            Some(Duration::from_millis(u64::MAX))
+        );
+        for bad in [
+            "",
+            "0",
+            "000",
+            "-1",
+            "+5",
+            "1e23",
+            "1.5",
+            "abc",
+            "5ms",
+            "18446744073709551616",
+        ] {
+            assert_eq!(parse_timeout_ms(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn parses_grpc_timeouts() {

@@ -15,9 +15,11 @@ use anyhow::Context as _;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 // Many small, short-lived allocations cross threads (messages between the queue writer and
-// the gRPC tasks); mimalloc handles that pattern far better than glibc's malloc.
+// the gRPC tasks), which glibc's malloc handles poorly. jemalloc handles them well, and its
+// background threads purge freed pages (after `dirty_decay_ms`, 10 s) even while the node is
+// idle, so memory taken by a load spike is given back once the spike is over.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// agentmesh: the communication layer for AI agents.
 #[derive(Debug, Parser)]

@@ -59,9 +59,9 @@ fn check_timeout_header(headers: &HeaderMap) -> Result<(), ApiError> {
         return Ok(());
     };
     let text = value.to_str().unwrap_or_default().trim();
-    match text.parse::<u64>() {
-        Ok(ms) if ms >= 1 => Ok(()),
-        _ => Err(ApiError::invalid_argument(
+    match agentmesh_proto::metadata::parse_timeout_ms(text) {
+        Some(_) => Ok(()),
+        None => Err(ApiError::invalid_argument(
             "INVALID_TIMEOUT",
             format!(
                 "X-Timeout-Ms {} is not a whole number of milliseconds from 1 up",

@@ -101,8 +101,9 @@ pub(crate) fn write_error(error: &ApiError, out: &mut Vec<u8>) {
 /// The keep-alive comment.
 const KEEP_ALIVE: &[u8] = b":\n\n";
 
-/// Coalesce at most this much into one body frame.
-const MAX_FRAME: usize = 64 * 1024;
+/// Coalesce at most this much into one body frame (it is also what a reader that stopped
+/// reading may hold in a frame on top of the connection's write buffer).
+const MAX_FRAME: usize = 16 * 1024;
 
 /// The SSE response for a stream: `first` (an event already read, if any),
 /// then the rest of `events`, with keep-alive comments while it is quiet.

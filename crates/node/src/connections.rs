@@ -52,6 +52,8 @@ use crate::{
 
 /// How long a connection closed for being idle may take to say goodbye before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Most an HTTP/1 connection buffers, read side (a request head) or write side.
+const HTTP1_MAX_BUF: usize = 64 * 1024;
 /// Pause after a failed accept (e.g. out of file descriptors) before the next one.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -68,7 +70,10 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout);
+        .header_read_timeout(settings.header_read_timeout)
+        // What a connection may buffer either way: a request head, or response bytes a
+        // client is not reading (an unread event stream). hyper's default is ~400 KiB.
+        .max_buf_size(HTTP1_MAX_BUF);
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -32,6 +32,10 @@ pub use forward::{ForwardingReplay, NodeDirectory, OWNER_SEPARATOR};
 pub struct ReplayConfig {
     /// Events kept per stream for resumption (and buffered at most).
     pub window: usize,
+    /// Bytes of events (their encoded size) kept per stream, the same way: whichever of
+    /// `window` and this is reached first bounds the stream, so a reader that stops
+    /// reading costs at most this much (the newest event is always kept).
+    pub window_bytes: usize,
     /// How long a stream without a reader is kept alive for a resume.
     #[serde(with = "humantime_serde")]
     pub resume_grace: Duration,
@@ -46,6 +50,7 @@ impl Default for ReplayConfig {
     fn default() -> Self {
         Self {
             window: 256,
+            window_bytes: 64 * 1024,
             resume_grace: Duration::from_secs(30),
             retention: Duration::from_secs(60),
             max_streams: 10_000,
@@ -57,6 +62,9 @@ impl Default for ReplayConfig {
 struct State {
     /// Buffered events; the front has sequence `first_seq`.
     events: VecDeque<StreamResponse>,
+    /// The encoded size of each buffered event, front first, and their sum.
+    sizes: VecDeque<usize>,
+    bytes: usize,
     first_seq: u64,
     /// Highest sequence handed to a reader.
     delivered: u64,
@@ -70,6 +78,14 @@ struct State {
 impl State {
     fn last_seq(&self) -> u64 {
         self.first_seq + self.events.len() as u64 - 1
+    }
+
+    /// Bytes of the buffered events nobody has read yet.
+    fn undelivered_bytes(&self) -> usize {
+        let read = usize::try_from(self.delivered.saturating_sub(self.first_seq - 1))
+            .unwrap_or(usize::MAX)
+            .min(self.sizes.len());
+        self.sizes.iter().skip(read).sum()
     }
 }
 
@@ -113,6 +129,9 @@ pub trait ReplayStore: Send + Sync + std::fmt::Debug + 'static {
         credentials: Option<&Credentials>,
     ) -> Result<BoxStream<'static, Result<StreamResponse, Status>>, MeshError>;
 }
+
+/// How long after a stream's retention its sweep runs (past the retention's own boundary).
+const SWEEP_MARGIN: Duration = Duration::from_millis(100);
 
 /// Every resumable stream of this node, in memory.
 #[derive(Debug)]
@@ -188,6 +207,8 @@ impl ReplayStore for StreamHub {
             id: id.clone(),
             state: Mutex::new(State {
                 events: VecDeque::new(),
+                sizes: VecDeque::new(),
+                bytes: 0,
                 first_seq: 1,
                 delivered: 0,
                 end: None,
@@ -208,13 +229,27 @@ impl ReplayStore for StreamHub {
             }
             streams.insert(id, Arc::clone(&replay));
         }
-        tokio::spawn(pump(
+        let hub = Arc::downgrade(&self);
+        let retention = self.config.retention;
+        let pumped = pump(
             Arc::clone(&replay),
             upstream,
-            self.config.window,
+            Window {
+                events: self.config.window,
+                bytes: self.config.window_bytes,
+            },
             deadline,
             hop,
-        ));
+        );
+        tokio::spawn(async move {
+            pumped.await;
+            // The finished stream's events go once its retention is over, even if no other
+            // stream starts (which also sweeps): memory comes back after a burst of streams.
+            tokio::time::sleep(retention + SWEEP_MARGIN).await;
+            if let Some(hub) = hub.upgrade() {
+                hub.sweep();
+            }
+        });
         Ok(self.reader(replay, 0))
     }
 
@@ -331,10 +366,17 @@ fn reader_stream(
     }
 }
 
+/// How much of a stream is kept: events and their bytes.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    events: usize,
+    bytes: usize,
+}
+
 async fn pump(
     replay: Arc<Replay>,
     mut upstream: BoxStream<'static, Result<StreamResponse, Status>>,
-    window: usize,
+    window: Window,
     deadline: Instant,
     hop: String,
 ) {
@@ -347,7 +389,8 @@ async fn pump(
                 let state = replay.state.lock();
                 let undelivered = (state.first_seq + state.events.len() as u64 - 1)
                     .saturating_sub(state.delivered);
-                undelivered >= window as u64
+                undelivered >= window.events as u64
+                    || (undelivered > 0 && state.undelivered_bytes() >= window.bytes)
             };
             if !full {
                 break;
@@ -374,9 +417,19 @@ async fn pump(
                 let mut state = replay.state.lock();
                 event.stream_id = replay.id.clone();
                 event.sequence = state.first_seq + state.events.len() as u64;
+                let size = prost::Message::encoded_len(&event);
                 state.events.push_back(event);
-                if state.events.len() > window {
+                state.sizes.push_back(size);
+                state.bytes += size;
+                // Over the byte bound, only events a reader already has make room: the
+                // wait above bounds the unread ones.
+                while state.events.len() > window.events
+                    || (state.events.len() > 1
+                        && state.bytes > window.bytes
+                        && state.first_seq <= state.delivered)
+                {
                     state.events.pop_front();
+                    state.bytes -= state.sizes.pop_front().unwrap_or_default();
                     state.first_seq += 1;
                 }
                 drop(state);

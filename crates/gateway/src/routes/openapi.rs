@@ -7,6 +7,7 @@ use std::{borrow::Cow, sync::Arc};
 
 use axum::{extract::State, http::StatusCode, response::Response};
 use serde::Serialize;
+use serde_json::{Value, json};
 use utoipa::{
     IntoParams, OpenApi, PartialSchema, ToSchema,
     openapi::{
@@ -58,12 +59,16 @@ and echoed in every response; generated when absent or invalid.
 `grpc-timeout`, which is also accepted). Default 30000; every hop gets a \
 strictly shorter deadline. Past it the call fails with `DEADLINE_EXCEEDED` \
 (HTTP 504), and a stream ends with an `error` event. A value that is not a \
-whole number from 1 up (`abc`, `-1`, `1e23`) is refused with 400 \
-(`INVALID_TIMEOUT`).
+whole number from 1 to 18446744073709551615 (`abc`, `-1`, `1e23`) is refused \
+with 400 (`INVALID_TIMEOUT`); one over the node's `max_timeout` is cut to it.
 - `traceparent`: W3C trace context, copied into the envelope when it has none.
 - `Idempotency-Key`: copied into the envelope's `idempotencyKey` when it has none.
 - `Last-Event-ID`: on stream routes, resumes a stream after the given event \
 (see below).
+
+A malformed `traceparent` is refused with 400, and an `X-Correlation-Id` or \
+`Idempotency-Key` over 256 bytes with 431 (reason `INVALID_HEADER`), before \
+anything reaches an agent. Other headers are ignored.
 
 ## Errors
 
@@ -241,4 +246,484 @@ pub(crate) struct CallHeaders {
 pub(crate) async fn serve(State(gateway): State<Arc<Gateway>>) -> Response {
     let body = gateway.openapi.get().cloned().unwrap_or_default();
     json::response(StatusCode::OK, body)
+}
+
+/// The finished document as JSON: the generated one with what utoipa's annotations cannot
+/// say precisely — exact request bodies, header formats, name patterns, event schemas and
+/// the error answers every route shares — so that a request the document allows is one
+/// the gateway accepts, and one it forbids is refused.
+pub(super) fn to_json(document: &utoipa::openapi::OpenApi) -> Value {
+    let mut document = serde_json::to_value(document).unwrap_or_default();
+    if let Some(schemas) = document
+        .pointer_mut("/components/schemas")
+        .and_then(Value::as_object_mut)
+    {
+        for (name, schema) in request_schemas() {
+            schemas.insert(name.to_owned(), schema);
+        }
+    }
+    if let Some(paths) = document.get_mut("paths").and_then(Value::as_object_mut) {
+        for (path, item) in paths.iter_mut() {
+            let Some(item) = item.as_object_mut() else {
+                continue;
+            };
+            for (method, operation) in item.iter_mut() {
+                refine_operation(path, method, operation);
+            }
+        }
+    }
+    document
+}
+
+const ERROR_BODY: &str = "#/components/schemas/ErrorBody";
+
+/// A `$ref` to a component schema.
+fn schema_ref(name: &str) -> Value {
+    json!({ "$ref": format!("#/components/schemas/{name}") })
+}
+
+/// Agent, skill and queue names (`agentmesh_proto::names`).
+const NAME_PATTERN: &str = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$";
+/// A name, or empty for none.
+const OPTIONAL_NAME_PATTERN: &str = "^([A-Za-z0-9_-][A-Za-z0-9._-]{0,127})?$";
+/// A call's target: an agent name or `skill:<id>`.
+const TARGET_PATTERN: &str = "^(skill:)?[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$";
+/// A W3C traceparent (version 00, ids not all zero), or empty (treated as absent).
+const TRACEPARENT_PATTERN: &str =
+    "^(00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-fA-F]{2})?$";
+/// `<streamId>:<sequence>`, or empty (treated as absent).
+const LAST_EVENT_ID_PATTERN: &str = "^(.*\\S.*:[0-9]{1,19})?$";
+
+/// The schema of each header the gateway reads, by its documented name.
+fn header_schema(name: &str) -> Option<Value> {
+    let id = json!({ "type": "string", "maxLength": agentmesh_proto::limits::MAX_ID_BYTES });
+    Some(match name {
+        "X-Correlation-Id" | "Idempotency-Key" => id,
+        "X-Timeout-Ms" => json!({ "type": "integer", "minimum": 1, "maximum": u64::MAX }),
+        "traceparent" => json!({ "type": "string", "pattern": TRACEPARENT_PATTERN }),
+        "Last-Event-ID" => json!({ "type": "string", "pattern": LAST_EVENT_ID_PATTERN }),
+        _ => return None,
+    })
+}
+
+/// An error response with the shared error body.
+fn error_response(description: &str) -> Value {
+    json!({
+        "description": description,
+        "content": { "application/json": { "schema": { "$ref": ERROR_BODY } } }
+    })
+}
+
+fn refine_operation(path: &str, method: &str, operation: &mut Value) {
+    let mut reads_call_headers = false;
+    if let Some(parameters) = operation
+        .get_mut("parameters")
+        .and_then(Value::as_array_mut)
+    {
+        for parameter in parameters {
+            let name = parameter["name"].as_str().unwrap_or_default().to_owned();
+            match parameter["in"].as_str() {
+                Some("header") => {
+                    reads_call_headers |= name == "X-Timeout-Ms";
+                    if let Some(schema) = header_schema(&name) {
+                        parameter["schema"] = schema;
+                    }
+                }
+                Some("query") if name == "pageSize" => {
+                    parameter["schema"] =
+                        json!({ "type": "integer", "minimum": 0, "maximum": u32::MAX });
+                }
+                Some("path") => {
+                    let pattern = match (name.as_str(), path) {
+                        ("queue", _) => Some(NAME_PATTERN),
+                        ("name", p) if p.ends_with("/invoke") || p.ends_with("/stream") => {
+                            Some(TARGET_PATTERN)
+                        }
+                        ("name", p) if p.ends_with("/converse") => Some(TARGET_PATTERN),
+                        _ => None,
+                    };
+                    if let Some(pattern) = pattern {
+                        parameter["schema"] = json!({ "type": "string", "pattern": pattern });
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    if path.ends_with("/converse") {
+        // The WebSocket handshake (RFC 6455) as axum checks it; anything else is a 400.
+        let handshake = [
+            (
+                "Connection",
+                "Must list the `upgrade` token",
+                json!({ "type": "string", "pattern": "^(.*,)?[ \\t]*[Uu][Pp][Gg][Rr][Aa][Dd][Ee][ \\t]*(,.*)?$" }),
+            ),
+            (
+                "Upgrade",
+                "`websocket`",
+                json!({ "type": "string", "pattern": "^[Ww][Ee][Bb][Ss][Oo][Cc][Kk][Ee][Tt]$" }),
+            ),
+            (
+                "Sec-WebSocket-Version",
+                "`13`",
+                json!({ "type": "string", "enum": ["13"] }),
+            ),
+            (
+                "Sec-WebSocket-Key",
+                "The client's handshake nonce",
+                json!({ "type": "string" }),
+            ),
+        ];
+        if let Some(parameters) = operation
+            .get_mut("parameters")
+            .and_then(Value::as_array_mut)
+        {
+            for (name, description, schema) in handshake {
+                parameters.push(json!({
+                    "name": name,
+                    "in": "header",
+                    "required": true,
+                    "description": description,
+                    "schema": schema,
+                }));
+            }
+        }
+    }
+    let body = match (method, path) {
+        ("post", "/v1/agents/{name}/invoke" | "/v1/agents/{name}/stream") => Some("EnvelopeIn"),
+        ("post", "/v1/queues/{queue}/messages") => Some("SubmitBody"),
+        ("post", p) if p.starts_with("/v1/queues/{queue}/dead-letters/") => {
+            Some("DeadLetterSelection")
+        }
+        ("post", "/v1/fanout") => Some("FanOutRequestIn"),
+        _ => None,
+    };
+    if let Some(body) = body {
+        operation["requestBody"]["content"]["application/json"]["schema"] = schema_ref(body);
+        operation["requestBody"]["required"] = json!(true);
+    }
+    let Some(responses) = operation
+        .get_mut("responses")
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    // Every event stream: the schema describes each event (OpenAPI 3.1 reading of SSE).
+    for response in responses.values_mut() {
+        if let Some(sse) = response.pointer_mut("/content/text~1event-stream") {
+            let event = if path.starts_with("/v1/results/") {
+                "ResultEvent"
+            } else {
+                "StreamEvent"
+            };
+            sse["schema"] = schema_ref(event);
+        }
+    }
+    if reads_call_headers {
+        for (status, description) in [
+            (
+                "400",
+                "Invalid request: a header (X-Timeout-Ms, traceparent), parameter or body the gateway refuses",
+            ),
+            (
+                "431",
+                "A header over its limit (X-Correlation-Id or Idempotency-Key over 256 bytes)",
+            ),
+            (
+                "503",
+                "The node is not ready, or what the call needs is unavailable",
+            ),
+            ("504", "The call's deadline passed"),
+        ] {
+            responses
+                .entry(status)
+                .or_insert_with(|| error_response(description));
+        }
+    }
+    if body.is_some() {
+        responses
+            .entry("413")
+            .or_insert_with(|| error_response("Body over the gateway's limit"));
+    }
+}
+
+/// A proto3 JSON field: `null` reads as the field's default, so it is allowed too.
+fn nullable(mut schema: Value) -> Value {
+    if let Some(ty) = schema.get("type").and_then(Value::as_str) {
+        schema["type"] = json!([ty, "null"]);
+    }
+    schema
+}
+
+/// An object of proto fields, each of which may also be `null`.
+fn proto_object(description: &str, required: &[&str], properties: Value) -> Value {
+    let properties: serde_json::Map<String, Value> = properties
+        .as_object()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, schema)| {
+            let schema = if required.contains(&name.as_str()) {
+                schema
+            } else {
+                nullable(schema)
+            };
+            (name, schema)
+        })
+        .collect();
+    json!({
+        "type": "object",
+        "description": description,
+        "additionalProperties": false,
+        "required": required,
+        "properties": properties,
+    })
+}
+
+/// An envelope with one payload at most: `json` (binary absent or null) or `binary` (json
+/// absent or null), since both set is refused.
+fn one_payload(envelope: Value) -> Value {
+    // `binary: null` reads as absent, `json: null` as a null payload.
+    let branch = |payload: &str| {
+        let mut branch = envelope.clone();
+        if payload == "json" {
+            branch["properties"]["binary"] = json!({ "type": "null" });
+        } else if let Some(properties) = branch["properties"].as_object_mut() {
+            properties.remove("json");
+        }
+        if let Some(branch) = branch.as_object_mut() {
+            branch.remove("description");
+        }
+        branch
+    };
+    json!({
+        "type": "object",
+        "description": envelope["description"],
+        "anyOf": [branch("json"), branch("binary")],
+    })
+}
+
+/// Request bodies, exactly: the fields of the proto message a caller may set, in the proto3
+/// JSON mapping, with the gateway's limits.
+fn request_schemas() -> Vec<(&'static str, Value)> {
+    let id = json!({ "type": "string", "maxLength": agentmesh_proto::limits::MAX_ID_BYTES });
+    // RFC 3339, within the years proto3 JSON timestamps cover (0001 and 9999 are left out
+    // whole so that an offset cannot push a time outside them).
+    let timestamp = json!({
+        "type": "string",
+        "format": "date-time",
+        "pattern": "^(000[2-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-8][0-9]{3}|9[0-8][0-9]{2}|99[0-8][0-9]|999[0-8])-"
+    });
+    let envelope = proto_object(
+        "An `agentmesh.v1.Envelope` a caller sends, in the proto3 JSON mapping. One payload \
+         at most: `json` (any JSON value) or `binary` (base64). The ids, key and source are at \
+         most 256 bytes, `headers` at most 8 KiB in all. The node \
+         fills `id`, `correlationId`, `createdAt` and the trace context when they are empty.",
+        &[],
+        json!({
+            "id": { "type": "string" },
+            "type": { "type": "string", "description": "The payload's type, e.g. `summarize.request`" },
+            "typeVersion": { "type": "string" },
+            "contentType": { "type": "string" },
+            "schemaRef": { "type": "string" },
+            "json": { "description": "A JSON payload (google.protobuf.Value)" },
+            "binary": {
+                "type": "string",
+                "description": "A binary payload in base64, standard or URL-safe, padded or not",
+                "pattern": "^(([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}={0,2}|[A-Za-z0-9+/]{3}=?)?|([A-Za-z0-9_-]{4})*([A-Za-z0-9_-]{2}={0,2}|[A-Za-z0-9_-]{3}=?)?)$"
+            },
+            "correlationId": id,
+            "causationId": id,
+            "idempotencyKey": id,
+            "traceparent": { "type": "string", "pattern": TRACEPARENT_PATTERN },
+            "source": id,
+            "target": { "type": "string", "description": "Ignored on agent routes: the path names the target" },
+            "replyTo": { "type": "string", "description": "On a queue: the queue for the consumer's reply" },
+            "createdAt": timestamp,
+            "deadline": timestamp,
+            "headers": {
+                "type": "object",
+                "additionalProperties": { "type": "string" }
+            }
+        }),
+    );
+    // `replyTo` names the queue for a consumer's reply: checked on messages put on a queue.
+    let mut queued = envelope.clone();
+    queued["properties"]["replyTo"] =
+        json!({ "type": ["string", "null"], "pattern": OPTIONAL_NAME_PATTERN });
+    queued["description"] = json!(
+        "An `agentmesh.v1.Envelope` put on a queue: as `EnvelopeIn`, and `replyTo`, if set, \
+         is a queue name."
+    );
+    // In a batch each message is accepted or rejected on its own (its outcome says why), so
+    // an item only has to be an Envelope in proto3 JSON: the limits apply per message.
+    let mut item = envelope.clone();
+    item["description"] = json!(
+        "An `agentmesh.v1.Envelope` in a batch, in the proto3 JSON mapping. A message that \
+         breaks a limit of `EnvelopeIn` (ids, traceparent, headers, `replyTo`) is rejected on \
+         its own, with the reason in its outcome."
+    );
+    if let Some(properties) = item["properties"].as_object_mut() {
+        for (name, schema) in properties.iter_mut() {
+            if let Some(schema) = schema.as_object_mut() {
+                schema.remove("maxLength");
+                // Base64 and timestamps are part of the JSON form; the other patterns are limits.
+                if !matches!(name.as_str(), "binary" | "createdAt" | "deadline") {
+                    schema.remove("pattern");
+                }
+            }
+        }
+    }
+    let batch = proto_object(
+        "A batch of envelopes",
+        &["messages"],
+        json!({
+            "messages": { "type": "array", "minItems": 1, "items": schema_ref("EnvelopeItem") }
+        }),
+    );
+    let selection = |required: &str, chosen: Value| {
+        let mut properties = json!({
+            "all": { "type": "boolean" },
+            "messageIds": { "type": "array", "items": { "type": "string" } }
+        });
+        properties[required] = chosen;
+        proto_object(
+            "Which dead letters: `{\"all\":true}` or `{\"messageIds\":[...]}`",
+            &[required],
+            properties,
+        )
+    };
+    let policies = [
+        "FAN_OUT_POLICY_UNSPECIFIED",
+        "FAN_OUT_POLICY_ALL",
+        "FAN_OUT_POLICY_QUORUM",
+        "FAN_OUT_POLICY_FIRST",
+    ];
+    let fan_out = |required: &str, chosen: Value| {
+        let mut properties = json!({
+            "envelope": schema_ref("EnvelopeIn"),
+            "targets": { "type": "array", "maxItems": 256, "items": { "type": "string" } },
+            "skill": { "type": "string", "pattern": OPTIONAL_NAME_PATTERN },
+            "policy": {
+                "description": "How many answers complete the fan-out (the enum's name, or its number; unknown numbers read as ALL)",
+                "anyOf": [
+                    { "type": "string", "enum": policies },
+                    { "type": "integer", "minimum": i32::MIN, "maximum": i32::MAX },
+                    { "type": "null" }
+                ]
+            },
+            "count": { "type": "integer", "minimum": 0, "maximum": u32::MAX }
+        });
+        properties[required] = chosen;
+        proto_object(
+            "An `agentmesh.v1.FanOutRequest`: the envelope, and targets or a skill (at most \
+             256 destinations in all). With QUORUM or FIRST, `count` is from 1 up to the \
+             number of destinations.",
+            &["envelope", required],
+            properties,
+        )
+    };
+    let stream_event = json!({
+        "type": "object",
+        "description": "One Server-Sent Event of a stream: `id: <streamId>:<sequence>`, its kind as \
+            `event`, and as `data` a `StreamResponse` in proto3 JSON — or, for `event: error` \
+            without an id, the error JSON `{\"error\":{...}}` of a gRPC error that ended the stream.",
+        "required": ["event", "data"],
+        "properties": {
+            "event": { "type": "string", "enum": ["progress", "partial", "result", "error"] },
+            "id": { "type": "string" },
+            "data": { "type": "string", "contentMediaType": "application/json" }
+        }
+    });
+    let result_event = json!({
+        "type": "object",
+        "description": "The Server-Sent Event that ends a result wait: `event: result` with \
+            `id: <correlationId>` and an `AwaitResultResponse` as `data`, or `event: error` with \
+            the error JSON `{\"error\":{...}}` (e.g. DEADLINE_EXCEEDED when the call's deadline passed first).",
+        "required": ["event", "data"],
+        "properties": {
+            "event": { "type": "string", "enum": ["result", "error"] },
+            "id": { "type": "string" },
+            "data": { "type": "string", "contentMediaType": "application/json" }
+        }
+    });
+    vec![
+        ("QueueEnvelope", one_payload(queued)),
+        ("EnvelopeIn", one_payload(envelope)),
+        ("EnvelopeItem", one_payload(item)),
+        (
+            "SubmitBody",
+            json!({ "type": "object", "oneOf": [schema_ref("QueueEnvelope"), batch] }),
+        ),
+        (
+            "DeadLetterSelection",
+            json!({ "type": "object", "anyOf": [
+                selection("all", json!({ "const": true })),
+                selection("messageIds", json!({ "type": "array", "minItems": 1, "items": { "type": "string" } })),
+            ]}),
+        ),
+        (
+            "FanOutRequestIn",
+            json!({ "type": "object", "anyOf": [
+                fan_out("targets", json!({ "type": "array", "minItems": 1, "maxItems": 256, "items": { "type": "string" } })),
+                fan_out("skill", json!({ "type": "string", "pattern": NAME_PATTERN })),
+            ]}),
+        ),
+        ("StreamEvent", stream_event),
+        ("ResultEvent", result_event),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    #[test]
+    fn every_call_route_documents_the_errors_it_can_give() {
+        let document = super::super::openapi_document();
+        let paths = document["paths"].as_object().unwrap();
+        let mut call_routes = 0;
+        for (path, item) in paths {
+            for (method, operation) in item.as_object().unwrap() {
+                let parameters = operation["parameters"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                let timeout = parameters.iter().find(|p| p["name"] == "X-Timeout-Ms");
+                let Some(timeout) = timeout else { continue };
+                call_routes += 1;
+                assert_eq!(timeout["schema"]["type"], "integer", "{method} {path}");
+                assert_eq!(timeout["schema"]["minimum"], 1, "{method} {path}");
+                for status in ["400", "431", "503", "504"] {
+                    let response = &operation["responses"][status];
+                    assert_eq!(
+                        response["content"]["application/json"]["schema"]["$ref"],
+                        "#/components/schemas/ErrorBody",
+                        "{method} {path} documents {status}"
+                    );
+                }
+                for response in operation["responses"].as_object().unwrap().values() {
+                    if let Some(sse) = response.pointer("/content/text~1event-stream") {
+                        let event = sse["schema"]["$ref"].as_str().unwrap();
+                        assert!(event.ends_with("Event"), "{method} {path}: {event}");
+                    }
+                }
+            }
+        }
+        assert!(call_routes >= 14, "{call_routes} call routes");
+        let schemas = &document["components"]["schemas"];
+        let result_events: Vec<&Value> = schemas["ResultEvent"]["properties"]["event"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .collect();
+        assert!(
+            result_events.contains(&&Value::from("error")),
+            "event: error"
+        );
+        assert_eq!(
+            schemas["EnvelopeIn"]["anyOf"][0]["additionalProperties"], false,
+            "request envelopes name their fields"
+        );
+    }
 }

@@ -68,7 +68,7 @@ impl StreamQuery {
     params(
         ("name" = String, Path, description = "Agent name or `skill:<id>`"),
         StreamQuery,
-        ("Last-Event-ID" = Option<String>, Header, description = "Resume the stream after this event id (`<streamId>:<sequence>`); the body is then ignored"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume the stream after this event id (`<streamId>:<sequence>`); the body and `detach` are then ignored"),
         CallHeaders,
     ),
     request_body(content = openapi::Envelope, description = "The request envelope", content_type = "application/json"),
@@ -97,13 +97,8 @@ pub(crate) async fn start(
             ),
         )
     })?;
+    // A resume reads a stream that exists: the body and `?detach` are for starting one.
     if let Some(last) = call.header(LAST_EVENT_ID) {
-        if query.detach() {
-            return Err(ApiError::invalid_argument(
-                "INVALID_ARGUMENT",
-                "Last-Event-ID resumes a stream that exists; it cannot be combined with ?detach",
-            ));
-        }
         let point = sse::parse_last_event_id(last)?;
         return resume(&gateway, &call, point).await;
     }
@@ -159,7 +154,7 @@ pub(crate) async fn start(
         (status = 200, description = "The events, as for `POST /v1/agents/{name}/stream`", content_type = "text/event-stream", body = openapi::StreamResponse),
         (status = 204, description = "The stream already ended after Last-Event-ID"),
         (status = 400, description = "Invalid Last-Event-ID, or it left the replay window", body = ErrorBody),
-        (status = 404, description = "Unknown or expired stream", body = ErrorBody),
+        (status = 404, description = "Unknown or expired stream, or a Last-Event-ID of another stream", body = ErrorBody),
     )
 )]
 pub(crate) async fn events(
@@ -171,10 +166,16 @@ pub(crate) async fn events(
         Some(last) => {
             let point = sse::parse_last_event_id(last)?;
             if point.stream_id != id {
-                return Err(ApiError::invalid_argument(
-                    "INVALID_LAST_EVENT_ID",
-                    format!("Last-Event-ID names stream {}, not {id}", point.stream_id),
-                ));
+                // An event of another stream is not one of this stream's events.
+                return Err(ApiError::new(
+                    Code::NotFound,
+                    format!(
+                        "stream {id} has no event {}: Last-Event-ID names stream {}",
+                        last.trim(),
+                        point.stream_id
+                    ),
+                )
+                .with_reason("UNKNOWN_EVENT", [("stream", id.clone())]));
             }
             point
         }
