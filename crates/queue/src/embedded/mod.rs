@@ -211,6 +211,26 @@ impl EmbeddedBackend {
         self.shared.db.write().take();
     }
 
+    /// Simulates a crash of the process, for tests: stops the writer thread without the
+    /// commit a [`close`](Self::close) makes (acks and nacks not yet synced stay unsynced),
+    /// copies the database file as it stands on disk into `dir` (which is what a killed
+    /// process would leave behind), then lets go of this store. Open `dir` to "restart".
+    #[doc(hidden)]
+    pub fn crash_into(self, dir: &Path) -> Result<(), QueueError> {
+        if let Some(tx) = self.tx.lock().take() {
+            let _ = tx.send(Cmd::Halt);
+        }
+        if let Some(handle) = self.thread.lock().take() {
+            let _ = handle.join();
+        }
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::copy(&self.path, dir.join(DATABASE_FILE)))
+            .map_err(|e| {
+                QueueError::Storage(format!("cannot copy {}: {e}", self.path.display()))
+            })?;
+        Ok(())
+    }
+
     async fn call<T>(&self, make: impl FnOnce(Tx<T>) -> Cmd) -> Result<T, QueueError> {
         let (tx, rx) = oneshot::channel();
         {

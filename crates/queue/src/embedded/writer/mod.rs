@@ -171,6 +171,14 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            if cmds.iter().any(|c| matches!(c, Cmd::Halt)) {
+                // A simulated crash: whatever this turn took is never applied.
+                for cmd in cmds.into_iter().chain(rx.try_iter()) {
+                    refuse(cmd, &QueueError::Closed);
+                }
+                self.refuse_waiters(&QueueError::Closed);
+                return;
+            }
             if cmds.iter().any(|c| matches!(c, Cmd::Shutdown)) {
                 shutdown = true;
             }
