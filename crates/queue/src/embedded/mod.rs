@@ -238,7 +238,26 @@ impl EmbeddedBackend {
             let sender = guard.as_ref().ok_or(QueueError::Closed)?;
             sender.send(make(tx)).map_err(|_| QueueError::Closed)?;
         }
-        rx.await.map_err(|_| QueueError::Closed)?
+        rx.await.map_err(|_| self.dropped_reply())?
+    }
+
+    /// Why a request got no answer: the store was closed, or the writer gave up on the batch
+    /// that held it (it met a damaged page of the file) and goes on with the next.
+    fn dropped_reply(&self) -> QueueError {
+        let running = self.tx.lock().is_some()
+            && self
+                .thread
+                .lock()
+                .as_ref()
+                .is_some_and(|thread| !thread.is_finished());
+        if running {
+            QueueError::Storage(format!(
+                "queue database {} failed this request: the file is damaged",
+                self.path.display()
+            ))
+        } else {
+            QueueError::Closed
+        }
     }
 }
 

@@ -45,7 +45,7 @@ use super::{EmbeddedOptions, Shared};
 use crate::{BackendConfig, QueueError};
 use batch::Batch;
 use command::refuse;
-use failure::Fail;
+use failure::{Fail, contain};
 use lease::{Lease, LeaseKey};
 use receive::Waiter;
 use redb::{Database, Durability};
@@ -247,7 +247,7 @@ impl Writer {
             return;
         }
         let mut batch = Batch::default();
-        let mut outcome = self.apply_and_commit(cmds, &mut batch, shutdown);
+        let mut outcome = contain(|| self.apply_and_commit(cmds, &mut batch, shutdown));
         if matches!(outcome, Ok(true)) && batch.answers_before_sync(shutdown) {
             // The batch is committed (not yet fsync'd): everything but the submits may be
             // answered now, so consumers do not wait for the disk. The submits are answered
@@ -255,7 +255,7 @@ impl Writer {
             // fine: its submitter has not been told it was accepted.
             let orphans = batch.answer_committed();
             self.orphans.extend(orphans);
-            outcome = self.sync_now().map(|()| true);
+            outcome = contain(|| self.sync_now()).map(|()| true);
         }
         let failure = match outcome {
             Ok(committed) => {

@@ -1,7 +1,7 @@
 //! The tables of the store, opening the file, converting the earlier layout, and rebuilding
 //! the writer's in-memory state from disk (at open, and after a failed batch).
 
-use super::failure::Fail;
+use super::failure::{Fail, contain, panic_message};
 use super::{QState, Writer};
 use crate::embedded::chunk::{ChunkBuilder, ChunkView};
 use crate::embedded::codec::{decode_queue_row, now_ms};
@@ -92,10 +92,18 @@ pub(crate) fn open_database(
     path: &Path,
     cache_bytes: usize,
 ) -> Result<Arc<Database>, redb::DatabaseError> {
-    redb::Builder::new()
-        .set_cache_size(cache_bytes)
-        .create(path)
-        .map(Arc::new)
+    // redb panics on some damaged files instead of returning an error.
+    std::panic::catch_unwind(|| {
+        redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(path)
+    })
+    .unwrap_or_else(|payload| {
+        Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(
+            format!("the file is damaged ({})", panic_message(payload.as_ref())),
+        )))
+    })
+    .map(Arc::new)
 }
 
 impl Writer {
@@ -144,6 +152,10 @@ impl Writer {
     /// Leases are not persisted: every live message that is not waiting in the schedule is
     /// ready again, found by the ready scan from the start of its queue.
     pub(super) fn reload(&mut self) -> Result<(), Fail> {
+        contain(|| self.load())
+    }
+
+    fn load(&mut self) -> Result<(), Fail> {
         self.queues.clear();
         self.names.clear();
         self.leases.clear();
