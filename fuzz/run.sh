@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds the fuzz targets and runs each for a while: `fuzz/run.sh [seconds per target]`
+# (default 20). Each target starts from its committed seeds (corpus/<target>) and from what
+# earlier runs found (work/corpus/<target>, not committed). A crash stops the run: libFuzzer
+# prints the input, cargo-fuzz saves it under artifacts/<target>/ (see docs/fuzzing.md).
+#
+# FUZZ_SANITIZER picks the sanitizer (default: address; `none` builds faster).
+set -euo pipefail
+cd "$(dirname "$0")"
+seconds=${1:-20}
+sanitizer=${FUZZ_SANITIZER:-address}
+# cargo-fuzz passes nightly-only flags (-Z, sanitizers); stable rustc takes them with this.
+export RUSTC_BOOTSTRAP=1
+if ! command -v cargo-fuzz >/dev/null; then
+  cargo install --locked cargo-fuzz@0.13.2
+fi
+
+start=$(date +%s)
+cargo fuzz build -s "$sanitizer"
+echo "fuzz targets built in $(($(date +%s) - start)) s"
+
+for target in $(cargo fuzz list); do
+  mkdir -p "work/corpus/$target"
+  echo "== fuzz $target for ${seconds}s"
+  # -timeout: an input that takes this long counts as a hang (the store must never hang).
+  cargo fuzz run -s "$sanitizer" "$target" "work/corpus/$target" "corpus/$target" -- \
+    -max_total_time="$seconds" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1
+done
