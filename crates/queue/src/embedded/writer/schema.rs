@@ -172,8 +172,10 @@ impl Writer {
             for item in t.queues.iter()? {
                 let (k, v) = item?;
                 let row = decode_queue_row(v.value())?;
-                self.next_qid = self.next_qid.max(row.id + 1);
-                self.names.insert(row.id, k.value().to_owned());
+                self.next_qid = self.next_qid.max(row.id.saturating_add(1));
+                if self.names.insert(row.id, k.value().to_owned()).is_some() {
+                    return Err(Fail::Corrupt("two queues share an id"));
+                }
                 let mut q = QState::new(row.id, row.live, row.dead);
                 q.recovered_max = self.next_seq.saturating_sub(1);
                 if let Some(last) = t
@@ -183,9 +185,35 @@ impl Writer {
                 {
                     let (k, v) = last?;
                     let count = ChunkView::new(v.value())?.count() as u64;
-                    q.tail = (k.value().1 + count).saturating_sub(1);
+                    q.tail = (k.value().1.saturating_add(count)).saturating_sub(1);
                 }
+                // New messages must not take a seq this queue already used: a damaged
+                // `next_seq` must not make them overwrite stored ones.
+                let used = [
+                    q.tail,
+                    last_seq(&t.dead, row.id)?,
+                    last_seq(&t.history, row.id)?,
+                    last_seq(&t.settled, row.id)?,
+                ];
+                let highest = used.into_iter().max().unwrap_or(0);
+                self.next_seq = self.next_seq.max(highest.saturating_add(1));
+                q.recovered_max = q.recovered_max.max(highest);
                 self.queues.insert(k.value().to_owned(), q);
+            }
+            // Nor may a new queue take the id of data whose queue row is gone (a damaged file):
+            // it would find those messages as its own.
+            for qid in [
+                t.chunks.last()?.map(|(k, _)| k.value().0),
+                t.dead.last()?.map(|(k, _)| k.value().0),
+                t.history.last()?.map(|(k, _)| k.value().0),
+                t.settled.last()?.map(|(k, _)| k.value().0),
+                t.scheduled.last()?.map(|(k, _)| k.value().0),
+                t.dedup.last()?.map(|(k, _)| k.value().0),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                self.next_qid = self.next_qid.max(qid.saturating_add(1));
             }
             self.next_expiry_ms = t.first_expiry()?;
             for item in t.scheduled.iter()? {
@@ -248,6 +276,15 @@ fn migrate_legacy_tables(txn: &WriteTransaction, now: u64) -> Result<(), Fail> {
     txn.delete_table(LEGACY_INFLIGHT)?;
     txn.delete_table(LEGACY_MESSAGES)?;
     Ok(())
+}
+
+/// The highest seq `queue` has in a table keyed by `(queue id, seq)` (0 if none).
+fn last_seq(table: &Table<'_, (u32, u64), &'static [u8]>, queue: u32) -> Result<u64, Fail> {
+    Ok(table
+        .range((queue, 0u64)..=(queue, u64::MAX))?
+        .next_back()
+        .transpose()?
+        .map_or(0, |(k, _)| k.value().1))
 }
 
 #[cfg(test)]
@@ -344,6 +381,56 @@ mod tests {
 
     /// A store written by the earlier layout (one entry per message, ready and in-flight
     /// indexes on disk) opens with every message kept and its retry time respected.
+    /// A damaged file that lost a queue's row, or whose `next_seq` went back, must not make new
+    /// messages take ids or seqs of stored ones (found by the `store_recovery` fuzz target: a
+    /// new queue was handed another queue's messages).
+    #[tokio::test]
+    async fn lost_queue_rows_and_seqs_are_not_reused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let lease = Duration::from_secs(60);
+        {
+            let b = EmbeddedBackend::open(dir.path(), BackendConfig::default()).expect("open");
+            for (queue, id) in [("lost", "l1"), ("kept", "k1")] {
+                b.submit(queue, vec![NewMessage::new(id, id)])
+                    .await
+                    .expect("submit");
+            }
+        }
+        {
+            let db = redb::Database::create(dir.path().join(DATABASE_FILE)).expect("open");
+            let txn = db.begin_write().expect("txn");
+            txn.open_table(super::QUEUES)
+                .expect("queues")
+                .remove("lost")
+                .expect("remove");
+            txn.open_table(super::META)
+                .expect("meta")
+                .insert(super::NEXT_SEQ, 1)
+                .expect("set");
+            txn.commit().expect("commit");
+        }
+        let b = EmbeddedBackend::open(dir.path(), BackendConfig::default()).expect("reopen");
+        b.submit("new", vec![NewMessage::new("n1", "n1")])
+            .await
+            .expect("submit");
+        b.submit("kept", vec![NewMessage::new("k2", "k2")])
+            .await
+            .expect("submit");
+        let ids = |got: Vec<crate::Leased>| -> Vec<String> {
+            got.into_iter().map(|m| m.message_id).collect()
+        };
+        let new = b
+            .receive("new", "c", 10, lease, Duration::ZERO)
+            .await
+            .expect("receive");
+        assert_eq!(ids(new), ["n1"]);
+        let kept = b
+            .receive("kept", "c", 10, lease, Duration::ZERO)
+            .await
+            .expect("receive");
+        assert_eq!(ids(kept), ["k1", "k2"]);
+    }
+
     #[tokio::test]
     async fn earlier_layout_is_migrated() {
         let dir = tempfile::tempdir().expect("temp dir");
