@@ -450,7 +450,7 @@ impl Harness {
         loop {
             let got = self
                 .store()
-                .receive(QUEUE, "drain", 64, LONG_LEASE, Duration::from_millis(150))
+                .receive(QUEUE, "drain", 64, LONG_LEASE, Duration::from_millis(100))
                 .await
                 .expect("receive");
             if got.is_empty() && must.is_subset(&drained) {
@@ -545,7 +545,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
-    fn embedded_store_keeps_the_queue_contract(ops in proptest::collection::vec(op(), 1..48)) {
+    fn embedded_store_keeps_the_queue_contract(ops in proptest::collection::vec(op(), 1..40)) {
         tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
