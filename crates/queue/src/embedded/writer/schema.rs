@@ -431,6 +431,53 @@ mod tests {
         assert_eq!(ids(kept), ["k1", "k2"]);
     }
 
+    /// A damaged file whose queue ids or seqs are at their limit fails new submits with a
+    /// storage error instead of overflowing (found by the `store_recovery` fuzz target), and
+    /// still serves what it holds.
+    #[tokio::test]
+    async fn exhausted_ids_and_seqs_fail_submits() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let lease = Duration::from_secs(60);
+        {
+            let b = EmbeddedBackend::open(dir.path(), BackendConfig::default()).expect("open");
+            b.submit("q", vec![NewMessage::new("m1", "m1")])
+                .await
+                .expect("submit");
+        }
+        {
+            let db = redb::Database::create(dir.path().join(DATABASE_FILE)).expect("open");
+            let txn = db.begin_write().expect("txn");
+            let row = QueueRow {
+                id: u32::MAX,
+                live: u64::MAX,
+                dead: 0,
+            };
+            txn.open_table(super::QUEUES)
+                .expect("queues")
+                .insert("last", encode_queue_row(row).as_slice())
+                .expect("insert");
+            txn.open_table(super::META)
+                .expect("meta")
+                .insert(super::NEXT_SEQ, u64::MAX)
+                .expect("set");
+            txn.commit().expect("commit");
+        }
+        let b = EmbeddedBackend::open(dir.path(), BackendConfig::default()).expect("reopen");
+        for queue in ["q", "new", "last"] {
+            let e = b
+                .submit(queue, vec![NewMessage::new("m2", "m2")])
+                .await
+                .expect_err("no seq or queue id left");
+            assert!(matches!(e, crate::QueueError::Storage(_)), "{e:?}");
+        }
+        let got = b
+            .receive("q", "c", 10, lease, Duration::ZERO)
+            .await
+            .expect("receive");
+        assert_eq!(got.len(), 1);
+        b.ack(&got[0].receipt, None).await.expect("ack");
+    }
+
     #[tokio::test]
     async fn earlier_layout_is_migrated() {
         let dir = tempfile::tempdir().expect("temp dir");
