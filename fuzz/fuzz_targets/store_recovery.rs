@@ -123,6 +123,11 @@ async fn exercise(store: &EmbeddedBackend) {
     };
     // Drain what the store holds: every delivery is settled one way or the other.
     for queue in &stats {
+        // A damaged name is listed as the file holds it, but no request can name it: the API
+        // refuses invalid queue names (and does, with InvalidArgument).
+        if agentmesh_queue::validate_queue_name(&queue.name).is_err() {
+            continue;
+        }
         for round in 0..4 {
             let got = match store
                 .receive(&queue.name, "fuzz", 64, lease, Duration::ZERO)
