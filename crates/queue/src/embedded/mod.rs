@@ -160,7 +160,21 @@ impl EmbeddedBackend {
         })?;
         let shared = Arc::new(Shared::default());
         *shared.db.write() = Some(db.clone());
-        let writer = Writer::recover(db, path.clone(), config, options, shared.clone())?;
+        let recovered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let recovered = Writer::recover(db, path.clone(), config, options, shared.clone());
+            if recovered.is_err() {
+                // The last handle: its drop (which writes to the file) may meet the damage too.
+                release_database(shared.db.write().take());
+            }
+            recovered
+        }));
+        let writer = recovered.unwrap_or_else(|payload| {
+            Err(QueueError::Storage(format!(
+                "queue database {} is damaged ({})",
+                path.display(),
+                writer::panic_message(payload.as_ref())
+            )))
+        })?;
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("agentmesh-queue-writer".into())
@@ -208,7 +222,7 @@ impl EmbeddedBackend {
                 tracing::error!(path = %self.path.display(), "queue writer thread panicked");
             }
         }
-        self.shared.db.write().take();
+        release_database(self.shared.db.write().take());
     }
 
     /// Simulates a crash of the process, for tests: stops the writer thread without the
@@ -264,6 +278,14 @@ impl EmbeddedBackend {
 impl Drop for EmbeddedBackend {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// Drops a database handle; if it is the last, redb writes to the file as it closes it, and
+/// panics there on some damaged files: contained, since the file is being let go of anyway.
+pub(crate) fn release_database(db: Option<Arc<redb::Database>>) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db))).is_err() {
+        tracing::error!("closing a damaged queue database failed");
     }
 }
 

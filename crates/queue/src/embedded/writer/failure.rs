@@ -5,6 +5,7 @@ use super::Writer;
 use super::schema::open_database;
 use crate::QueueError;
 use crate::embedded::codec::Corrupt;
+use crate::embedded::release_database;
 use redb::Database;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -172,13 +173,14 @@ impl Writer {
     /// Closes and reopens the database after an I/O error (redb refuses every operation after
     /// one), then reloads the state from disk. Leases are lost: their messages are ready again.
     fn reopen(&mut self) {
-        self.shared.db.write().take();
+        release_database(self.shared.db.write().take());
         if let Some(old) = self.db.take() {
             // Readers (`get_result`) hold the database briefly; its file lock goes with the last.
             let until = Instant::now() + Duration::from_secs(5);
             while Arc::strong_count(&old) > 1 && Instant::now() < until {
                 std::thread::sleep(Duration::from_millis(1));
             }
+            release_database(Some(old));
         }
         let reopened = open_database(&self.path, self.options.cache_bytes)
             .map_err(|e| e.to_string())

@@ -36,6 +36,7 @@ mod sweep;
 mod fixture;
 
 pub(crate) use command::{Cmd, Tx};
+pub(crate) use failure::panic_message;
 pub(crate) use schema::open_database;
 pub(crate) use settle::read_result;
 
