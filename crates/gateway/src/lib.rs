@@ -23,6 +23,9 @@ mod queues;
 mod routes;
 mod sse;
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 pub use agentmesh_core::{EventStream, Mesh, QueueApi};
 pub use config::GatewayConfig;
 pub use error::{ApiError, http_status};

@@ -160,7 +160,21 @@ impl EmbeddedBackend {
         })?;
         let shared = Arc::new(Shared::default());
         *shared.db.write() = Some(db.clone());
-        let writer = Writer::recover(db, path.clone(), config, options, shared.clone())?;
+        let recovered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let recovered = Writer::recover(db, path.clone(), config, options, shared.clone());
+            if recovered.is_err() {
+                // The last handle: its drop (which writes to the file) may meet the damage too.
+                release_database(shared.db.write().take());
+            }
+            recovered
+        }));
+        let writer = recovered.unwrap_or_else(|payload| {
+            Err(QueueError::Storage(format!(
+                "queue database {} is damaged ({})",
+                path.display(),
+                writer::panic_message(payload.as_ref())
+            )))
+        })?;
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("agentmesh-queue-writer".into())
@@ -208,7 +222,27 @@ impl EmbeddedBackend {
                 tracing::error!(path = %self.path.display(), "queue writer thread panicked");
             }
         }
-        self.shared.db.write().take();
+        release_database(self.shared.db.write().take());
+    }
+
+    /// Simulates a crash of the process, for tests: stops the writer thread without the
+    /// commit a [`close`](Self::close) makes (acks and nacks not yet synced stay unsynced),
+    /// copies the database file as it stands on disk into `dir` (which is what a killed
+    /// process would leave behind), then lets go of this store. Open `dir` to "restart".
+    #[doc(hidden)]
+    pub fn crash_into(self, dir: &Path) -> Result<(), QueueError> {
+        if let Some(tx) = self.tx.lock().take() {
+            let _ = tx.send(Cmd::Halt);
+        }
+        if let Some(handle) = self.thread.lock().take() {
+            let _ = handle.join();
+        }
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::copy(&self.path, dir.join(DATABASE_FILE)))
+            .map_err(|e| {
+                QueueError::Storage(format!("cannot copy {}: {e}", self.path.display()))
+            })?;
+        Ok(())
     }
 
     async fn call<T>(&self, make: impl FnOnce(Tx<T>) -> Cmd) -> Result<T, QueueError> {
@@ -218,13 +252,40 @@ impl EmbeddedBackend {
             let sender = guard.as_ref().ok_or(QueueError::Closed)?;
             sender.send(make(tx)).map_err(|_| QueueError::Closed)?;
         }
-        rx.await.map_err(|_| QueueError::Closed)?
+        rx.await.map_err(|_| self.dropped_reply())?
+    }
+
+    /// Why a request got no answer: the store was closed, or the writer gave up on the batch
+    /// that held it (it met a damaged page of the file) and goes on with the next.
+    fn dropped_reply(&self) -> QueueError {
+        let running = self.tx.lock().is_some()
+            && self
+                .thread
+                .lock()
+                .as_ref()
+                .is_some_and(|thread| !thread.is_finished());
+        if running {
+            QueueError::Storage(format!(
+                "queue database {} failed this request: the file is damaged",
+                self.path.display()
+            ))
+        } else {
+            QueueError::Closed
+        }
     }
 }
 
 impl Drop for EmbeddedBackend {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// Drops a database handle; if it is the last, redb writes to the file as it closes it, and
+/// panics there on some damaged files: contained, since the file is being let go of anyway.
+pub(crate) fn release_database(db: Option<Arc<redb::Database>>) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db))).is_err() {
+        tracing::error!("closing a damaged queue database failed");
     }
 }
 

@@ -76,6 +76,8 @@ pub(crate) enum Cmd {
         tx: Tx<u64>,
     },
     Shutdown,
+    /// Stops the thread at once, committing nothing more: what a killed process leaves.
+    Halt,
 }
 
 impl Writer {
@@ -180,7 +182,7 @@ impl Writer {
                 let r = self.redrive_or_purge(t, batch, &queue, &selection, false)?;
                 batch.reply(tx, r);
             }
-            Cmd::Shutdown => {}
+            Cmd::Shutdown | Cmd::Halt => {}
         }
         Ok(())
     }
@@ -199,7 +201,7 @@ pub(super) fn refuse(cmd: Cmd, err: &QueueError) {
         Cmd::Stats { tx } => drop(tx.send(Err(err.clone()))),
         Cmd::ListDead { tx, .. } => drop(tx.send(Err(err.clone()))),
         Cmd::Redrive { tx, .. } | Cmd::Purge { tx, .. } => drop(tx.send(Err(err.clone()))),
-        Cmd::Shutdown => {}
+        Cmd::Shutdown | Cmd::Halt => {}
     }
 }
 

@@ -40,7 +40,7 @@ impl Writer {
             q.live = q.live.saturating_sub(1);
             q.row_dirty = true;
             if rec.is_some() {
-                q.dead += 1;
+                q.dead = q.dead.saturating_add(1);
             }
         }
         if let Some(rec) = rec {

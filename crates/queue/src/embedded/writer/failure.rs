@@ -5,6 +5,7 @@ use super::Writer;
 use super::schema::open_database;
 use crate::QueueError;
 use crate::embedded::codec::Corrupt;
+use crate::embedded::release_database;
 use redb::Database;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +20,24 @@ const FAILURE_LOG_EVERY: Duration = Duration::from_secs(5);
 pub(crate) enum Fail {
     Db(redb::Error),
     Corrupt(&'static str),
+    /// redb panicked (it does on some damaged files instead of returning an error).
+    Panicked(String),
+}
+
+/// Runs `f`, turning a panic (redb meeting a damaged page) into [`Fail::Panicked`], so a
+/// damaged file fails requests instead of killing the writer thread.
+pub(crate) fn contain<T>(f: impl FnOnce() -> Result<T, Fail>) -> Result<T, Fail> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|payload| Err(Fail::Panicked(panic_message(payload.as_ref()))))
+}
+
+/// The text of a panic payload.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".to_owned())
 }
 
 macro_rules! fail_from {
@@ -49,9 +68,11 @@ impl Fail {
 
     /// After an I/O error redb refuses every later operation until the database is reopened.
     pub(super) fn needs_reopen(&self) -> bool {
+        // After a panic inside redb its state is unknown: start from the file again.
         matches!(
             self,
             Fail::Db(redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed)
+                | Fail::Panicked(_)
         )
     }
 }
@@ -67,6 +88,7 @@ impl std::fmt::Display for Fail {
         match self {
             Fail::Db(e) => write!(f, "{e}"),
             Fail::Corrupt(what) => write!(f, "corrupt record: {what}"),
+            Fail::Panicked(what) => write!(f, "the database file is damaged ({what})"),
         }
     }
 }
@@ -151,13 +173,14 @@ impl Writer {
     /// Closes and reopens the database after an I/O error (redb refuses every operation after
     /// one), then reloads the state from disk. Leases are lost: their messages are ready again.
     fn reopen(&mut self) {
-        self.shared.db.write().take();
+        release_database(self.shared.db.write().take());
         if let Some(old) = self.db.take() {
             // Readers (`get_result`) hold the database briefly; its file lock goes with the last.
             let until = Instant::now() + Duration::from_secs(5);
             while Arc::strong_count(&old) > 1 && Instant::now() < until {
                 std::thread::sleep(Duration::from_millis(1));
             }
+            release_database(Some(old));
         }
         let reopened = open_database(&self.path, self.options.cache_bytes)
             .map_err(|e| e.to_string())

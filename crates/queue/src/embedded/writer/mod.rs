@@ -36,6 +36,7 @@ mod sweep;
 mod fixture;
 
 pub(crate) use command::{Cmd, Tx};
+pub(crate) use failure::panic_message;
 pub(crate) use schema::open_database;
 pub(crate) use settle::read_result;
 
@@ -45,7 +46,7 @@ use super::{EmbeddedOptions, Shared};
 use crate::{BackendConfig, QueueError};
 use batch::Batch;
 use command::refuse;
-use failure::Fail;
+use failure::{Fail, contain};
 use lease::{Lease, LeaseKey};
 use receive::Waiter;
 use redb::{Database, Durability};
@@ -171,6 +172,14 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            if cmds.iter().any(|c| matches!(c, Cmd::Halt)) {
+                // A simulated crash: whatever this turn took is never applied.
+                for cmd in cmds.into_iter().chain(rx.try_iter()) {
+                    refuse(cmd, &QueueError::Closed);
+                }
+                self.refuse_waiters(&QueueError::Closed);
+                return;
+            }
             if cmds.iter().any(|c| matches!(c, Cmd::Shutdown)) {
                 shutdown = true;
             }
@@ -239,7 +248,7 @@ impl Writer {
             return;
         }
         let mut batch = Batch::default();
-        let mut outcome = self.apply_and_commit(cmds, &mut batch, shutdown);
+        let mut outcome = contain(|| self.apply_and_commit(cmds, &mut batch, shutdown));
         if matches!(outcome, Ok(true)) && batch.answers_before_sync(shutdown) {
             // The batch is committed (not yet fsync'd): everything but the submits may be
             // answered now, so consumers do not wait for the disk. The submits are answered
@@ -247,7 +256,7 @@ impl Writer {
             // fine: its submitter has not been told it was accepted.
             let orphans = batch.answer_committed();
             self.orphans.extend(orphans);
-            outcome = self.sync_now().map(|()| true);
+            outcome = contain(|| self.sync_now()).map(|()| true);
         }
         let failure = match outcome {
             Ok(committed) => {

@@ -1,7 +1,7 @@
 //! The tables of the store, opening the file, converting the earlier layout, and rebuilding
 //! the writer's in-memory state from disk (at open, and after a failed batch).
 
-use super::failure::Fail;
+use super::failure::{Fail, contain, panic_message};
 use super::{QState, Writer};
 use crate::embedded::chunk::{ChunkBuilder, ChunkView};
 use crate::embedded::codec::{decode_queue_row, now_ms};
@@ -92,10 +92,18 @@ pub(crate) fn open_database(
     path: &Path,
     cache_bytes: usize,
 ) -> Result<Arc<Database>, redb::DatabaseError> {
-    redb::Builder::new()
-        .set_cache_size(cache_bytes)
-        .create(path)
-        .map(Arc::new)
+    // redb panics on some damaged files instead of returning an error.
+    std::panic::catch_unwind(|| {
+        redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(path)
+    })
+    .unwrap_or_else(|payload| {
+        Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(
+            format!("the file is damaged ({})", panic_message(payload.as_ref())),
+        )))
+    })
+    .map(Arc::new)
 }
 
 impl Writer {
@@ -144,6 +152,10 @@ impl Writer {
     /// Leases are not persisted: every live message that is not waiting in the schedule is
     /// ready again, found by the ready scan from the start of its queue.
     pub(super) fn reload(&mut self) -> Result<(), Fail> {
+        contain(|| self.load())
+    }
+
+    fn load(&mut self) -> Result<(), Fail> {
         self.queues.clear();
         self.names.clear();
         self.leases.clear();
@@ -160,8 +172,10 @@ impl Writer {
             for item in t.queues.iter()? {
                 let (k, v) = item?;
                 let row = decode_queue_row(v.value())?;
-                self.next_qid = self.next_qid.max(row.id + 1);
-                self.names.insert(row.id, k.value().to_owned());
+                self.next_qid = self.next_qid.max(row.id.saturating_add(1));
+                if self.names.insert(row.id, k.value().to_owned()).is_some() {
+                    return Err(Fail::Corrupt("two queues share an id"));
+                }
                 let mut q = QState::new(row.id, row.live, row.dead);
                 q.recovered_max = self.next_seq.saturating_sub(1);
                 if let Some(last) = t
@@ -171,9 +185,35 @@ impl Writer {
                 {
                     let (k, v) = last?;
                     let count = ChunkView::new(v.value())?.count() as u64;
-                    q.tail = (k.value().1 + count).saturating_sub(1);
+                    q.tail = (k.value().1.saturating_add(count)).saturating_sub(1);
                 }
+                // New messages must not take a seq this queue already used: a damaged
+                // `next_seq` must not make them overwrite stored ones.
+                let used = [
+                    q.tail,
+                    last_seq(&t.dead, row.id)?,
+                    last_seq(&t.history, row.id)?,
+                    last_seq(&t.settled, row.id)?,
+                ];
+                let highest = used.into_iter().max().unwrap_or(0);
+                self.next_seq = self.next_seq.max(highest.saturating_add(1));
+                q.recovered_max = q.recovered_max.max(highest);
                 self.queues.insert(k.value().to_owned(), q);
+            }
+            // Nor may a new queue take the id of data whose queue row is gone (a damaged file):
+            // it would find those messages as its own.
+            for qid in [
+                t.chunks.last()?.map(|(k, _)| k.value().0),
+                t.dead.last()?.map(|(k, _)| k.value().0),
+                t.history.last()?.map(|(k, _)| k.value().0),
+                t.settled.last()?.map(|(k, _)| k.value().0),
+                t.scheduled.last()?.map(|(k, _)| k.value().0),
+                t.dedup.last()?.map(|(k, _)| k.value().0),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                self.next_qid = self.next_qid.max(qid.saturating_add(1));
             }
             self.next_expiry_ms = t.first_expiry()?;
             for item in t.scheduled.iter()? {
@@ -236,6 +276,15 @@ fn migrate_legacy_tables(txn: &WriteTransaction, now: u64) -> Result<(), Fail> {
     txn.delete_table(LEGACY_INFLIGHT)?;
     txn.delete_table(LEGACY_MESSAGES)?;
     Ok(())
+}
+
+/// The highest seq `queue` has in a table keyed by `(queue id, seq)` (0 if none).
+fn last_seq(table: &Table<'_, (u32, u64), &'static [u8]>, queue: u32) -> Result<u64, Fail> {
+    Ok(table
+        .range((queue, 0u64)..=(queue, u64::MAX))?
+        .next_back()
+        .transpose()?
+        .map_or(0, |(k, _)| k.value().1))
 }
 
 #[cfg(test)]
@@ -332,6 +381,103 @@ mod tests {
 
     /// A store written by the earlier layout (one entry per message, ready and in-flight
     /// indexes on disk) opens with every message kept and its retry time respected.
+    /// A damaged file that lost a queue's row, or whose `next_seq` went back, must not make new
+    /// messages take ids or seqs of stored ones (found by the `store_recovery` fuzz target: a
+    /// new queue was handed another queue's messages).
+    #[tokio::test]
+    async fn lost_queue_rows_and_seqs_are_not_reused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let lease = Duration::from_secs(60);
+        {
+            let b = EmbeddedBackend::open(dir.path(), BackendConfig::default()).expect("open");
+            for (queue, id) in [("lost", "l1"), ("kept", "k1")] {
+                b.submit(queue, vec![NewMessage::new(id, id)])
+                    .await
+                    .expect("submit");
+            }
+        }
+        {
+            let db = redb::Database::create(dir.path().join(DATABASE_FILE)).expect("open");
+            let txn = db.begin_write().expect("txn");
+            txn.open_table(super::QUEUES)
+                .expect("queues")
+                .remove("lost")
+                .expect("remove");
+            txn.open_table(super::META)
+                .expect("meta")
+                .insert(super::NEXT_SEQ, 1)
+                .expect("set");
+            txn.commit().expect("commit");
+        }
+        let b = EmbeddedBackend::open(dir.path(), BackendConfig::default()).expect("reopen");
+        b.submit("new", vec![NewMessage::new("n1", "n1")])
+            .await
+            .expect("submit");
+        b.submit("kept", vec![NewMessage::new("k2", "k2")])
+            .await
+            .expect("submit");
+        let ids = |got: Vec<crate::Leased>| -> Vec<String> {
+            got.into_iter().map(|m| m.message_id).collect()
+        };
+        let new = b
+            .receive("new", "c", 10, lease, Duration::ZERO)
+            .await
+            .expect("receive");
+        assert_eq!(ids(new), ["n1"]);
+        let kept = b
+            .receive("kept", "c", 10, lease, Duration::ZERO)
+            .await
+            .expect("receive");
+        assert_eq!(ids(kept), ["k1", "k2"]);
+    }
+
+    /// A damaged file whose queue ids or seqs are at their limit fails new submits with a
+    /// storage error instead of overflowing (found by the `store_recovery` fuzz target), and
+    /// still serves what it holds.
+    #[tokio::test]
+    async fn exhausted_ids_and_seqs_fail_submits() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let lease = Duration::from_secs(60);
+        {
+            let b = EmbeddedBackend::open(dir.path(), BackendConfig::default()).expect("open");
+            b.submit("q", vec![NewMessage::new("m1", "m1")])
+                .await
+                .expect("submit");
+        }
+        {
+            let db = redb::Database::create(dir.path().join(DATABASE_FILE)).expect("open");
+            let txn = db.begin_write().expect("txn");
+            let row = QueueRow {
+                id: u32::MAX,
+                live: u64::MAX,
+                dead: 0,
+            };
+            txn.open_table(super::QUEUES)
+                .expect("queues")
+                .insert("last", encode_queue_row(row).as_slice())
+                .expect("insert");
+            txn.open_table(super::META)
+                .expect("meta")
+                .insert(super::NEXT_SEQ, u64::MAX)
+                .expect("set");
+            txn.commit().expect("commit");
+        }
+        let b = EmbeddedBackend::open(dir.path(), BackendConfig::default()).expect("reopen");
+        for queue in ["q", "new", "last"] {
+            let e = b
+                .submit(queue, vec![NewMessage::new("m2", "m2")])
+                .await
+                .expect_err("no seq or queue id left");
+            assert!(matches!(e, crate::QueueError::Storage(_)), "{e:?}");
+        }
+        let got = b
+            .receive("q", "c", 10, lease, Duration::ZERO)
+            .await
+            .expect("receive");
+        assert_eq!(got.len(), 1);
+        b.ack(&got[0].receipt, None).await.expect("ack");
+    }
+
     #[tokio::test]
     async fn earlier_layout_is_migrated() {
         let dir = tempfile::tempdir().expect("temp dir");

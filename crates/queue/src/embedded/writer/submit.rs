@@ -89,7 +89,10 @@ impl Writer {
             return Ok(q.id);
         }
         let id = self.next_qid;
-        self.next_qid += 1;
+        // Only a damaged file gets here (4 billion queues): fail rather than reuse an id.
+        self.next_qid = id
+            .checked_add(1)
+            .ok_or(Fail::Corrupt("every queue id is taken"))?;
         let row = QueueRow {
             id,
             live: 0,
@@ -113,6 +116,10 @@ impl Writer {
     ) -> Result<u64, Fail> {
         // Seqs are global, so a chunk only grows while nothing else took a seq since.
         let next_seq = self.next_seq;
+        if next_seq == u64::MAX {
+            // Only a damaged file gets here: fail rather than reuse a seq.
+            return Err(Fail::Corrupt("every message seq is taken"));
+        }
         let extends = self
             .open_chunks
             .get(&qid)
@@ -128,7 +135,8 @@ impl Writer {
         self.next_seq = seq + 1;
         self.seq_dirty = true;
         if let Some(q) = self.qstate(qid) {
-            q.live += 1;
+            // Counters come from the file: a damaged one may hold anything.
+            q.live = q.live.saturating_add(1);
             q.tail = seq;
             q.row_dirty = true;
         }
