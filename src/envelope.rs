@@ -236,7 +236,7 @@ mod tests {
         assert_eq!(json.content_type, "application/json");
         let mut named = Envelope {
             content_type: "text/plain".into(),
-            payload: Some(Payload::Binary(b"hi".to_vec().into())),
+            payload: Some(Payload::Binary(b"hi".to_vec())),
             ..Default::default()
         };
         named.fill_identity(&ctx());
