@@ -365,13 +365,19 @@ impl Router {
             .copied()
             .collect();
         let pool = if fresh.is_empty() { usable } else { fresh };
-        let least = pool.iter().map(|i| load(i)).min().unwrap_or_default();
-        let least_loaded: Vec<&Arc<Instance>> =
-            pool.into_iter().filter(|i| load(i) == least).collect();
+        // One reading of each load: calls finishing meanwhile must not leave the least
+        // loaded set empty.
+        let loads: Vec<(usize, &Arc<Instance>)> = pool.iter().map(|i| (load(i), *i)).collect();
+        let least = loads.iter().map(|(l, _)| *l).min().unwrap_or_default();
+        let least_loaded: Vec<&Arc<Instance>> = loads
+            .into_iter()
+            .filter(|(l, _)| *l == least)
+            .map(|(_, i)| i)
+            .collect();
         let instance = Arc::clone(
             least_loaded
                 .choose(&mut rand::rng())
-                .expect("at least one usable instance"),
+                .expect("the least loaded of a non-empty pool"),
         );
         self.route_to(instance)
     }
