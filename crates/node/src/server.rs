@@ -207,13 +207,16 @@ impl Node {
             .add_service(reflection)
             .add_service(reflection_alpha);
         let a2a = self.config.a2a.enabled.then(|| {
-            let a2a = Arc::new(agentmesh_a2a::A2aInbound::new(
-                Arc::clone(&mesh) as Arc<dyn agentmesh_core::Mesh>,
-                Arc::clone(&self.registry),
-                queue.backend().clone(),
-                Arc::clone(&self.a2a_tasks),
-                self.config.a2a.clone(),
-            ));
+            let a2a = Arc::new(
+                agentmesh_a2a::A2aInbound::new(
+                    Arc::clone(&mesh) as Arc<dyn agentmesh_core::Mesh>,
+                    Arc::clone(&self.registry),
+                    queue.backend().clone(),
+                    Arc::clone(&self.a2a_tasks),
+                    self.config.a2a.clone(),
+                )
+                .with_access(Arc::clone(self.router.access())),
+            );
             a2a.spawn_worker(self.shutdown.clone());
             a2a.spawn_push_worker(self.shutdown.clone());
             agentmesh_a2a::inbound::router(a2a)
