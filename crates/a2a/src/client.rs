@@ -11,8 +11,9 @@ use serde_json::Value;
 
 use crate::types::{
     A2A_JSON_MEDIA_TYPE, A2aErrorKind, AGENT_CARD_PATH, AgentCard, BINDING_HTTP_JSON,
-    BINDING_JSONRPC, JsonRpcOutcome, JsonRpcRequest, JsonRpcResponse, PROTOCOL_VERSION,
-    SendMessageRequest, SendMessageResponse, StreamResponse, VERSION_HEADER, methods,
+    BINDING_JSONRPC, GetTaskRequest, JsonRpcOutcome, JsonRpcRequest, JsonRpcResponse,
+    PROTOCOL_VERSION, SendMessageRequest, SendMessageResponse, StreamResponse, Task,
+    VERSION_HEADER, methods,
 };
 
 /// An A2A binding the client speaks.
@@ -185,6 +186,54 @@ impl A2aClient {
     ) -> Result<SendMessageResponse, ClientError> {
         let response = self
             .post(interface, request, headers, timeout, false)
+            .send()
+            .await
+            .map_err(|e| sent_error(e, timeout))?;
+        let body = checked(response, timeout).await?;
+        match interface.binding {
+            Binding::JsonRpc => jsonrpc_result(&body),
+            Binding::HttpJson => parse(&body),
+        }
+    }
+
+    /// `GetTask`: the task as the agent has it now.
+    pub async fn get_task(
+        &self,
+        interface: &Interface,
+        task_id: &str,
+        headers: HeaderMap,
+        timeout: Duration,
+    ) -> Result<Task, ClientError> {
+        let builder = match interface.binding {
+            Binding::JsonRpc => {
+                let params = GetTaskRequest {
+                    tenant: interface.tenant.clone(),
+                    id: task_id.to_owned(),
+                    history_length: Some(0),
+                };
+                self.http
+                    .post(&interface.url)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .json(&JsonRpcRequest::new(
+                        task_id.to_owned(),
+                        methods::GET_TASK,
+                        &params,
+                    ))
+            }
+            Binding::HttpJson => {
+                let base = interface.url.trim_end_matches('/');
+                let url = match &interface.tenant {
+                    Some(tenant) => format!("{base}/{tenant}/tasks/{task_id}"),
+                    None => format!("{base}/tasks/{task_id}"),
+                };
+                self.http.get(url).query(&[("historyLength", "0")])
+            }
+        };
+        let response = builder
+            .headers(headers)
+            .header(VERSION_HEADER, PROTOCOL_VERSION)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .timeout(timeout)
             .send()
             .await
             .map_err(|e| sent_error(e, timeout))?;
