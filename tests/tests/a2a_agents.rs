@@ -10,7 +10,7 @@ use agentmesh_proto::v1::{
     AgentFilter, BreakerState, Envelope, StreamEventKind, StreamResponse, envelope::Payload,
 };
 use agentmesh_sdk::MeshClient;
-use agentmesh_tests::{SseReader, TestNode, http_client, outside_tool, test_config};
+use agentmesh_tests::{SseReader, TestNode, http_client, outside_tool, test_config, tls::TestCa};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::{
@@ -216,6 +216,52 @@ async fn a_task_answered_unfinished_is_followed_to_its_end() {
         assert!(failed.message().contains("asked to fail"), "{failed:?}");
         agent.kill().await;
     }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs AGENTMESH_TEST_PYTHON"]
+async fn an_https_a2a_agent_is_reached_with_the_agents_ca() {
+    let python = python();
+    let ca = TestCa::new("a2a agents CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.server(11).write(dir.path(), "agent");
+    let ca_file = ca.write(dir.path(), "ca");
+    let agent = A2aAgent::start_with(
+        &python,
+        &[
+            "--ssl-certfile",
+            cert.to_str().unwrap(),
+            "--ssl-keyfile",
+            key.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(agent.url.starts_with("https://"), "{}", agent.url);
+
+    // Trusting the CA of [tls.agents]: the card, calls and streams go over https.
+    let mut config = test_config();
+    config.tls.agents.ca = ca_file.display().to_string();
+    let node = TestNode::start_with(config).await;
+    let client = node.client();
+    let card = client.add_a2a_agent(&agent.url, "py-https").await.unwrap();
+    assert!(card.endpoint.starts_with("https://"), "{card:?}");
+    let reply = client.invoke("py-https", text("hi there")).await.unwrap();
+    assert_eq!(text_of(&reply), "echo: hi there");
+    let stream = client.stream("py-https", text("hi there")).await.unwrap();
+    assert_echo_stream(&collect(stream).await);
+    node.stop().await;
+
+    // Without it the system's roots do not know the agent's certificate.
+    let node = TestNode::start_with(test_config()).await;
+    let refused = node
+        .client()
+        .add_a2a_agent(&agent.url, "py-https")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("certificate"), "{refused:?}");
+    agent.kill().await;
     node.stop().await;
 }
 

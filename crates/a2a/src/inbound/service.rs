@@ -103,6 +103,8 @@ pub struct A2aInbound {
     running: Mutex<HashMap<String, CancellationToken>>,
     /// The node's policy: task operations need `call` on the task's agent, as a send does.
     access: Arc<Access>,
+    /// TLS of the webhook client (`https://` push notification URLs).
+    pub(crate) http_tls: crate::client::HttpTls,
     pub(crate) config: A2aConfig,
 }
 
@@ -176,6 +178,7 @@ impl A2aInbound {
             tasks,
             running: Mutex::new(HashMap::new()),
             access: Arc::new(Access::open()),
+            http_tls: crate::client::HttpTls::default(),
             config,
         }
     }
@@ -183,6 +186,12 @@ impl A2aInbound {
     /// Enforces the node's policy on task operations.
     pub fn with_access(mut self, access: Arc<Access>) -> Self {
         self.access = access;
+        self
+    }
+
+    /// Delivers push notifications to `https://` webhooks with `tls`.
+    pub fn with_http_tls(mut self, tls: crate::client::HttpTls) -> Self {
+        self.http_tls = tls;
         self
     }
 
