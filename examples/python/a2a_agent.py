@@ -13,6 +13,10 @@ Its one skill, `echo`, answers with a task: a WORKING status, one artifact chunk
 word of the input, then COMPLETED with the message `echo: <input>` (the text of the
 text parts, or the data parts as JSON). The input `fail` fails the task instead.
 
+`--answer-early` answers every SendMessage at once with the task as it stands (as if the
+client had set `returnImmediately`) and takes `--work-ms` to finish it: the client follows
+the task with GetTask. `--ssl-certfile` and `--ssl-keyfile` serve it over https.
+
 Once listening it prints one JSON line on stdout, `{"listening": "http://127.0.0.1:PORT"}`.
 """
 
@@ -49,6 +53,9 @@ from a2a.types.a2a_pb2 import (
 class Echo(AgentExecutor):
     """Echoes its input, word by word as artifact chunks, then as the final message."""
 
+    def __init__(self, work_s: float = 0.0) -> None:
+        self.work_s = work_s
+
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
         message = context.message
         text = context.get_user_input(" ")
@@ -58,6 +65,8 @@ class Echo(AgentExecutor):
         await event_queue.enqueue_event(task)
         updater = TaskUpdater(event_queue, task.id, task.context_id)
         await updater.start_work(updater.new_agent_message([new_text_part("working")]))
+        if self.work_s:
+            await asyncio.sleep(self.work_s)
         if text == "fail":
             await updater.failed(updater.new_agent_message([new_text_part("asked to fail")]))
             return
@@ -68,6 +77,14 @@ class Echo(AgentExecutor):
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
         updater = TaskUpdater(event_queue, context.task_id, context.context_id)
         await updater.cancel()
+
+
+class AnswersEarly(DefaultRequestHandler):
+    """Answers a blocking SendMessage before its task is done."""
+
+    async def on_message_send(self, params, context):
+        params.configuration.return_immediately = True
+        return await super().on_message_send(params, context)
 
 
 def card(base: str, prefer: str) -> AgentCard:
@@ -101,17 +118,22 @@ async def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: any free port")
     parser.add_argument("--prefer", choices=["jsonrpc", "rest"], default="jsonrpc")
+    parser.add_argument("--answer-early", action="store_true")
+    parser.add_argument("--work-ms", type=int, default=0, help="time each task takes")
+    parser.add_argument("--ssl-certfile")
+    parser.add_argument("--ssl-keyfile")
     args = parser.parse_args()
 
     # Bound first, so the card can name the port when it was picked by the system.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
-    base = f"http://{args.host}:{sock.getsockname()[1]}"
+    scheme = "https" if args.ssl_certfile else "http"
+    base = f"{scheme}://{args.host}:{sock.getsockname()[1]}"
 
     agent_card = card(base, args.prefer)
-    handler = DefaultRequestHandler(
-        agent_executor=Echo(),
+    handler = (AnswersEarly if args.answer_early else DefaultRequestHandler)(
+        agent_executor=Echo(args.work_ms / 1000),
         task_store=InMemoryTaskStore(),
         agent_card=agent_card,
     )
@@ -121,7 +143,13 @@ async def main() -> None:
         *create_rest_routes(handler, path_prefix="/rest"),
     ]
     app = Starlette(routes=routes)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+    )
+    server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if serving.done():

@@ -10,7 +10,7 @@ use agentmesh_proto::v1::{
     AgentFilter, BreakerState, Envelope, StreamEventKind, StreamResponse, envelope::Payload,
 };
 use agentmesh_sdk::MeshClient;
-use agentmesh_tests::{SseReader, TestNode, http_client, outside_tool, test_config};
+use agentmesh_tests::{SseReader, TestNode, http_client, outside_tool, test_config, tls::TestCa};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::{
@@ -40,8 +40,14 @@ impl A2aAgent {
     /// Starts the agent (`prefer`: the binding its card lists first) and waits until it
     /// listens.
     async fn start(python: &str, prefer: &str) -> Self {
+        Self::start_with(python, &["--prefer", prefer]).await
+    }
+
+    /// Starts the agent with more of its options.
+    async fn start_with(python: &str, options: &[&str]) -> Self {
         let mut child = Command::new(python)
-            .args(["a2a_agent.py", "--port", "0", "--prefer", prefer])
+            .args(["a2a_agent.py", "--port", "0"])
+            .args(options)
             .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python"))
             .env("PYTHONUNBUFFERED", "1")
             .stdin(Stdio::null())
@@ -181,6 +187,80 @@ async fn the_rust_sdk_calls_an_a2a_agent_added_by_card_url() {
     let bad = client.add_a2a_agent("not a url", "").await.unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
 
+    agent.kill().await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs AGENTMESH_TEST_PYTHON"]
+async fn a_task_answered_unfinished_is_followed_to_its_end() {
+    let python = python();
+    let node = TestNode::start_with(test_config()).await;
+    let client = node.client();
+    // The agent answers each blocking SendMessage with its task still SUBMITTED.
+    for prefer in ["jsonrpc", "rest"] {
+        let agent = A2aAgent::start_with(
+            &python,
+            &["--prefer", prefer, "--answer-early", "--work-ms", "300"],
+        )
+        .await;
+        let name = format!("early-{prefer}");
+        client.add_a2a_agent(&agent.url, &name).await.unwrap();
+
+        let reply = client.invoke(&name, text("hi there")).await.unwrap();
+        assert_eq!(text_of(&reply), "echo: hi there", "{prefer}");
+        assert!(reply.headers.contains_key("a2a-task-id"), "{reply:?}");
+        // Its failure, once it comes, is the agent's failure as for a finished answer.
+        let failed = client.invoke(&name, text("fail")).await.unwrap_err();
+        assert_eq!(failed.code(), Code::Internal, "{failed:?}");
+        assert!(failed.message().contains("asked to fail"), "{failed:?}");
+        agent.kill().await;
+    }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs AGENTMESH_TEST_PYTHON"]
+async fn an_https_a2a_agent_is_reached_with_the_agents_ca() {
+    let python = python();
+    let ca = TestCa::new("a2a agents CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.server(11).write(dir.path(), "agent");
+    let ca_file = ca.write(dir.path(), "ca");
+    let agent = A2aAgent::start_with(
+        &python,
+        &[
+            "--ssl-certfile",
+            cert.to_str().unwrap(),
+            "--ssl-keyfile",
+            key.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(agent.url.starts_with("https://"), "{}", agent.url);
+
+    // Trusting the CA of [tls.agents]: the card, calls and streams go over https.
+    let mut config = test_config();
+    config.tls.agents.ca = ca_file.display().to_string();
+    let node = TestNode::start_with(config).await;
+    let client = node.client();
+    let card = client.add_a2a_agent(&agent.url, "py-https").await.unwrap();
+    assert!(card.endpoint.starts_with("https://"), "{card:?}");
+    let reply = client.invoke("py-https", text("hi there")).await.unwrap();
+    assert_eq!(text_of(&reply), "echo: hi there");
+    let stream = client.stream("py-https", text("hi there")).await.unwrap();
+    assert_echo_stream(&collect(stream).await);
+    node.stop().await;
+
+    // Without it the system's roots do not know the agent's certificate.
+    let node = TestNode::start_with(test_config()).await;
+    let refused = node
+        .client()
+        .add_a2a_agent(&agent.url, "py-https")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("certificate"), "{refused:?}");
     agent.kill().await;
     node.stop().await;
 }

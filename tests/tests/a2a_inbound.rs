@@ -475,13 +475,45 @@ async fn webhook() -> (
     String,
     tokio::sync::mpsc::UnboundedReceiver<(String, Value)>,
 ) {
+    webhook_over(None).await
+}
+
+/// The same webhook, over TLS with `server`'s certificate when given (an `https://` URL).
+async fn webhook_over(
+    server: Option<&agentmesh_tests::tls::Issued>,
+) -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<(String, Value)>,
+) {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let acceptor = server.map(|issued| {
+        let certs = vec![CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
+        let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let scheme = if acceptor.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{}/hook", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut served = 0;
-        while let Ok((mut socket, _)) = listener.accept().await {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let mut socket: Box<dyn Socket> = match &acceptor {
+                None => Box::new(tcp),
+                Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(tls) => Box::new(tls),
+                    Err(_) => continue,
+                },
+            };
             let mut buffer = Vec::new();
             let mut chunk = [0u8; 4096];
             // The head, then as many body bytes as it announces.
@@ -523,12 +555,37 @@ async fn webhook() -> (
     (url, rx)
 }
 
+trait Socket: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Socket for T {}
+
 #[tokio::test]
 async fn push_notifications_reach_the_webhook_at_least_once_with_its_credentials() {
     let node = TestNode::start().await;
+    let (url, received) = webhook().await;
+    push_notifications_reach(&node, url, received).await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn push_notifications_reach_an_https_webhook_trusting_the_agents_ca() {
+    let ca = agentmesh_tests::tls::TestCa::new("webhooks CA");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = agentmesh_tests::test_config();
+    config.tls.agents.ca = ca.write(dir.path(), "ca").display().to_string();
+    let node = TestNode::start_with(config).await;
+    let (url, received) = webhook_over(Some(&ca.server(5))).await;
+    push_notifications_reach(&node, url, received).await;
+    node.stop().await;
+}
+
+/// A task's notifications reach the webhook at `url`: refused once, then delivered again.
+async fn push_notifications_reach(
+    node: &TestNode,
+    url: String,
+    mut received: tokio::sync::mpsc::UnboundedReceiver<(String, Value)>,
+) {
     let slow = Slow::default();
-    let _slow = start_agent(&node, card("slow"), slow.clone()).await;
-    let (url, mut received) = webhook().await;
+    let _slow = start_agent(node, card("slow"), slow.clone()).await;
 
     let mut params = send_params("pushed-1", json!({"data": {"delay_ms": 0}}));
     params["configuration"] = json!({
@@ -539,10 +596,10 @@ async fn push_notifications_reach_the_webhook_at_least_once_with_its_credentials
             "authentication": {"scheme": "Bearer", "credentials": "s3cret"}
         }
     });
-    let sent = rpc(&node, "slow", call("SendMessage", params)).await;
+    let sent = rpc(node, "slow", call("SendMessage", params)).await;
     let id = sent["result"]["task"]["id"].as_str().unwrap().to_owned();
     let listed = rpc(
-        &node,
+        node,
         "slow",
         call("ListTaskPushNotificationConfigs", json!({"taskId": id})),
     )
@@ -579,7 +636,6 @@ async fn push_notifications_reach_the_webhook_at_least_once_with_its_credentials
         states.ends_with(&["TASK_STATE_COMPLETED".to_owned()]),
         "{states:?}"
     );
-    node.stop().await;
 }
 
 // ---- the official Python SDK as the client ----

@@ -210,6 +210,138 @@ async fn http_invoke(node: &TestNode, target: &str, bearer: Option<&str>) -> req
     request.send().await.unwrap()
 }
 
+/// Calls the node's policy has denied (`/metrics`).
+async fn denied(node: &TestNode) -> u64 {
+    let metrics = http_client()
+        .get(format!("{}/metrics", node.http_url()))
+        .bearer_auth("alice-token")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("agentmesh_auth_denied_total "))
+        .expect("denials are counted");
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// A JSON-RPC call to the A2A agent `agent` as the holder of `bearer`.
+async fn a2a_rpc(node: &TestNode, agent: &str, bearer: &str, method: &str, params: Value) -> Value {
+    let response = http_client()
+        .post(format!("{}/a2a/{agent}", node.http_url()))
+        .bearer_auth(bearer)
+        .json(&json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    response.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn a2a_task_operations_need_call_on_the_tasks_agent() {
+    let keys = keys();
+    let (node, _agents) = auth_node(&keys).await;
+    let send = |id: &str| json!({"message": {"messageId": id, "role": "ROLE_USER", "parts": [{"text": "hi"}]}});
+
+    // Alice may call echo: her task completes.
+    let sent = a2a_rpc(&node, "echo", "alice-token", "SendMessage", send("m-alice")).await;
+    let task = sent["result"]["task"]["id"]
+        .as_str()
+        .expect("a task")
+        .to_owned();
+    assert_eq!(
+        sent["result"]["task"]["status"]["state"], "TASK_STATE_COMPLETED",
+        "{sent}"
+    );
+    let denied_before = denied(&node).await;
+
+    // Bob may call only whoami: every operation on echo's tasks is denied on JSON-RPC...
+    let by_id = json!({"id": task});
+    let push = json!({"taskId": task, "id": "cfg-1"});
+    let create = json!({"taskId": task, "url": "http://127.0.0.1:9/hook"});
+    for (method, params) in [
+        ("GetTask", by_id.clone()),
+        ("ListTasks", json!({})),
+        ("CancelTask", by_id.clone()),
+        ("SubscribeToTask", by_id.clone()),
+        ("CreateTaskPushNotificationConfig", create),
+        ("GetTaskPushNotificationConfig", push.clone()),
+        ("ListTaskPushNotificationConfigs", json!({"taskId": task})),
+        ("DeleteTaskPushNotificationConfig", push),
+    ] {
+        let answer = a2a_rpc(&node, "echo", "bob-token", method, params).await;
+        assert_eq!(answer["error"]["code"], -32000, "{method}: {answer}");
+        assert_eq!(
+            answer["error"]["data"][0]["reason"], "PERMISSION_DENIED",
+            "{method}: {answer}"
+        );
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains("'bob' may not call 'echo'"), "{message}");
+        assert!(answer.get("result").is_none(), "{method}: {answer}");
+    }
+    // ...and answers 403 on HTTP+JSON.
+    let base = format!("{}/a2a/echo", node.http_url());
+    let client = http_client();
+    for request in [
+        client.get(format!("{base}/tasks/{task}")),
+        client.get(format!("{base}/tasks")),
+        client.post(format!("{base}/tasks/{task}:cancel")),
+        client.get(format!("{base}/tasks/{task}:subscribe")),
+        client.post(format!("{base}/tasks/{task}:subscribe")),
+        client
+            .post(format!("{base}/tasks/{task}/pushNotificationConfigs"))
+            .json(&json!({"url": "http://127.0.0.1:9/hook"})),
+        client.get(format!("{base}/tasks/{task}/pushNotificationConfigs")),
+        client.get(format!("{base}/tasks/{task}/pushNotificationConfigs/cfg-1")),
+        client.delete(format!("{base}/tasks/{task}/pushNotificationConfigs/cfg-1")),
+    ] {
+        let response = request.bearer_auth("bob-token").send().await.unwrap();
+        let url = response.url().clone();
+        assert_eq!(response.status().as_u16(), 403, "{url}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            body["error"]["status"], "PERMISSION_DENIED",
+            "{url}: {body}"
+        );
+        assert_eq!(body["error"]["details"][0]["reason"], "PERMISSION_DENIED");
+    }
+    // Each denial is counted like any other.
+    assert_eq!(denied(&node).await, denied_before + 17);
+
+    // The task is untouched, and Alice still reads it.
+    let got = a2a_rpc(&node, "echo", "alice-token", "GetTask", by_id).await;
+    assert_eq!(
+        got["result"]["status"]["state"], "TASK_STATE_COMPLETED",
+        "{got}"
+    );
+    let listed = a2a_rpc(&node, "echo", "alice-token", "ListTasks", json!({})).await;
+    assert_eq!(
+        listed["result"]["tasks"][0]["id"],
+        task.as_str(),
+        "{listed}"
+    );
+
+    // Bob's own agent lists only its own tasks.
+    let mine = a2a_rpc(&node, "whoami", "bob-token", "SendMessage", send("m-bob")).await;
+    let mine = mine["result"]["task"]["id"]
+        .as_str()
+        .expect("a task")
+        .to_owned();
+    let listed = a2a_rpc(&node, "whoami", "bob-token", "ListTasks", json!({})).await;
+    let ids: Vec<&str> = listed["result"]["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["id"].as_str())
+        .collect();
+    assert_eq!(ids, [mine.as_str()], "{listed}");
+    node.stop().await;
+}
+
 #[tokio::test]
 async fn calls_without_valid_credentials_get_401_or_unauthenticated() {
     let keys = keys();

@@ -11,8 +11,9 @@ use serde_json::Value;
 
 use crate::types::{
     A2A_JSON_MEDIA_TYPE, A2aErrorKind, AGENT_CARD_PATH, AgentCard, BINDING_HTTP_JSON,
-    BINDING_JSONRPC, JsonRpcOutcome, JsonRpcRequest, JsonRpcResponse, PROTOCOL_VERSION,
-    SendMessageRequest, SendMessageResponse, StreamResponse, VERSION_HEADER, methods,
+    BINDING_JSONRPC, GetTaskRequest, JsonRpcOutcome, JsonRpcRequest, JsonRpcResponse,
+    PROTOCOL_VERSION, SendMessageRequest, SendMessageResponse, StreamResponse, Task,
+    VERSION_HEADER, methods,
 };
 
 /// An A2A binding the client speaks.
@@ -141,15 +142,55 @@ pub struct A2aClient {
     http: reqwest::Client,
 }
 
+/// TLS of the node's HTTP calls to `https://` A2A agents and webhooks (`[tls.agents]`).
+#[derive(Debug, Clone, Default)]
+pub struct HttpTls {
+    /// PEM of the CAs trusted to issue their certificates; `None`: the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM of the certificate and key the node presents when asked (mutual TLS).
+    pub identity_pem: Option<Vec<u8>>,
+}
+
+impl HttpTls {
+    /// `builder` trusting these roots and presenting this identity.
+    pub fn apply(
+        &self,
+        mut builder: reqwest::ClientBuilder,
+    ) -> Result<reqwest::ClientBuilder, String> {
+        builder = builder.use_rustls_tls();
+        if let Some(pem) = &self.ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| format!("the CA file holds no usable certificate: {e}"))?;
+            // The configured CAs replace the system's roots.
+            builder = builder.tls_built_in_root_certs(false);
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        if let Some(pem) = &self.identity_pem {
+            let identity = reqwest::Identity::from_pem(pem)
+                .map_err(|e| format!("the certificate and key are not usable: {e}"))?;
+            builder = builder.identity(identity);
+        }
+        Ok(builder)
+    }
+}
+
 impl A2aClient {
-    /// A client opening connections within `connect_timeout`.
+    /// A client opening connections within `connect_timeout`, trusting the system's roots.
     pub fn new(connect_timeout: Duration) -> Self {
-        let http = reqwest::Client::builder()
+        Self::with_tls(connect_timeout, &HttpTls::default()).unwrap_or_else(|_| Self {
+            http: reqwest::Client::default(),
+        })
+    }
+
+    /// A client opening connections within `connect_timeout`, with `tls` for `https://`.
+    pub fn with_tls(connect_timeout: Duration, tls: &HttpTls) -> Result<Self, String> {
+        let builder = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
-            .tcp_nodelay(true)
-            .build()
-            .unwrap_or_default();
-        Self { http }
+            .tcp_nodelay(true);
+        let http = tls.apply(builder)?.build().map_err(|e| e.to_string())?;
+        Ok(Self { http })
     }
 
     /// Fetches the card at `card_url`.
@@ -185,6 +226,54 @@ impl A2aClient {
     ) -> Result<SendMessageResponse, ClientError> {
         let response = self
             .post(interface, request, headers, timeout, false)
+            .send()
+            .await
+            .map_err(|e| sent_error(e, timeout))?;
+        let body = checked(response, timeout).await?;
+        match interface.binding {
+            Binding::JsonRpc => jsonrpc_result(&body),
+            Binding::HttpJson => parse(&body),
+        }
+    }
+
+    /// `GetTask`: the task as the agent has it now.
+    pub async fn get_task(
+        &self,
+        interface: &Interface,
+        task_id: &str,
+        headers: HeaderMap,
+        timeout: Duration,
+    ) -> Result<Task, ClientError> {
+        let builder = match interface.binding {
+            Binding::JsonRpc => {
+                let params = GetTaskRequest {
+                    tenant: interface.tenant.clone(),
+                    id: task_id.to_owned(),
+                    history_length: Some(0),
+                };
+                self.http
+                    .post(&interface.url)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .json(&JsonRpcRequest::new(
+                        task_id.to_owned(),
+                        methods::GET_TASK,
+                        &params,
+                    ))
+            }
+            Binding::HttpJson => {
+                let base = interface.url.trim_end_matches('/');
+                let url = match &interface.tenant {
+                    Some(tenant) => format!("{base}/{tenant}/tasks/{task_id}"),
+                    None => format!("{base}/tasks/{task_id}"),
+                };
+                self.http.get(url).query(&[("historyLength", "0")])
+            }
+        };
+        let response = builder
+            .headers(headers)
+            .header(VERSION_HEADER, PROTOCOL_VERSION)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .timeout(timeout)
             .send()
             .await
             .map_err(|e| sent_error(e, timeout))?;

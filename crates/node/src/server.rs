@@ -130,6 +130,13 @@ impl Node {
             let client = agents.client_config().map_err(std::io::Error::other)?;
             self.router = self.router.with_agent_tls(client);
         }
+        // https:// A2A agents (cards, calls) and webhooks trust the same roots.
+        let http_tls = agents.http_tls().map_err(std::io::Error::other)?;
+        let a2a_client = A2aClient::with_tls(self.config.router.connect_timeout, &http_tls)
+            .map_err(|e| std::io::Error::other(format!("tls.agents: {e}")))?;
+        self.router = self
+            .router
+            .with_foreign_transport(Arc::new(A2aTransport::new(a2a_client.clone())));
         let (queue, own_queue) = match self.queue.clone() {
             Some(queue) => (queue, false),
             None => {
@@ -150,7 +157,7 @@ impl Node {
         // External A2A agents: those of the configuration and those added earlier.
         let a2a_agents = ExternalAgents::new(
             Arc::clone(&self.registry),
-            A2aClient::new(self.config.router.connect_timeout),
+            a2a_client,
             self.config.a2a.external(),
             Some(self.config.queue.data_dir.join(A2A_AGENTS_FILE)),
         );
@@ -207,13 +214,17 @@ impl Node {
             .add_service(reflection)
             .add_service(reflection_alpha);
         let a2a = self.config.a2a.enabled.then(|| {
-            let a2a = Arc::new(agentmesh_a2a::A2aInbound::new(
-                Arc::clone(&mesh) as Arc<dyn agentmesh_core::Mesh>,
-                Arc::clone(&self.registry),
-                queue.backend().clone(),
-                Arc::clone(&self.a2a_tasks),
-                self.config.a2a.clone(),
-            ));
+            let a2a = Arc::new(
+                agentmesh_a2a::A2aInbound::new(
+                    Arc::clone(&mesh) as Arc<dyn agentmesh_core::Mesh>,
+                    Arc::clone(&self.registry),
+                    queue.backend().clone(),
+                    Arc::clone(&self.a2a_tasks),
+                    self.config.a2a.clone(),
+                )
+                .with_access(Arc::clone(self.router.access()))
+                .with_http_tls(http_tls.clone()),
+            );
             a2a.spawn_worker(self.shutdown.clone());
             a2a.spawn_push_worker(self.shutdown.clone());
             agentmesh_a2a::inbound::router(a2a)

@@ -145,6 +145,26 @@ impl AgentTlsSettings {
         }
         Ok(config)
     }
+
+    /// The same settings for the node's HTTP calls (A2A agents and webhooks).
+    pub fn http_tls(&self) -> Result<agentmesh_a2a::client::HttpTls, TlsError> {
+        let mut tls = agentmesh_a2a::client::HttpTls::default();
+        if !self.ca.is_empty() {
+            let ca = read(&self.ca)?;
+            parse_certs(&self.ca, &ca)?;
+            tls.ca_pem = Some(ca);
+        }
+        if !self.cert.is_empty() {
+            let mut pem = read(&self.cert)?;
+            let key = read(&self.key)?;
+            parse_certs(&self.cert, &pem)?;
+            parse_key(&self.key, &key)?;
+            pem.push(b'\n');
+            pem.extend_from_slice(&key);
+            tls.identity_pem = Some(pem);
+        }
+        Ok(tls)
+    }
 }
 
 /// Why TLS could not be set up.

@@ -253,6 +253,19 @@ async fn jsonrpc(
         return rpc_error(id, &e);
     }
     let params = request.params.unwrap_or_else(|| json!({}));
+    let task_method = matches!(
+        request.method.as_str(),
+        methods::GET_TASK
+            | methods::LIST_TASKS
+            | methods::CANCEL_TASK
+            | methods::CREATE_TASK_PUSH_NOTIFICATION_CONFIG
+            | methods::GET_TASK_PUSH_NOTIFICATION_CONFIG
+            | methods::LIST_TASK_PUSH_NOTIFICATION_CONFIGS
+            | methods::DELETE_TASK_PUSH_NOTIFICATION_CONFIG
+    );
+    if task_method && let Err(e) = a2a.authorize(&ctx.0, &agent) {
+        return rpc_error(id, &e);
+    }
     let outcome: Result<Value, A2aError> = match request.method.as_str() {
         methods::SEND_MESSAGE => match parse(params) {
             Ok(p) => a2a.send(&agent, ctx.0.clone(), p).await.map(to_value),
@@ -346,6 +359,7 @@ async fn stream_op(
                 )));
             }
         }
+        a2a.authorize(&ctx.0, agent)?;
         return a2a
             .subscribe(agent, ctx.0.clone(), &task_id, Some(point))
             .await;
@@ -354,6 +368,7 @@ async fn stream_op(
         a2a.send_streaming(agent, ctx.0.clone(), parse(params)?)
             .await
     } else {
+        a2a.authorize(&ctx.0, agent)?;
         let mut request: SubscribeToTaskRequest = parse(params)?;
         if let Some(task) = task {
             request.id = task;
@@ -500,10 +515,12 @@ async fn rest_get(
         return rest_error(&e);
     }
     match action.as_str() {
-        "tasks" => rest(match parse(query_json(query)) {
-            Ok(p) => a2a.list_tasks(&agent, p).await.map(to_value),
-            Err(e) => Err(e),
-        }),
+        "tasks" => rest(
+            match a2a.authorize(&ctx.0, &agent).and(parse(query_json(query))) {
+                Ok(p) => a2a.list_tasks(&agent, p).await.map(to_value),
+                Err(e) => Err(e),
+            },
+        ),
         "extendedAgentCard" => rest_error(&no_extended_card()),
         _ => rest_error(&unknown_route(&action)),
     }
@@ -528,6 +545,9 @@ async fn task_get(
     }
     if let Some(id) = task.strip_suffix(":subscribe") {
         return subscribe(&a2a, &agent, &ctx, id).await;
+    }
+    if let Err(e) = a2a.authorize(&ctx.0, &agent) {
+        return rest_error(&e);
     }
     let mut params = query_json(query);
     params["id"] = Value::String(task);
@@ -569,6 +589,9 @@ async fn task_post(
     let Some(id) = task.strip_suffix(":cancel") else {
         return rest_error(&unknown_route(&task));
     };
+    if let Err(e) = a2a.authorize(&ctx.0, &agent) {
+        return rest_error(&e);
+    }
     let mut params = match body_json(&body) {
         Ok(p) => p,
         Err(e) => return rest_error(&e),
@@ -587,8 +610,12 @@ async fn task_post(
 async fn push_create(
     State(a2a): State<Arc<A2aInbound>>,
     Path((agent, task)): Path<(String, String)>,
+    ctx: Ctx,
     body: Bytes,
 ) -> Response {
+    if let Err(e) = a2a.authorize(&ctx.0, &agent) {
+        return rest_error(&e);
+    }
     let mut params = match body_json(&body) {
         Ok(p) if p.is_object() => p,
         Ok(_) => return rest_error(&A2aError::params("the body must be a JSON object")),
@@ -605,7 +632,11 @@ async fn push_create(
 async fn push_list(
     State(a2a): State<Arc<A2aInbound>>,
     Path((agent, task)): Path<(String, String)>,
+    ctx: Ctx,
 ) -> Response {
+    if let Err(e) = a2a.authorize(&ctx.0, &agent) {
+        return rest_error(&e);
+    }
     rest(
         a2a.list_push_configs(
             &agent,
@@ -623,7 +654,11 @@ async fn push_list(
 async fn push_get(
     State(a2a): State<Arc<A2aInbound>>,
     Path((agent, task, config)): Path<(String, String, String)>,
+    ctx: Ctx,
 ) -> Response {
+    if let Err(e) = a2a.authorize(&ctx.0, &agent) {
+        return rest_error(&e);
+    }
     let request = GetTaskPushNotificationConfigRequest {
         tenant: None,
         task_id: task,
@@ -636,7 +671,11 @@ async fn push_get(
 async fn push_delete(
     State(a2a): State<Arc<A2aInbound>>,
     Path((agent, task, config)): Path<(String, String, String)>,
+    ctx: Ctx,
 ) -> Response {
+    if let Err(e) = a2a.authorize(&ctx.0, &agent) {
+        return rest_error(&e);
+    }
     let request = GetTaskPushNotificationConfigRequest {
         tenant: None,
         task_id: task,

@@ -33,10 +33,10 @@ impl A2aInbound {
         mut config: TaskPushNotificationConfig,
     ) -> Result<TaskPushNotificationConfig, A2aError> {
         let url = config.url.trim();
-        // The node's webhook client speaks plain HTTP only: refuse what it could not deliver.
-        if !url.starts_with("http://") {
+        // Refuse at once what the webhook client could never deliver to.
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(A2aError::params(format!(
-                "push notification url {url:?} must be an http:// URL (https webhooks are not supported yet)"
+                "push notification url {url:?} must be an http:// or https:// URL"
             )));
         }
         if config.id.is_empty() {
@@ -158,10 +158,18 @@ impl A2aInbound {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let consumer = format!("a2a-push-{}", agentmesh_proto::new_id());
-            let http = reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap_or_default();
+            let builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
+            let http = match this
+                .http_tls
+                .apply(builder)
+                .and_then(|b| b.build().map_err(|e| e.to_string()))
+            {
+                Ok(http) => http,
+                Err(error) => {
+                    tracing::error!(%error, "A2A push notifications are off: no webhook client");
+                    return;
+                }
+            };
             let mut backoff = this.config.poll_interval;
             loop {
                 // The receive waits for a notification to be queued: no polling when idle.

@@ -4,7 +4,11 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use agentmesh_core::{Mesh, registry::AgentRegistry};
+use agentmesh_core::{
+    Mesh,
+    access::{Access, Action},
+    registry::AgentRegistry,
+};
 use agentmesh_proto::{
     CallContext,
     metadata::is_valid_correlation_id,
@@ -97,6 +101,10 @@ pub struct A2aInbound {
     pub(crate) tasks: Arc<dyn TaskStore>,
     /// Tasks being worked on in this process, to cancel them.
     running: Mutex<HashMap<String, CancellationToken>>,
+    /// The node's policy: task operations need `call` on the task's agent, as a send does.
+    access: Arc<Access>,
+    /// TLS of the webhook client (`https://` push notification URLs).
+    pub(crate) http_tls: crate::client::HttpTls,
     pub(crate) config: A2aConfig,
 }
 
@@ -169,8 +177,30 @@ impl A2aInbound {
             queue,
             tasks,
             running: Mutex::new(HashMap::new()),
+            access: Arc::new(Access::open()),
+            http_tls: crate::client::HttpTls::default(),
             config,
         }
+    }
+
+    /// Enforces the node's policy on task operations.
+    pub fn with_access(mut self, access: Arc<Access>) -> Self {
+        self.access = access;
+        self
+    }
+
+    /// Delivers push notifications to `https://` webhooks with `tls`.
+    pub fn with_http_tls(mut self, tls: crate::client::HttpTls) -> Self {
+        self.http_tls = tls;
+        self
+    }
+
+    /// Whether the caller may use `agent`'s tasks: the `call` permission a send needs,
+    /// checked before the task is looked up (a denied caller learns nothing of it).
+    pub fn authorize(&self, ctx: &CallContext, agent: &str) -> Result<(), A2aError> {
+        self.access
+            .check(ctx, Action::Call, agent)
+            .map_err(|e| A2aError::new(A2aErrorKind::PermissionDenied, e.to_string()))
     }
 
     pub(crate) fn run(&self, id: &str) -> Running<'_> {

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use agentmesh_core::{EventStream, registry::Instance, router::ForeignTransport};
 use agentmesh_proto::{
     metadata::{GRPC_TIMEOUT, TIMEOUT_MS, parse_grpc_timeout},
@@ -31,6 +33,10 @@ pub const BINDING_KEY: &str = "a2a.binding";
 pub const CARD_URL_KEY: &str = "a2a.card_url";
 /// Card metadata: the tenant sent with every request, when the card names one.
 pub const TENANT_KEY: &str = "a2a.tenant";
+
+/// The first and the longest pause between `GetTask`s following an unfinished task.
+const FIRST_POLL: Duration = Duration::from_millis(25);
+const LAST_POLL: Duration = Duration::from_millis(500);
 
 /// Calls external A2A agents for the router.
 #[derive(Debug, Clone)]
@@ -61,15 +67,37 @@ impl ForeignTransport for A2aTransport {
         let (headers, timeout) = headers_of(&metadata);
         let envelope = request.envelope.unwrap_or_default();
         let send = send_request(&envelope)?;
+        let deadline = Instant::now() + timeout;
         let answer = self
             .client
-            .send_message(&interface, &send, headers, timeout)
+            .send_message(&interface, &send, headers.clone(), timeout)
             .await
             .map_err(|e| status_of(e, &hop))?;
-        match answer {
-            SendMessageResponse::Message(message) => reply_of(&message.parts, &hop),
-            SendMessageResponse::Task(task) => task_reply(&task, &[], &hop),
+        let mut task = match answer {
+            SendMessageResponse::Message(message) => return reply_of(&message.parts, &hop),
+            SendMessageResponse::Task(task) => task,
+        };
+        // An agent may answer before its task is done: follow it to its end, within the
+        // call's deadline.
+        let mut pause = FIRST_POLL;
+        while !ends_call(task.status.state) {
+            if task.id.is_empty() {
+                return Err(invalid(&hop, "an unfinished task without an id"));
+            }
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+            pause = (pause * 2).min(LAST_POLL);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // task_reply says the deadline passed with the task unfinished.
+                break;
+            }
+            task = self
+                .client
+                .get_task(&interface, &task.id, headers.clone(), left)
+                .await
+                .map_err(|e| status_of(e, &hop))?;
         }
+        task_reply(&task, &[], &hop)
     }
 
     async fn stream(
@@ -292,12 +320,11 @@ fn task_reply(task: &Task, streamed: &[Part], hop: &str) -> Result<Envelope, Sta
         TaskState::AuthRequired => Err(Status::permission_denied(format!(
             "{hop} needs authorization for task {id}{because}"
         ))),
-        state @ (TaskState::Submitted | TaskState::Working | TaskState::Unspecified) => {
-            Err(Status::internal(format!(
-                "{hop} answered a blocking SendMessage with task {id} still {}",
-                state.as_str()
-            )))
-        }
+        TaskState::Submitted | TaskState::Working => Err(Status::deadline_exceeded(format!(
+            "{hop} did not finish task {id} within the call's deadline; it was {}",
+            task.status.state.as_str()
+        ))),
+        TaskState::Unspecified => Err(invalid(hop, &format!("task {id} has no state"))),
     }
 }
 

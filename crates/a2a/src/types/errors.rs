@@ -31,6 +31,9 @@ pub enum A2aErrorKind {
     ExtensionSupportRequired,
     /// -32009
     VersionNotSupported,
+    /// -32000 (the JSON-RPC range for a server's own errors; the spec has no code for it),
+    /// HTTP 403: the caller may not use this agent. Not in [`Self::ALL`], the spec's kinds.
+    PermissionDenied,
 }
 
 impl A2aErrorKind {
@@ -68,6 +71,7 @@ impl A2aErrorKind {
             Self::ExtendedAgentCardNotConfigured => -32007,
             Self::ExtensionSupportRequired => -32008,
             Self::VersionNotSupported => -32009,
+            Self::PermissionDenied => -32000,
         }
     }
 
@@ -79,6 +83,7 @@ impl A2aErrorKind {
     pub fn http_status(self) -> u16 {
         match self {
             Self::TaskNotFound | Self::MethodNotFound => 404,
+            Self::PermissionDenied => 403,
             Self::InternalError | Self::InvalidAgentResponse => 500,
             _ => 400,
         }
@@ -88,6 +93,7 @@ impl A2aErrorKind {
     pub fn grpc_status(self) -> &'static str {
         match self {
             Self::TaskNotFound | Self::MethodNotFound => "NOT_FOUND",
+            Self::PermissionDenied => "PERMISSION_DENIED",
             Self::InternalError | Self::InvalidAgentResponse => "INTERNAL",
             Self::ParseError
             | Self::InvalidRequest
@@ -114,6 +120,7 @@ impl A2aErrorKind {
             Self::ExtendedAgentCardNotConfigured => "EXTENDED_AGENT_CARD_NOT_CONFIGURED",
             Self::ExtensionSupportRequired => "EXTENSION_SUPPORT_REQUIRED",
             Self::VersionNotSupported => "VERSION_NOT_SUPPORTED",
+            Self::PermissionDenied => "PERMISSION_DENIED",
         }
     }
 
@@ -134,6 +141,7 @@ impl A2aErrorKind {
             Self::ExtendedAgentCardNotConfigured => "Extended agent card is not configured",
             Self::ExtensionSupportRequired => "Extension support required",
             Self::VersionNotSupported => "Version not supported",
+            Self::PermissionDenied => "Permission denied",
         }
     }
 }
