@@ -1,6 +1,7 @@
 //! Authentication, authorisation and per-principal rate limits, over real sockets: API tokens
-//! and JWTs (HS256, EdDSA from a PEM file and from a JWKS file, keys made at test time) on gRPC
-//! and HTTP alike, the policy on calls, queues, traces and dead letters, registration
+//! and JWTs (HS256, EdDSA from a PEM file and from a JWKS file, keys made at test time; RS256
+//! from the test-only RSA keys in `tests/fixtures`) on gRPC and HTTP alike, group claims and
+//! `?access_token=` on an event stream, the policy on calls, queues, traces and dead letters, registration
 //! ownership, the caller's principal reaching the agent, and 429 / RESOURCE_EXHAUSTED.
 
 use std::time::Duration;
@@ -130,6 +131,7 @@ fn auth_node_config(keys: &Keys) -> NodeConfig {
                 rule(&["bob"], &[Action::Call], &["whoami"]),
                 rule(&["bob"], &[Action::Submit], &["bob-*"]),
                 rule(&["jwt-*", "limited"], &[Action::Call], &["echo", "whoami"]),
+                rule(&["group:result-readers"], &[Action::ReadResults], &["*"]),
             ],
             ..Default::default()
         },
@@ -517,6 +519,145 @@ async fn jwts_signed_with_hs256_eddsa_and_jwks_keys_are_checked() {
         let response = http_invoke(&node, "whoami", Some(&token)).await;
         assert_eq!(response.status(), 401);
     }
+    node.stop().await;
+}
+
+/// A file of `tests/fixtures`: RSA keys made with openssl for these tests only (rcgen makes no
+/// RSA keys).
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+fn rsa_signer(name: &str) -> EncodingKey {
+    EncodingKey::from_rsa_pem(&std::fs::read(fixture(name)).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn rs256_jwts_from_a_pem_file_and_a_jwks_file_are_checked() {
+    let keys = keys();
+    let mut config = auth_node_config(&keys);
+    config
+        .auth
+        .jwt
+        .public_key_files
+        .push(fixture("jwt-rs256-a.pub.pem"));
+    // An RSA JWK (`n`, `e`) of another key, kid `rsa-b`.
+    config.auth.jwt.jwks_file = fixture("jwt-rs256-b.jwks.json");
+    let node = TestNode::start_with(config).await;
+    let _whoami = start_owned(&node, "whoami", WhoAmI).await;
+    let pem_key = rsa_signer("jwt-rs256-a.key.pem");
+    let jwks_key = rsa_signer("jwt-rs256-b.key.pem");
+    let other_key = rsa_signer("jwt-rs256-other.key.pem");
+    let whoami = |token: String| {
+        let node = &node;
+        async move {
+            node.client()
+                .with_token(&token)
+                .unwrap()
+                .invoke("whoami", Envelope::json("t", json!({})))
+                .await
+        }
+    };
+
+    for (token, principal) in [
+        (
+            jwt(&pem_key, Algorithm::RS256, None, claims("jwt-rsa-pem", 60)),
+            "jwt-rsa-pem",
+        ),
+        (
+            jwt(
+                &jwks_key,
+                Algorithm::RS256,
+                Some("rsa-b"),
+                claims("jwt-rsa-jwks", 60),
+            ),
+            "jwt-rsa-jwks",
+        ),
+    ] {
+        let reply = whoami(token.clone()).await.unwrap();
+        assert_eq!(reply.json_payload().unwrap()["principal"], principal);
+        let response = http_invoke(&node, "whoami", Some(&token)).await;
+        assert_eq!(response.status(), 200);
+        let reply: Value = response.json().await.unwrap();
+        assert_eq!(reply["json"]["principal"], principal, "{reply}");
+    }
+
+    // Signed by an RSA key the node does not know, with no kid or the JWKS key's kid; and
+    // an RS256 token expired beyond the leeway.
+    let rejected = [
+        jwt(
+            &other_key,
+            Algorithm::RS256,
+            None,
+            claims("jwt-rsa-pem", 60),
+        ),
+        jwt(
+            &other_key,
+            Algorithm::RS256,
+            Some("rsa-b"),
+            claims("jwt-rsa-jwks", 60),
+        ),
+        jwt(&pem_key, Algorithm::RS256, None, claims("jwt-rsa-pem", -60)),
+    ];
+    for token in rejected {
+        let status = whoami(token.clone()).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        let response = http_invoke(&node, "whoami", Some(&token)).await;
+        assert_eq!(response.status(), 401);
+    }
+    node.stop().await;
+}
+
+/// An EventSource cannot set headers: its JWT rides in `?access_token=`, and the groups in
+/// the JWT's `groups` claim are what `group:` rules match.
+#[tokio::test]
+async fn a_jwt_groups_claim_grants_a_result_stream_read_with_access_token() {
+    let keys = keys();
+    let node = TestNode::start_with(auth_node_config(&keys)).await;
+    let hs = EncodingKey::from_secret(HS_SECRET.as_bytes()).unwrap();
+    let token = |groups: Value| {
+        let mut claims = claims("reader", 60);
+        claims["groups"] = groups;
+        jwt(&hs, Algorithm::HS256, None, claims)
+    };
+    let events = |token: Option<String>| {
+        let mut url = format!("{}/v1/results/corr-sse-1/events", node.http_url());
+        if let Some(token) = token {
+            url.push_str(&format!("?access_token={token}"));
+        }
+        // Nothing is submitted under this id: the wait ends at the call's deadline.
+        http_client().get(url).header("x-timeout-ms", "300").send()
+    };
+
+    let response = events(Some(token(json!(["staff", "result-readers"]))))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let body = response.text().await.unwrap();
+    assert!(body.contains("event: error"), "{body}");
+    assert!(body.contains("DEADLINE_EXCEEDED"), "{body}");
+
+    // A group as a single string counts too.
+    let response = events(Some(token(json!("result-readers")))).await.unwrap();
+    assert_eq!(response.status(), 200);
+    drop(response);
+
+    let response = events(Some(token(json!(["staff"])))).await.unwrap();
+    assert_eq!(response.status(), 403);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "PERMISSION_DENIED", "{body}");
+
+    let response = events(None).await.unwrap();
+    assert_eq!(response.status(), 401);
+    assert!(response.headers().contains_key("www-authenticate"));
     node.stop().await;
 }
 

@@ -19,12 +19,20 @@ const BIN: &str = env!("CARGO_BIN_EXE_agentmesh");
 /// - `query.pageToken = ""`: a page token is opaque (the store's `nextPageToken`; its form
 ///   differs between the embedded and the Redis store), so a made-up one is refused; the run
 ///   lists from the first page.
+/// - No credentials, and no `ignored_auth` check (`--exclude-checks`): the document declares
+///   what a node with authentication on requires (a bearer token, or `access_token` on a
+///   GET), and this node runs with it off, so every route answers without a token and reads
+///   no `access_token` (tests/tests/auth.rs covers the node with authentication on).
 /// - `fan_out` may answer 400 to a request the document allows: "`count` at most the number
 ///   of destinations" (with a skill, the number of its instances) is a rule JSON Schema
 ///   cannot state; the document says it in words.
+/// - `add_a2a` may answer 400 to a request the document allows: its `url` must be an http(s)
+///   URL of a reachable A2A agent. The body's schema stays loose so that the run never makes
+///   the node fetch generated URLs.
 const CONFIG: &str = r#"
 [generation]
 allow-extra-parameters = false
+with-security-parameters = false
 
 [checks.negative_data_rejection]
 expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429", "431", "5XX"]
@@ -35,6 +43,10 @@ expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "41
 [[operations]]
 include-operation-id = "fan_out"
 checks.positive_data_acceptance.expected-statuses = ["2XX", "400", "404"]
+
+[[operations]]
+include-operation-id = "add_a2a"
+checks.positive_data_acceptance.expected-statuses = ["2XX", "400", "503", "504"]
 "#;
 
 /// A node with the demo agents, killed on drop. Deadlines are capped at one second so that
@@ -120,7 +132,8 @@ fn the_gateway_does_what_its_openapi_document_says() {
         .arg(&config)
         .arg("run")
         .arg(format!("http://{}/openapi.json", node.address))
-        .args(["--checks", "all", "--seed", "1", "--max-examples", "20"])
+        .args(["--checks", "all", "--exclude-checks", "ignored_auth"])
+        .args(["--seed", "1", "--max-examples", "20"])
         .args(["--workers", "1", "--request-timeout", "10", "--no-color"])
         .arg("--report-dir")
         .arg(dir.path())

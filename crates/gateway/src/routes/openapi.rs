@@ -51,6 +51,22 @@ A body that names a field twice is refused with 400. Agent, skill and queue \
 names are 1-128 characters of `A-Z a-z 0-9 . _ -`, not starting with `.`; \
 others are refused with 400.
 
+## Authentication
+
+A node starts with authentication off; then no route needs credentials. With \
+`auth.enabled = true` every route marked with a security requirement needs \
+`Authorization: Bearer <token>` (an API token or a JWT; see docs/security.md). A GET \
+may carry the token as the `access_token` query parameter instead, for \
+`EventSource` and `WebSocket`, which cannot set headers (`auth.query_token`, on by \
+default). A missing, unknown, badly signed or expired token is 401 \
+(`UNAUTHENTICATED`, with `WWW-Authenticate: Bearer realm=\"agentmesh\"`); a call \
+the policy does not grant is 403 (`PERMISSION_DENIED`, naming the action and \
+resource); a caller over its rate limit (`[rate_limit]`) is 429 \
+(`RESOURCE_EXHAUSTED`, reason `RATE_LIMITED`, with `Retry-After` in seconds). \
+`/healthz` and `/readyz` are always open. `/openapi.json` is open unless \
+`auth.public_schema = false`. `/metrics` (Prometheus exposition, not part of this \
+document) needs a token unless `auth.public_metrics = true`.
+
 ## Headers
 
 - `X-Correlation-Id`: correlation id of the call chain. Sent on to the agent \
@@ -262,6 +278,12 @@ pub(super) fn to_json(document: &utoipa::openapi::OpenApi) -> Value {
             schemas.insert(name.to_owned(), schema);
         }
     }
+    if let Some(components) = document
+        .get_mut("components")
+        .and_then(Value::as_object_mut)
+    {
+        components.insert("securitySchemes".into(), security_schemes());
+    }
     if let Some(paths) = document.get_mut("paths").and_then(Value::as_object_mut) {
         for (path, item) in paths.iter_mut() {
             let Some(item) = item.as_object_mut() else {
@@ -306,6 +328,104 @@ fn header_schema(name: &str) -> Option<Value> {
     })
 }
 
+/// How a caller authenticates when the node has `auth.enabled = true`.
+fn security_schemes() -> Value {
+    json!({
+        BEARER: {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "`Authorization: Bearer <token>`: an API token from the node's \
+                configuration, or a JWT (HS256, RS256, EdDSA or ES256) with `sub` and `exp`. \
+                Needed only when the node has `auth.enabled = true`.",
+        },
+        QUERY_TOKEN: {
+            "type": "apiKey",
+            "in": "query",
+            "name": "access_token",
+            "description": "The bearer token as a query parameter, on GET requests only \
+                (EventSource and WebSocket cannot set headers). The node takes it out of the \
+                URI before routing. Off with `auth.query_token = false`; query strings end up \
+                in access logs, so prefer short-lived JWTs here.",
+        },
+    })
+}
+
+const BEARER: &str = "bearerAuth";
+const QUERY_TOKEN: &str = "accessToken";
+
+/// Routes served without credentials whatever the configuration.
+const ALWAYS_OPEN: [&str; 2] = ["/healthz", "/readyz"];
+/// Routes that filter what the caller may see (or check each item on its own) rather than
+/// refuse it with 403.
+const NEVER_FORBIDDEN: [(&str, &str); 5] = [
+    ("get", "/v1/agents"),
+    ("get", "/v1/agents/{name}"),
+    ("get", "/v1/queues"),
+    ("get", "/v1/streams/{id}/events"),
+    ("post", "/v1/fanout"),
+];
+
+/// The security requirement of a route, and the answers authentication, the policy and the
+/// rate limit can give on it.
+fn secure_operation(path: &str, method: &str, operation: &mut Value) {
+    if ALWAYS_OPEN.contains(&path) {
+        operation["security"] = json!([]);
+        return;
+    }
+    if path == "/openapi.json" {
+        // Open by default (`auth.public_schema`); the empty requirement makes the token optional.
+        operation["security"] = json!([{}, { BEARER: [] }, { QUERY_TOKEN: [] }]);
+        return;
+    }
+    operation["security"] = if method == "get" {
+        json!([{ BEARER: [] }, { QUERY_TOKEN: [] }])
+    } else {
+        json!([{ BEARER: [] }])
+    };
+    let Some(responses) = operation
+        .get_mut("responses")
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    let mut unauthenticated = error_response(
+        "UNAUTHENTICATED: authentication is on and the token is missing, unknown, badly \
+         signed, expired or for another issuer or audience",
+    );
+    unauthenticated["headers"] = json!({
+        "WWW-Authenticate": {
+            "description": "`Bearer realm=\"agentmesh\"`",
+            "schema": { "type": "string" }
+        }
+    });
+    responses.entry("401").or_insert(unauthenticated);
+    if !NEVER_FORBIDDEN.contains(&(method, path)) {
+        let denied = "PERMISSION_DENIED: no policy rule grants the caller this action on \
+                      this resource (the message names both)";
+        match responses.get_mut("403") {
+            // A route's own 403 (converse: a foreign origin) gets the policy's added.
+            Some(own) => {
+                let description = own["description"].as_str().unwrap_or_default();
+                own["description"] = json!(format!("{description}; or {denied}"));
+            }
+            None => {
+                responses.insert("403".into(), error_response(denied));
+            }
+        }
+    }
+    let mut limited = error_response(
+        "RESOURCE_EXHAUSTED: the caller is over its rate limit (reason `RATE_LIMITED`, with \
+         Retry-After), or a limit of the mesh was reached",
+    );
+    limited["headers"] = json!({
+        "Retry-After": {
+            "description": "Seconds to wait before retrying; sent when the rate limit refused the call",
+            "schema": { "type": "integer", "minimum": 1 }
+        }
+    });
+    responses.entry("429").or_insert(limited);
+}
+
 /// An error response with the shared error body.
 fn error_response(description: &str) -> Value {
     json!({
@@ -315,6 +435,7 @@ fn error_response(description: &str) -> Value {
 }
 
 fn refine_operation(path: &str, method: &str, operation: &mut Value) {
+    secure_operation(path, method, operation);
     let mut reads_call_headers = false;
     if let Some(parameters) = operation
         .get_mut("parameters")
@@ -694,7 +815,29 @@ mod tests {
                 call_routes += 1;
                 assert_eq!(timeout["schema"]["type"], "integer", "{method} {path}");
                 assert_eq!(timeout["schema"]["minimum"], 1, "{method} {path}");
-                for status in ["400", "431", "503", "504"] {
+                let mut statuses = vec!["400", "401", "429", "431", "503", "504"];
+                if !super::NEVER_FORBIDDEN.contains(&(method.as_str(), path.as_str())) {
+                    statuses.push("403");
+                }
+                let security = operation["security"].as_array().unwrap();
+                assert!(
+                    security.contains(&serde_json::json!({ "bearerAuth": [] })),
+                    "{method} {path} needs a bearer token"
+                );
+                assert_eq!(
+                    security.contains(&serde_json::json!({ "accessToken": [] })),
+                    method == "get",
+                    "{method} {path}: access_token on GETs only"
+                );
+                assert!(
+                    operation["responses"]["429"]["headers"]["Retry-After"].is_object(),
+                    "{method} {path}: 429 says Retry-After"
+                );
+                assert!(
+                    operation["responses"]["401"]["headers"]["WWW-Authenticate"].is_object(),
+                    "{method} {path}: 401 says WWW-Authenticate"
+                );
+                for status in statuses {
                     let response = &operation["responses"][status];
                     assert_eq!(
                         response["content"]["application/json"]["schema"]["$ref"],
@@ -711,6 +854,24 @@ mod tests {
             }
         }
         assert!(call_routes >= 14, "{call_routes} call routes");
+        for path in super::ALWAYS_OPEN {
+            assert_eq!(
+                paths[path]["get"]["security"],
+                serde_json::json!([]),
+                "{path}"
+            );
+        }
+        let schema = paths["/openapi.json"]["get"]["security"]
+            .as_array()
+            .unwrap();
+        assert!(
+            schema.contains(&serde_json::json!({})),
+            "/openapi.json is open by default"
+        );
+        let schemes = &document["components"]["securitySchemes"];
+        assert_eq!(schemes["bearerAuth"]["scheme"], "bearer");
+        assert_eq!(schemes["accessToken"]["in"], "query");
+        assert_eq!(schemes["accessToken"]["name"], "access_token");
         let schemas = &document["components"]["schemas"];
         let result_events: Vec<&Value> = schemas["ResultEvent"]["properties"]["event"]["enum"]
             .as_array()
