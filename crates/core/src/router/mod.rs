@@ -367,7 +367,7 @@ impl Router {
         let pool = if fresh.is_empty() { usable } else { fresh };
         // One reading of each load: calls finishing meanwhile must not leave the least
         // loaded set empty.
-        let loads: Vec<(usize, &Arc<Instance>)> = pool.iter().map(|i| (load(i), *i)).collect();
+        let loads: Vec<(u32, &Arc<Instance>)> = pool.iter().map(|i| (load(i), *i)).collect();
         let least = loads.iter().map(|(l, _)| *l).min().unwrap_or_default();
         let least_loaded: Vec<&Arc<Instance>> = loads
             .into_iter()
