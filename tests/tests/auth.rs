@@ -1118,3 +1118,27 @@ fn auth_on_without_credentials_is_refused() {
     let error = config.validate().unwrap_err();
     assert!(error.contains("auth.enabled"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_authentication_a_token_sent_anyway_is_ignored() {
+    let node = TestNode::start_with(test_config()).await;
+    let listed = http_client()
+        .get(format!(
+            "{}/v1/agents?access_token=left-over",
+            node.http_url()
+        ))
+        .bearer_auth("left-over")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200);
+    let listed = http_client()
+        .get(format!(
+            "{}/v1/agents?access_token=left-over",
+            node.http_url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200, "{:?}", listed.text().await);
+}

@@ -155,7 +155,12 @@ impl Shared {
             return Ok(());
         }
         let principal = match &self.authenticator {
-            None => None,
+            None => {
+                // Authentication off: a token sent anyway is ignored, and an `access_token`
+                // query parameter taken out, so a client that always sends one still works.
+                self.token(request);
+                None
+            }
             Some(authenticator) => {
                 let Some(token) = self.token(request) else {
                     // A client certificate verified against `tls.client_ca` names the caller
@@ -228,6 +233,9 @@ impl Shared {
     /// `access_token` query parameter of a GET (then taken out of the URI, so it reaches no
     /// handler or log below).
     fn token<B>(&self, request: &mut Request<B>) -> Option<String> {
+        // The query parameter is taken out even when the header is there, so no route ever
+        // sees it.
+        let from_query = self.query_token(request);
         if let Some(value) = request.headers().get(AUTHORIZATION) {
             let value = value.to_str().ok()?.trim();
             let (scheme, token) = value.split_once(' ')?;
@@ -236,6 +244,11 @@ impl Shared {
                 .then(|| token.trim().to_owned())
                 .filter(|t| !t.is_empty());
         }
+        from_query
+    }
+
+    /// Takes the `access_token` query parameter out of a GET's URI, where allowed.
+    fn query_token<B>(&self, request: &mut Request<B>) -> Option<String> {
         if !self.query_token || request.method() != Method::GET {
             return None;
         }
