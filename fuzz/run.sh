@@ -35,6 +35,17 @@ for target in $(cargo fuzz list); do
     extra=(-fork=1 -ignore_ooms=1 -ignore_timeouts=0 -ignore_crashes=0)
   fi
   # -timeout: an input that takes this long counts as a hang (the store must never hang).
-  cargo fuzz run -s "$sanitizer" "$target" "work/corpus/$target" "corpus/$target" -- \
-    -max_total_time="$seconds" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 "${extra[@]}"
+  mkdir -p "artifacts/$target"
+  before=$(ls "artifacts/$target")
+  if ! cargo fuzz run -s "$sanitizer" "$target" "work/corpus/$target" "corpus/$target" -- \
+    -max_total_time="$seconds" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 "${extra[@]}"; then
+    # libFuzzer still exits non-zero after an ignored out-of-memory input: only a new crash
+    # or hang fails the run.
+    found=$(comm -13 <(echo "$before") <(ls "artifacts/$target") | grep -v '^oom-' || true)
+    if [ "$target" != store_recovery ] || [ -n "$found" ]; then
+      echo "fuzz target $target failed: $found" >&2
+      exit 1
+    fi
+    echo "fuzz $target: out-of-memory inputs only (redb, docs/fuzzing.md); not a failure"
+  fi
 done
