@@ -93,7 +93,7 @@ async fn register_lookup_invoke_echoes_correlation_id() {
 async fn sequential_calls_do_not_wait_for_delayed_acks() {
     let node = TestNode::start().await;
     let agent = start_agent(&node, card("echo"), Echo).await;
-    // 256 bytes, as in the unary_hop bench: a tiny payload may not show the stall.
+    // 256 bytes, as in the unary section of the mesh bench: a tiny payload may not show the stall.
     let text = "x".repeat(256);
     let call = || InvokeRequest {
         envelope: Some(Envelope::json("echo.request", json!({ "text": text })).to("echo")),

@@ -80,7 +80,7 @@
 //! `-- --engine`), but would need a compactor and on-disk indexes of its own for the retry
 //! schedule, dedup window, dead letters and results to keep memory bounded. With chunks, redb's
 //! per-message cost is no longer the limit: end to end through a node, the queue outruns Redis
-//! Streams (see the `queue_throughput` bench of the `agentmesh` crate).
+//! Streams (see the `queue` section of the `mesh` bench of the `agentmesh` crate).
 //!
 //! Whole-queue numbers (`cargo bench -p agentmesh-queue --bench queue_throughput`, 256-byte
 //! bodies, 2 cores, virtual disk with fdatasync ≈ 160 µs; one run):

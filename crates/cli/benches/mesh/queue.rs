@@ -1,24 +1,17 @@
-//! Durable queue throughput, end to end: producers submit 256-byte messages
-//! in batches while consumers receive and ack them; the rate is messages
-//! acknowledged by consumers per second, from the first submit to the last
-//! ack. The same workload runs against agentmesh (a real `agentmesh serve`
-//! process over gRPC, on its embedded store and on Redis), Redis Streams (XADD
-//! pipelines, XREADGROUP, batched XACK) and NATS JetStream
-//! (file storage, batched publish with async acks, pull consumers, explicit
-//! acks), and prints the ratios. Both Redis runs use AOF with `appendfsync
-//! everysec`; each prints the CPU it cost the node and redis-server per 1k messages.
+//! Queue: the durable queue end to end. Producers submit 256-byte messages in batches while
+//! consumers receive and ack them; the rate is messages acknowledged by consumers per second,
+//! from the first submit to the last ack. The same workload runs against agentmesh (a real
+//! `agentmesh serve` process over gRPC, on its embedded store and on Redis), Redis Streams
+//! (XADD pipelines, XREADGROUP, batched XACK) and NATS JetStream (file storage, batched
+//! publish with async acks, pull consumers, explicit acks). Both Redis runs use AOF with
+//! `appendfsync everysec`. Each run reports the CPU it cost the server processes per 1k
+//! messages, and the node's CPU over idle seconds after its run.
 //!
-//! ```text
-//! AGENTMESH_TEST_REDIS=redis://127.0.0.1:6379 AGENTMESH_TEST_NATS=127.0.0.1:4222 \
-//!   cargo bench -p agentmesh --bench queue_throughput
-//! ```
-//!
-//! Knobs: `AGENTMESH_BENCH_MESSAGES` (default 200000), `AGENTMESH_BENCH_PRODUCERS` (4),
-//! `AGENTMESH_BENCH_BATCH` (500 per submit), `AGENTMESH_BENCH_CONSUMERS` (4),
-//! `AGENTMESH_BENCH_PREFETCH` (1024), `AGENTMESH_BENCH_ROUNDS` (1; the best round counts),
-//! `AGENTMESH_BENCH_ONLY` (agentmesh|agentmesh-redis|redis|nats), `AGENTMESH_BENCH_SPLIT` (set: also time
-//! agentmesh's submit and consume halves on their own first), `AGENTMESH_BENCH_IDLE_SECS` (10:
-//! after each agentmesh run, the node's CPU-seconds over this many idle seconds; 0 skips it).
+//! Knobs: `AGENTMESH_BENCH_MESSAGES`, `AGENTMESH_BENCH_PRODUCERS` (4), `AGENTMESH_BENCH_BATCH`
+//! (500 per submit), `AGENTMESH_BENCH_CONSUMERS` (4), `AGENTMESH_BENCH_PREFETCH` (1024),
+//! `AGENTMESH_BENCH_QUEUE_ROUNDS` (1; the best round counts), `AGENTMESH_BENCH_QUEUE_ONLY`
+//! (agentmesh|agentmesh-redis|redis|nats), `AGENTMESH_BENCH_SPLIT` (set: also time agentmesh's
+//! submit and consume halves on their own first).
 
 use std::{
     process::{Child, Command, Stdio},
@@ -35,14 +28,14 @@ use agentmesh_proto::v1::{
     queue_service_client::QueueServiceClient,
 };
 use agentmesh_sdk::MeshClient;
+
+use crate::{
+    harness::{Settings, cpu_seconds, progress},
+    report::{Check, Section, Table, Target, number},
+};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-
-// The client side of all three systems runs in this process, on the same allocator as the
-// node (glibc malloc cost the clients a fifth of their time).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const BODY_BYTES: usize = 256;
 
@@ -64,9 +57,9 @@ struct Workload {
 }
 
 impl Workload {
-    fn from_env() -> Self {
+    fn new(messages: u64) -> Self {
         Self {
-            messages: env_or("AGENTMESH_BENCH_MESSAGES", 200_000),
+            messages,
             producers: env_or("AGENTMESH_BENCH_PRODUCERS", 4).max(1),
             batch: env_or("AGENTMESH_BENCH_BATCH", 500).max(1),
             consumers: env_or("AGENTMESH_BENCH_CONSUMERS", 4).max(1),
@@ -89,6 +82,12 @@ struct Measured {
     end_to_end: f64,
     /// Messages per second the producers got acknowledged (while consumers ran).
     submit: f64,
+    /// CPU ms per 1k messages of the node (agentmesh runs) or of redis-server (Redis runs).
+    server_cpu: Option<f64>,
+    /// CPU ms per 1k messages of redis-server under a node on Redis.
+    store_cpu: Option<f64>,
+    /// The node's CPU seconds over the idle seconds after its run.
+    idle_cpu: Option<f64>,
 }
 
 fn body() -> Vec<u8> {
@@ -121,7 +120,7 @@ impl Drop for NodeProcess {
 }
 
 /// Deletes the keys a run left under `prefix`.
-async fn delete_keys(url: &str, prefix: &str) {
+pub(crate) async fn delete_keys(url: &str, prefix: &str) {
     let Ok(client) = redis::Client::open(url) else {
         return;
     };
@@ -140,7 +139,7 @@ async fn delete_keys(url: &str, prefix: &str) {
 
 /// agentmesh end to end: a real node on its embedded store, or with `store` (a Redis URL)
 /// on Redis under a key prefix of this run's own.
-async fn agentmesh(w: Workload, store: Option<&str>) -> Measured {
+async fn agentmesh(w: Workload, store: Option<&str>, idle_secs: u64) -> Measured {
     let data = tempfile::tempdir().expect("temp dir");
     let prefix = format!("bench-{}", uuid::Uuid::now_v7().simple());
     let mut shared = Vec::new();
@@ -190,10 +189,13 @@ async fn agentmesh(w: Workload, store: Option<&str>) -> Measured {
         for c in consumers {
             c.abort();
         }
-        println!(
-            "agentmesh split: submit alone {:.0} msgs/s, consume+ack alone {:.0} msgs/s",
-            w.messages as f64 / submitted.as_secs_f64(),
-            w.messages as f64 / consumed.as_secs_f64()
+        progress(
+            "queue",
+            format!(
+                "agentmesh split: submit alone {:.0} msgs/s, consume+ack alone {:.0} msgs/s",
+                w.messages as f64 / submitted.as_secs_f64(),
+                w.messages as f64 / consumed.as_secs_f64()
+            ),
         );
         acked.store(0, Ordering::Relaxed);
     }
@@ -201,7 +203,7 @@ async fn agentmesh(w: Workload, store: Option<&str>) -> Measured {
     let consumers = agentmesh_consumers(&address, w, &acked).await;
     let node_cpu = cpu_seconds(node.0.id());
     let store_cpu = store
-        .and_then(|_| redis_server_pid())
+        .and_then(|_| server_pid("redis-server"))
         .map(|pid| (pid, cpu_seconds(pid)));
     let started = Instant::now();
     agentmesh_producers(&address, w).await;
@@ -211,17 +213,12 @@ async fn agentmesh(w: Workload, store: Option<&str>) -> Measured {
         let used = cpu_seconds(pid)? - before?;
         Some(used * 1e3 / w.messages as f64 * 1e3)
     };
-    if let Some(node_ms) = per_1k(node_cpu, node.0.id()) {
-        let redis_ms = store_cpu.and_then(|(pid, before)| per_1k(before, pid));
-        println!(
-            "  CPU per 1k messages: node {node_ms:.1} ms{}",
-            redis_ms.map_or(String::new(), |r| format!(", redis-server {r:.1} ms"))
-        );
-    }
+    let server_cpu = per_1k(node_cpu, node.0.id());
+    let store_cpu = store_cpu.and_then(|(pid, before)| per_1k(before, pid));
     for c in consumers {
         c.abort();
     }
-    idle_cpu_after_load(node.0.id()).await;
+    let idle_cpu = idle_cpu_after_load(node.0.id(), idle_secs).await;
     if let Some(url) = store {
         drop(node);
         delete_keys(url, &prefix).await;
@@ -232,15 +229,15 @@ async fn agentmesh(w: Workload, store: Option<&str>) -> Measured {
     Measured {
         end_to_end: w.messages as f64 / elapsed.as_secs_f64(),
         submit: w.messages as f64 / submitted.as_secs_f64(),
+        server_cpu,
+        store_cpu,
+        idle_cpu,
     }
 }
 
-/// The local redis-server's pid (its CPU is reported beside the node's; loopback only).
-fn redis_server_pid() -> Option<u32> {
-    let out = Command::new("pgrep")
-        .args(["-x", "redis-server"])
-        .output()
-        .ok()?;
+/// The pid of the local server process called `name` (its CPU is reported; loopback only).
+fn server_pid(name: &str) -> Option<u32> {
+    let out = Command::new("pgrep").args(["-x", name]).output().ok()?;
     String::from_utf8(out.stdout)
         .ok()?
         .lines()
@@ -250,34 +247,17 @@ fn redis_server_pid() -> Option<u32> {
         .ok()
 }
 
-/// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat` (in `USER_HZ`,
-/// 100 per second on Linux).
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 / 100.0)
-}
-
-/// Prints the CPU the node uses while idle after the load run (its clients gone): an idle
-/// node must not spin (target: under 0.01 s over 10 s).
-async fn idle_cpu_after_load(pid: u32) {
-    let secs = env_or("AGENTMESH_BENCH_IDLE_SECS", 10);
+/// The CPU seconds the node uses over `secs` idle seconds after the load run (its clients
+/// gone): an idle node must not spin.
+async fn idle_cpu_after_load(pid: u32, secs: u64) -> Option<f64> {
     if secs == 0 {
-        return;
+        return None;
     }
     // Let the consumers' streams close and the last acks flush.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let Some(before) = cpu_seconds(pid) else {
-        return;
-    };
+    let before = cpu_seconds(pid)?;
     tokio::time::sleep(Duration::from_secs(secs)).await;
-    if let Some(after) = cpu_seconds(pid) {
-        println!(
-            "agentmesh idle after load: {:.3} CPU-seconds over {secs} s (target < 0.01)",
-            after - before
-        );
-    }
+    Some(cpu_seconds(pid)? - before)
 }
 
 const AGENTMESH_QUEUE: &str = "bench";
@@ -511,7 +491,7 @@ async fn redis_streams(url: &str, w: Workload) -> Measured {
         }));
     }
     let body = body();
-    let redis_cpu = redis_server_pid().map(|pid| (pid, cpu_seconds(pid)));
+    let redis_cpu = server_pid("redis-server").map(|pid| (pid, cpu_seconds(pid)));
     let started = Instant::now();
     let mut producers = Vec::new();
     for p in 0..w.producers {
@@ -541,14 +521,8 @@ async fn redis_streams(url: &str, w: Workload) -> Measured {
     }
     let submitted = started.elapsed();
     let elapsed = until_done(&acked, w.messages, started).await;
-    if let Some((pid, Some(before))) = redis_cpu {
-        if let Some(after) = cpu_seconds(pid) {
-            println!(
-                "  CPU per 1k messages: redis-server {:.1} ms",
-                (after - before) * 1e6 / w.messages as f64
-            );
-        }
-    }
+    let server_cpu = redis_cpu
+        .and_then(|(pid, before)| Some((cpu_seconds(pid)? - before?) * 1e6 / w.messages as f64));
     for c in consumers {
         let _ = c.await;
     }
@@ -561,6 +535,9 @@ async fn redis_streams(url: &str, w: Workload) -> Measured {
     Measured {
         end_to_end: w.messages as f64 / elapsed.as_secs_f64(),
         submit: w.messages as f64 / submitted.as_secs_f64(),
+        server_cpu,
+        store_cpu: None,
+        idle_cpu: None,
     }
 }
 
@@ -623,6 +600,7 @@ async fn nats_jetstream(address: &str, w: Workload) -> Measured {
         }));
     }
     let body = bytes::Bytes::from(body());
+    let nats_cpu = server_pid("nats-server").map(|pid| (pid, cpu_seconds(pid)));
     let started = Instant::now();
     let mut producers = Vec::new();
     for p in 0..w.producers {
@@ -656,10 +634,15 @@ async fn nats_jetstream(address: &str, w: Workload) -> Measured {
     for c in consumers {
         c.abort();
     }
+    let server_cpu = nats_cpu
+        .and_then(|(pid, before)| Some((cpu_seconds(pid)? - before?) * 1e6 / w.messages as f64));
     let _ = js.delete_stream(name).await;
     Measured {
         end_to_end: w.messages as f64 / elapsed.as_secs_f64(),
         submit: w.messages as f64 / submitted.as_secs_f64(),
+        server_cpu,
+        store_cpu: None,
+        idle_cpu: None,
     }
 }
 
@@ -678,109 +661,124 @@ fn settle_disk() {
     std::thread::sleep(Duration::from_millis(500));
 }
 
-fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let w = Workload::from_env();
-    let rounds = env_or("AGENTMESH_BENCH_ROUNDS", 1).max(1);
-    let only = std::env::var("AGENTMESH_BENCH_ONLY").unwrap_or_default();
+/// Every system, `AGENTMESH_BENCH_QUEUE_ROUNDS` times (the best round counts), then the
+/// ratios the targets ask for.
+pub(crate) async fn run(s: Settings) -> Section {
+    let w = Workload::new(s.messages);
+    let rounds = env_or("AGENTMESH_BENCH_QUEUE_ROUNDS", 1).max(1);
+    let only = std::env::var("AGENTMESH_BENCH_QUEUE_ONLY").unwrap_or_default();
     let wants = |name: &str| only.is_empty() || only == name;
-    println!(
-        "queue throughput: {} messages of {BODY_BYTES} bytes, {} producers x batches of {}, \
-         {} consumers x prefetch {} (agentmesh: up to {} deliveries per frame), best of {rounds}",
-        w.messages, w.producers, w.batch, w.consumers, w.prefetch, w.max_batch
-    );
-    let report = |name: &str, m: Measured| {
-        println!(
-            "{name:<16} {:>10.0} msgs/s end to end   (submits acknowledged at {:>9.0} msgs/s)",
-            m.end_to_end, m.submit
-        );
-    };
-    let mut ours = Vec::new();
-    let mut ours_on_redis = Vec::new();
-    let mut redis = Vec::new();
-    let mut nats = Vec::new();
     let redis_url = std::env::var("AGENTMESH_TEST_REDIS").ok();
-    let nats_addr = std::env::var("AGENTMESH_TEST_NATS").ok();
-    for round in 0..rounds {
-        if wants("agentmesh") {
-            settle_disk();
-            let m = runtime.block_on(agentmesh(w, None));
-            report(&format!("agentmesh #{}", round + 1), m);
-            ours.push(m);
-        }
-        if wants("agentmesh-redis") {
-            if let Some(url) = &redis_url {
-                settle_disk();
-                let m = runtime.block_on(agentmesh(w, Some(url)));
-                report(&format!("agentmesh/redis #{}", round + 1), m);
-                ours_on_redis.push(m);
-            }
-        }
-        if wants("redis") {
-            match &redis_url {
-                Some(url) => {
-                    settle_disk();
-                    let m = runtime.block_on(redis_streams(url, w));
-                    report(&format!("redis #{}", round + 1), m);
-                    redis.push(m);
-                }
-                None if round == 0 => eprintln!(
-                    "!!! SKIPPING Redis Streams: AGENTMESH_TEST_REDIS is not set \
-                     (e.g. redis://127.0.0.1:6379) !!!"
-                ),
-                None => {}
-            }
-        }
-        if wants("nats") {
-            match &nats_addr {
-                Some(address) => {
-                    settle_disk();
-                    let m = runtime.block_on(nats_jetstream(address, w));
-                    report(&format!("nats #{}", round + 1), m);
-                    nats.push(m);
-                }
-                None if round == 0 => eprintln!(
-                    "!!! SKIPPING NATS JetStream: AGENTMESH_TEST_NATS is not set \
-                     (e.g. 127.0.0.1:4222) !!!"
-                ),
-                None => {}
-            }
-        }
-    }
-    println!("--- best of {rounds}");
-    let ours = best(&ours);
-    for (name, m) in [
-        ("agentmesh", ours),
-        ("agentmesh/redis", best(&ours_on_redis)),
-        ("redis streams", best(&redis)),
-        ("nats jetstream", best(&nats)),
-    ] {
-        if let Some(m) = m {
-            report(name, m);
-        }
-    }
-    if let (Some(on_redis), Some(theirs)) = (best(&ours_on_redis), best(&redis)) {
-        println!(
-            "agentmesh on Redis / Redis Streams: {:.2}x end to end, {:.2}x submit (target >= 0.8)",
-            on_redis.end_to_end / theirs.end_to_end,
-            on_redis.submit / theirs.submit
+    let nats_address = std::env::var("AGENTMESH_TEST_NATS").ok();
+    let mut notes = Vec::new();
+    if redis_url.is_none() {
+        notes.push(
+            "AGENTMESH_TEST_REDIS is not set: no Redis Streams and no node on Redis.".to_owned(),
         );
     }
-    if let Some(ours) = ours {
+    if nats_address.is_none() {
+        notes.push("AGENTMESH_TEST_NATS is not set: no NATS JetStream.".to_owned());
+    }
+    let systems: [(&str, &str, Option<&String>); 4] = [
+        ("agentmesh", "agentmesh, embedded store", None),
+        ("agentmesh-redis", "agentmesh on Redis", redis_url.as_ref()),
+        ("redis", "Redis Streams", redis_url.as_ref()),
+        ("nats", "NATS JetStream", nats_address.as_ref()),
+    ];
+    let mut results: Vec<(&str, &str, Vec<Measured>)> = Vec::new();
+    for (key, name, _) in systems {
+        results.push((key, name, Vec::new()));
+    }
+    for round in 0..rounds {
+        for (i, (key, name, address)) in systems.iter().enumerate() {
+            let needs_address = *key != "agentmesh";
+            if !wants(key) || (needs_address && address.is_none()) {
+                continue;
+            }
+            progress(
+                "queue",
+                format!("{name}: {} messages, round {}", w.messages, round + 1),
+            );
+            settle_disk();
+            let m = match *key {
+                "agentmesh" => agentmesh(w, None, s.idle_secs).await,
+                "agentmesh-redis" => agentmesh(w, address.map(String::as_str), s.idle_secs).await,
+                "redis" => redis_streams(address.unwrap(), w).await,
+                _ => nats_jetstream(address.unwrap(), w).await,
+            };
+            progress(
+                "queue",
+                format!("{name}: {:.0} msgs/s end to end", m.end_to_end),
+            );
+            results[i].2.push(m);
+        }
+    }
+
+    let mut table = Table::new(&[
+        "system",
+        "msgs/s end to end",
+        "submits acked msgs/s",
+        "server CPU ms/1k",
+        "redis-server CPU ms/1k",
+        "node idle CPU s after",
+    ]);
+    let opt = |v: Option<f64>| v.map_or_else(|| "–".to_owned(), number);
+    let bests: Vec<Option<Measured>> = results.iter().map(|(_, _, runs)| best(runs)).collect();
+    for ((_, name, _), m) in results.iter().zip(&bests) {
+        if let Some(m) = m {
+            table.row(vec![
+                (*name).to_owned(),
+                number(m.end_to_end),
+                number(m.submit),
+                opt(m.server_cpu),
+                opt(m.store_cpu),
+                opt(m.idle_cpu),
+            ]);
+        }
+    }
+    let [embedded, on_redis, redis, nats] = [bests[0], bests[1], bests[2], bests[3]];
+    let mut checks = Vec::new();
+    if let Some(ours) = embedded {
         for (name, theirs) in [
-            ("Redis Streams", best(&redis)),
-            ("NATS JetStream", best(&nats)),
+            ("Redis Streams (AOF everysec)", redis),
+            ("NATS JetStream", nats),
         ] {
             if let Some(theirs) = theirs {
-                println!(
-                    "agentmesh / {name}: {:.2}x end to end, {:.2}x submit",
-                    ours.end_to_end / theirs.end_to_end,
-                    ours.submit / theirs.submit
-                );
+                checks.push(Check::ratio(
+                    "queue end to end, embedded store (fsync'd acks)",
+                    ours.end_to_end,
+                    "msgs/s",
+                    (name, theirs.end_to_end),
+                    Target::RatioAtLeast(1.0),
+                ));
             }
         }
+    }
+    if let (Some(ours), Some(theirs)) = (on_redis, redis) {
+        checks.push(Check::ratio(
+            "queue end to end, node on Redis",
+            ours.end_to_end,
+            "msgs/s",
+            ("Redis Streams", theirs.end_to_end),
+            Target::RatioAtLeast(0.8),
+        ));
+    }
+    for m in [embedded, on_redis].into_iter().flatten() {
+        if let Some(idle) = m.idle_cpu {
+            notes.push(format!(
+                "Node CPU over {} idle seconds after its queue run: {idle:.3} s.",
+                s.idle_secs
+            ));
+        }
+    }
+    Section {
+        title: "Durable queue",
+        setup: format!(
+            "{} messages of {BODY_BYTES} bytes: {} producers submitting batches of {}, {} consumers with prefetch {} (agentmesh: up to {} deliveries per frame), acks batched; best of {rounds}. The embedded store acknowledges a submit once it is fsync'd; both Redis runs use AOF with `appendfsync everysec`; NATS JetStream uses file storage. Server CPU is the node's, redis-server's or nats-server's, per 1k messages.",
+            w.messages, w.producers, w.batch, w.consumers, w.prefetch, w.max_batch
+        ),
+        tables: vec![table],
+        checks,
+        notes,
     }
 }
