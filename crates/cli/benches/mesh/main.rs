@@ -116,8 +116,11 @@ fn main() {
     println!("\n{out}");
     if options.writes_report() {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/BENCHMARKS.md");
-        std::fs::write(&path, document(&out, settings, pinning)).expect("write docs/BENCHMARKS.md");
-        eprintln!("wrote {}", path.display());
+        let before = std::fs::read_to_string(&path).unwrap_or_default();
+        let results = results(&out, settings, pinning);
+        std::fs::write(&path, replace_results(&before, &results))
+            .expect("write docs/BENCHMARKS.md");
+        eprintln!("wrote the results in {}", path.display());
     }
 }
 
@@ -147,8 +150,27 @@ async fn run(options: &Options, settings: Settings, pinning: Pinning) -> Vec<Sec
     sections
 }
 
-/// `docs/BENCHMARKS.md`: the machine, the versions and the command, then the results.
-fn document(results: &str, s: Settings, pinning: Pinning) -> String {
+/// Where the generated part of `docs/BENCHMARKS.md` starts and ends: the text around it (how
+/// to read the figures, what the profiles show) is written by hand and kept.
+const BEGIN: &str = "<!-- results: written by `cargo bench -p agentmesh --bench mesh` -->";
+const END: &str = "<!-- end of results -->";
+
+fn replace_results(document: &str, results: &str) -> String {
+    let block = format!("{BEGIN}\n\n{results}\n{END}");
+    match (document.find(BEGIN), document.find(END)) {
+        (Some(begin), Some(end)) if begin < end => {
+            format!(
+                "{}{block}{}",
+                &document[..begin],
+                &document[end + END.len()..]
+            )
+        }
+        _ => format!("# Benchmarks\n\n{block}\n"),
+    }
+}
+
+/// The generated part: the machine, the versions and the command, then the results.
+fn results(results: &str, s: Settings, pinning: Pinning) -> String {
     let version = |program: &str, arg: &str| {
         Command::new(program)
             .arg(arg)
@@ -180,18 +202,14 @@ fn document(results: &str, s: Settings, pinning: Pinning) -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let today = version("date", "-u");
     format!(
-        "# Benchmarks\n\n\
-         What each hop of agentmesh costs, every figure beside a baseline measured in the same \
-         run. Produced by the harness in `crates/cli/benches/mesh/` and written by it; do not \
-         edit by hand.\n\n\
-         ```text\n\
+        "```text\n\
          AGENTMESH_TEST_REDIS=redis://127.0.0.1:6379 AGENTMESH_TEST_NATS=127.0.0.1:4222 \\\n  \
          cargo bench -p agentmesh --bench mesh\n\
          ```\n\n\
          - Run: {today}\n\
          - Machine: {cpu}, {cores} cores, {memory}, {kernel}\n\
          - Placement: {placement}\n\
-         - agentmesh {agentmesh} ({profile} build), {rustc}\n\
+         - agentmesh {agentmesh} at {commit} ({profile} build), {rustc}\n\
          - Peers: {redis}; {nats}\n\
          - Settings: {calls} latency samples and {secs} s throughput rows per unary path, \
          {events} events × {rounds} rounds per stream, {messages} queue messages\n\n\
@@ -199,6 +217,7 @@ fn document(results: &str, s: Settings, pinning: Pinning) -> String {
         kernel = version("uname", "-sr"),
         placement = pinning.describe(),
         agentmesh = env!("CARGO_PKG_VERSION"),
+        commit = commit(),
         profile = if cfg!(debug_assertions) {
             "debug"
         } else {
@@ -213,4 +232,25 @@ fn document(results: &str, s: Settings, pinning: Pinning) -> String {
         rounds = s.rounds,
         messages = s.messages,
     )
+}
+
+/// The commit the run measured, marked when the tree had changes.
+fn commit() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(env!("CARGO_MANIFEST_DIR"))
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let Some(head) = git(&["rev-parse", "--short", "HEAD"]) else {
+        return "an unknown commit".to_owned();
+    };
+    match git(&["status", "--porcelain", "--untracked-files=no"]) {
+        Some(changes) if !changes.is_empty() => format!("{head} with local changes"),
+        _ => head,
+    }
 }
