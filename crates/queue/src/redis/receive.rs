@@ -125,8 +125,15 @@ impl Store {
             .map_err(|e| self.conns.bad_reply("receive", e))?;
         if let Picked::Leased(leased, expires_ms) = &picked {
             if self.options.release_leases_on_drop {
-                self.held
-                    .add(leased.iter().map(|m| (m.receipt.clone(), *expires_ms)));
+                // A receipt starts with its entry id (see `Receipt`).
+                let deliveries = leased
+                    .iter()
+                    .map(|m| {
+                        let entry = m.receipt.split_once('.').map_or("", |(entry, _)| entry);
+                        (entry.to_owned(), m.attempt)
+                    })
+                    .collect();
+                self.held.add(queue, &name, *expires_ms, deliveries);
             }
         }
         Ok(picked)
