@@ -86,6 +86,60 @@ async fn a_receipt_from_one_node_is_acked_through_another() {
     }
 }
 
+/// The first ack of a lease skips checking its entries one by one; a receipt acked twice in
+/// that call, or again later, is still lease lost, and one nacked first is not acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs AGENTMESH_TEST_REDIS"]
+async fn the_first_ack_of_a_lease_still_settles_each_delivery_once() {
+    let redis = TestRedis::new();
+    let b = node(&redis).await;
+    let q = "first-ack";
+    submit_ok(&*b, q, (1..=4).map(|i| msg(&format!("m{i}"))).collect()).await;
+    let got = b
+        .receive(q, "c", 4, LEASE, Duration::from_secs(1))
+        .await
+        .expect("receive");
+    assert_eq!(got.len(), 4);
+    let r = |i: usize| got[i].receipt.clone();
+    let outcomes = b
+        .ack_many(vec![(r(0), None), (r(0), None), (r(1), None)])
+        .await
+        .expect("ack_many");
+    assert!(outcomes[0].is_ok(), "{outcomes:?}");
+    assert!(matches!(outcomes[1], Err(QueueError::LeaseLost(_))));
+    assert!(outcomes[2].is_ok(), "{outcomes:?}");
+    assert!(matches!(
+        b.ack(&r(1), None).await,
+        Err(QueueError::LeaseLost(_))
+    ));
+    b.ack(&r(2), None).await.expect("ack");
+    let s = b.stats().await.expect("stats");
+    assert_eq!((s[0].depth, s[0].in_flight), (0, 1), "{s:?}");
+
+    // A lease whose entry was nacked before its first ack: that ack is lost.
+    submit_ok(&*b, q, vec![msg("m5"), msg("m6")]).await;
+    let got = b
+        .receive(q, "c", 2, LEASE, Duration::from_secs(1))
+        .await
+        .expect("receive");
+    let got: Vec<_> = got.into_iter().filter(|m| m.message_id != "m4").collect();
+    assert_eq!(got.len(), 2, "{got:?}");
+    b.nack(&got[0].receipt, "no", Some(Duration::from_secs(60)))
+        .await
+        .expect("nack");
+    let outcomes = b
+        .ack_many(vec![
+            (got[0].receipt.clone(), None),
+            (got[1].receipt.clone(), None),
+        ])
+        .await
+        .expect("ack_many");
+    assert!(matches!(outcomes[0], Err(QueueError::LeaseLost(_))));
+    assert!(outcomes[1].is_ok(), "{outcomes:?}");
+    let s = b.stats().await.expect("stats");
+    assert_eq!((s[0].depth, s[0].in_flight), (1, 1), "{s:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs AGENTMESH_TEST_REDIS"]
 async fn a_waiting_consumer_and_a_result_waiter_wake_on_another_nodes_work() {

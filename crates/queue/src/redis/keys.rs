@@ -3,7 +3,7 @@
 use crate::{QueueError, validate_queue_name};
 
 /// The names of the keys under one prefix that Rust reads directly; the Lua functions build the
-/// rest (`leases`, `holders`, `retry`, `fails`, `dlx`, `dedup`) the same way.
+/// rest (`leases`, `holders`, `fresh`, `retry`, `fails`, `dlx`, `dedup`) the same way.
 #[derive(Debug, Clone)]
 pub(super) struct Keys {
     prefix: String,

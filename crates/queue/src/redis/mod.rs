@@ -25,6 +25,7 @@
 //! | `{p}:q:{q}`       | stream | every message not yet acked nor dead: fields `m` id, `c` correlation id, `r` reply_to, `b` body (`t`: first enqueue time of a redriven one); consumer group `agentmesh` |
 //! | `{p}:leases:{q}`  | zset   | lease name by expiry (one lease per receive; see below)     |
 //! | `{p}:holders:{q}` | hash   | lease name → when it was taken, how many of its entries were claimed retries, by which consumer |
+//! | `{p}:fresh:{q}`   | hash   | lease name → "first last": the span of new entries a lease read, while none has left it |
 //! | `{p}:retry:{q}`   | zset   | entry id by the time it is ready again (released: 0, nacked: now + delay) |
 //! | `{p}:fails:{q}`   | hash   | entry id → failed attempts and their history               |
 //! | `{p}:dlq:{q}`     | stream | dead letters: the message, `e` last error, `h` history      |
@@ -66,7 +67,13 @@
 //! themselves: a submit without idempotency keys is a `MULTI` of plain `XADD`s behind the
 //! `ensure` function; a receive is a `MULTI` of `receive_open`, `XREADGROUP` and
 //! `receive_close`, so new entries go from Redis to the node untouched; an ack is one function
-//! call whose per-entry work is a table lookup.
+//! call whose per-entry work is a table lookup. A lease that read only new entries is marked
+//! fresh with the span of ids it read (`fresh`); every way an entry leaves a lease other than
+//! an ack (nack, release, extend on its own, lapse) and every ack clears the mark. So the first
+//! ack of a fresh lease whose entries lie in that span knows they are all still held, and is
+//! one `XACK` and one `XDEL` with no `XPENDING` over them (converting its reply to Lua tables
+//! cost Redis more than the `XACK`); `XACK` acknowledging fewer than asked (an id that names
+//! no entry, or one id twice) falls back to checking each.
 //!
 //! A receive that finds nothing blocks on a dedicated connection with `XREAD BLOCK` on the
 //! queue stream and its `wake` stream, from their last ids, for at most the time until the

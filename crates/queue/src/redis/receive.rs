@@ -100,13 +100,10 @@ impl Store {
     ) -> Result<Picked, QueueError> {
         // The lease's name, also the receipts' token: random, so nodes need not coordinate.
         let name = rand::random::<u64>().to_string();
-        let pipe = self.receive_pipeline(queue, &name, consumer, max, lease_ms);
+        let pipe = self.receive_pipeline(queue, &name, consumer, max, lease_ms, true);
         let mut con = self.conns.shared();
-        let run = |mut con: ::redis::aio::ConnectionManager| {
-            let pipe = pipe.clone();
-            async move { pipe.query_async::<Vec<Value>>(&mut con).await }
-        };
-        let mut replies = run(con.clone())
+        let mut replies = pipe
+            .query_async::<Vec<Value>>(&mut con)
             .await
             .map_err(|e| self.conns.error("receive", &e))?;
         let mut read_before = None;
@@ -118,7 +115,9 @@ impl Store {
                 .await
                 .map_err(|e| self.conns.error("receive (loading functions)", &e))?;
             read_before = replies.get_mut(1).map(std::mem::take);
-            replies = run(con)
+            replies = self
+                .receive_pipeline(queue, &name, consumer, max, lease_ms, false)
+                .query_async::<Vec<Value>>(&mut con)
                 .await
                 .map_err(|e| self.conns.error("receive", &e))?;
         }
@@ -126,15 +125,23 @@ impl Store {
             .map_err(|e| self.conns.bad_reply("receive", e))?;
         if let Picked::Leased(leased, expires_ms) = &picked {
             if self.options.release_leases_on_drop {
-                self.held
-                    .add(leased.iter().map(|m| (m.receipt.clone(), *expires_ms)));
+                // A receipt starts with its entry id (see `Receipt`).
+                let deliveries = leased
+                    .iter()
+                    .map(|m| {
+                        let entry = m.receipt.split_once('.').map_or("", |(entry, _)| entry);
+                        (entry.to_owned(), m.attempt)
+                    })
+                    .collect();
+                self.held.add(queue, &name, *expires_ms, deliveries);
             }
         }
         Ok(picked)
     }
 
     /// `MULTI`, open the lease, `XREADGROUP` into it, close it, `EXEC`; errors are kept per
-    /// command so that a missing function library can be told apart.
+    /// command so that a missing function library can be told apart. `first_read`: no earlier
+    /// read went into this lease (the close may then mark it fresh, see `lua/ack.lua`).
     fn receive_pipeline(
         &self,
         queue: &str,
@@ -142,6 +149,7 @@ impl Store {
         consumer: &str,
         max: usize,
         lease_ms: u64,
+        first_read: bool,
     ) -> ::redis::Pipeline {
         let prefix = self.keys.prefix();
         let mut open = self.lib.call(Function::ReceiveOpen, prefix);
@@ -161,7 +169,11 @@ impl Store {
             .arg(self.keys.stream(queue))
             .arg(">");
         let mut close = self.lib.call(Function::ReceiveClose, prefix);
-        close.arg(queue).arg(name).arg(max);
+        close
+            .arg(queue)
+            .arg(name)
+            .arg(max)
+            .arg(if first_read { "1" } else { "0" });
         let mut pipe = ::redis::pipe();
         pipe.atomic()
             .ignore_errors()

@@ -108,7 +108,13 @@ impl Store {
                     format!("{} outcomes for {} acks", acked.len(), sent.len()),
                 ));
             }
-            self.held.remove(sent.iter().map(|&i| acks[i].0.as_str()));
+            let mut at = 0;
+            for g in &groups {
+                let n = g.acks.len();
+                let ok = acked[at..at + n].iter().filter(|&&ok| ok == 1).count();
+                self.held.settled(g.token, ok);
+                at += n;
+            }
             for (&i, ok) in sent.iter().zip(acked) {
                 outcomes[i] = Some(if ok == 1 {
                     Ok(())
@@ -149,8 +155,10 @@ impl Store {
             .run(&mut con, &cmd)
             .await
             .map_err(|e| self.conns.error("nack", &e))?;
-        self.held.remove([receipt]);
         let outcome = read_ints(reply).map_err(|e| self.conns.bad_reply("nack", e))?;
+        if outcome.first().is_some_and(|&o| o != 0) {
+            self.held.settled(r.token, 1);
+        }
         match outcome.as_slice() {
             [0] => Err(lease_lost(receipt)),
             [1, at] => Ok(NackOutcome::Retry {
@@ -183,7 +191,7 @@ impl Store {
         let expires_ms: u64 = expires
             .parse()
             .map_err(|e| self.conns.bad_reply("extend", e))?;
-        self.held.extend(receipt, expires_ms);
+        self.held.extend(r.token, expires_ms);
         Ok(ms_to_time(expires_ms))
     }
 
@@ -198,7 +206,13 @@ impl Store {
                 .map_err(|e| self.conns.error("release", &e))?;
             released += reply::int(reply).map_err(|e| self.conns.bad_reply("release", e))? as u64;
         }
-        self.held.remove(receipts.iter().map(String::as_str));
+        // The call counts what it released, not which: only when that is every receipt is
+        // each known to be settled (otherwise their leases are pruned after their expiry).
+        if released as usize == receipts.len() {
+            for r in receipts.iter().filter_map(|r| Receipt::parse(r).ok()) {
+                self.held.settled(r.token, 1);
+            }
+        }
         Ok(released)
     }
 

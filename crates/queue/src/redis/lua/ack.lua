@@ -2,12 +2,16 @@
 -- waiters and appends it to the message's reply_to queue. The caller groups acks by lease, so
 -- each group is checked with one XPENDING over the span of its entries, and applied with one
 -- command of each kind per queue: per-ack work in Lua is what an ack costs most.
+-- The first ack of a fresh lease (see `unfresh` in the prelude) whose entries all lie in the
+-- span it read needs no XPENDING: each of them is still held, unless it is not an entry at all.
 -- ARGV: prefix, then per group: queue, token, first entry id, last entry id, n, the n entry
--- ids, m, and m times (index in the group from 1, result, result TTL (ms), reply message id).
+-- ids, m, and m times (index in the group from 1, result, result TTL (ms), reply
+-- message id).
 -- Returns, per group in order, one integer per entry: 1 acked, 0 lease lost.
 local now = now_ms()
 local out = {}
-local done_by_queue, queues, touched = {}, {}, {}
+-- Per queue: entries to XACK and XDEL (`done`), entries already XACKed to XDEL (`gone`).
+local done_by_queue, gone_by_queue, queues, touched = {}, {}, {}, {}
 local i = 2
 while i <= #ARGV do
   local q, token, first, last = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
@@ -21,18 +25,53 @@ while i <= #ARGV do
   if not done then
     done = {}
     done_by_queue[q] = done
+    gone_by_queue[q] = {}
     queues[#queues + 1] = q
+  end
+  local base = #out
+  local live = lease_live(q, token, now)
+  local fresh = live and redis.call('HGET', qkey('fresh', q), token)
+  local lo, hi = string.match(fresh or '', '^(%S+) (%S+)$')
+  if lo then
+    unfresh(q, token)
+  end
+  local fast = lo ~= nil and id_le(lo, first) and id_le(last, hi)
+  if fast then
+    local acked = 0
+    for k = ids, ids + n - 1, CHUNK do
+      acked = acked + redis.call('XACK', s, GROUP, unpack(ARGV, k, math.min(k + CHUNK - 1, ids + n - 1)))
+    end
+    local gone = gone_by_queue[q]
+    if acked == n then
+      for j = 0, n - 1 do
+        gone[#gone + 1] = ARGV[ids + j]
+        out[base + j + 1] = 1
+      end
+    else
+      -- Some ids name no entry (they were never handed out), or one entry twice.
+      local seen = {}
+      for j = 0, n - 1 do
+        local id = ARGV[ids + j]
+        if not seen[id] and #redis.call('XRANGE', s, id, id) == 1 then
+          gone[#gone + 1] = id
+          out[base + j + 1] = 1
+        else
+          out[base + j + 1] = 0
+        end
+        seen[id] = true
+      end
+    end
+    touched[#touched + 1] = {q, token}
   end
   -- The entries the lease still holds over the span of the acks.
   local held = {}
-  if lease_live(q, token, now) then
+  if live and not fast then
     for _, p in ipairs(redis.call('XPENDING', s, GROUP, first, last, MAX_HELD, owner(token))) do
       held[p[1]] = true
     end
     touched[#touched + 1] = {q, token}
   end
-  local base = #out
-  for j = 0, n - 1 do
+  for j = 0, fast and -1 or n - 1 do
     local id = ARGV[ids + j]
     local ok = held[id]
     if ok == nil then
@@ -73,14 +112,18 @@ while i <= #ARGV do
   end
 end
 for _, q in ipairs(queues) do
-  local done = done_by_queue[q]
+  local done, gone = done_by_queue[q], gone_by_queue[q]
+  local s = qkey('q', q)
   if #done > 0 then
-    local s = qkey('q', q)
     call_chunked({'XACK', s, GROUP}, done, 1)
     call_chunked({'XDEL', s}, done, 1)
     if redis.call('EXISTS', qkey('fails', q)) == 1 then
       call_chunked({'HDEL', qkey('fails', q)}, done, 1)
     end
+  end
+  -- Entries of fresh leases were never retried: no `fails` records.
+  if #gone > 0 then
+    call_chunked({'XDEL', s}, gone, 1)
   end
 end
 for _, t in ipairs(touched) do

@@ -10,6 +10,7 @@ if not name then
 end
 if name == token and #held_ids(q, token, '-', '+', 2) > 1 then
   local holder = holder_of(q, token)
+  unfresh(q, token)
   name = token .. '/' .. id
   redis.call('XCLAIM', qkey('q', q), GROUP, owner(name), 0, id, 'JUSTID')
   redis.call('HSET', qkey('holders', q), name, holder_record(holder.delivered, 0, holder.consumer))

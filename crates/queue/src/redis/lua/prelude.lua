@@ -166,10 +166,31 @@ local function holder_of(q, name)
   }
 end
 
+-- A lease that read only new entries and has had none of them taken out of it yet (no ack,
+-- nack, release, extend on its own, lapse) is "fresh": `fresh` holds the span of stream ids it
+-- read ("first last"). Every entry in that span is then still held by the lease, so its first
+-- ack needs no XPENDING of its entries (see ack.lua). Whatever takes an entry out of a lease
+-- ends its freshness first.
+local function unfresh(q, name)
+  redis.call('HDEL', qkey('fresh', q), name)
+end
+
 local function forget_lease(q, name)
   redis.call('XGROUP', 'DELCONSUMER', qkey('q', q), GROUP, owner(name))
   redis.call('ZREM', qkey('leases', q), name)
   redis.call('HDEL', qkey('holders', q), name)
+  unfresh(q, name)
+end
+
+-- Whether stream id a sorts at or before stream id b.
+local function id_le(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if not am or not bm then
+    return false
+  end
+  am, bm = tonumber(am), tonumber(bm)
+  return am < bm or (am == bm and tonumber(as) <= tonumber(bs))
 end
 
 -- Forgets lease `name` of q once it holds no entry.
@@ -252,6 +273,7 @@ end
 -- when dead-lettered. The history ("count\n" then four netstrings per attempt: attempt,
 -- delivered at, consumer, error) is what a dead letter shows.
 local function fail_attempt(q, id, name, err, delay, max_attempts, now)
+  unfresh(q, name)
   local failed, hist = failures(q, id)
   local attempt = failed + 1
   local holder = holder_of(q, name)

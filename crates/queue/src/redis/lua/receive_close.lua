@@ -1,16 +1,29 @@
 -- Closes the lease a receive opened, after its XREADGROUP: a lease that holds nothing is
 -- forgotten (with the stream of a queue no one submitted to); new entries read on top of
 -- claimed ones beyond `max` are handed back (ready again at once, no attempt counted).
--- ARGV: prefix, queue, lease name, max.
+-- ARGV: prefix, queue, lease name, max, whether the lease may be fresh ("1"; not when this
+-- step is run again after a read that ran without it: the lease then holds two reads).
 -- Returns {1, handed-back entry ids...} when the lease holds entries, else {0, the next lease
 -- expiry or retry time ("" if none), the queue stream's and the wake stream's last ids} for
 -- the caller to block on.
-local q, name, max = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local q, name, max, may_be_fresh = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5] == '1'
 local s = qkey('q', q)
-if #held_ids(q, name, '-', '+', 1) == 1 then
+local first = held_ids(q, name, '-', '+', 1)
+if #first == 1 then
   local out = {1}
   local claimed = holder_of(q, name).claimed
-  if claimed > 0 then
+  if claimed == 0 then
+    if may_be_fresh then
+      -- Only new entries: the lease holds every entry from its first to the group's last
+      -- delivered id (this MULTI's XREADGROUP read them).
+      for _, g in ipairs(redis.call('XINFO', 'GROUPS', s)) do
+        local info = fields_of(g)
+        if info['name'] == GROUP then
+          redis.call('HSET', qkey('fresh', q), name, first[1] .. ' ' .. info['last-delivered-id'])
+        end
+      end
+    end
+  else
     local ids = held_ids(q, name, '-', '+', max + claimed)
     for i = max + 1, #ids do
       park(q, ids[i], 0)

@@ -8,6 +8,7 @@ for i = 2, #ARGV, 3 do
   local q, id = ARGV[i], ARGV[i + 1]
   local name = lease_name(q, id, ARGV[i + 2])
   if name then
+    unfresh(q, name)
     park(q, id, 0)
     released = released + 1
     touched[#touched + 1] = {q, name}
