@@ -11,6 +11,14 @@ use tonic::{
 };
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
+/// What each call's encoder and decoder allocate up front. tonic's default is 8 KiB each way
+/// per call, held for as long as the call is open: a node relaying thousands of quiet streams
+/// and conversations holds four of them per conversation. Most envelopes fit in 1 KiB; a
+/// larger message grows the buffer as it arrives.
+fn buffer_settings() -> BufferSettings {
+    BufferSettings::new(1024, 32 * 1024)
+}
+
 /// prost codec with `INVALID_ARGUMENT` for undecodable messages.
 #[derive(Debug, Clone)]
 pub struct ProtoCodec<T, U>(PhantomData<(T, U)>);
@@ -32,11 +40,11 @@ where
     type Decoder = StrictDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstCodec::<T, U>::raw_encoder(BufferSettings::default())
+        ProstCodec::<T, U>::raw_encoder(buffer_settings())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        StrictDecoder(ProstCodec::<T, U>::raw_decoder(BufferSettings::default()))
+        StrictDecoder(ProstCodec::<T, U>::raw_decoder(buffer_settings()))
     }
 }
 

@@ -110,6 +110,7 @@ impl ServeArgs {
         );
         let _telemetry = crate::telemetry::init(&config.telemetry)
             .context("cannot set up span export (telemetry.otlp_endpoint)")?;
+        raise_open_file_limit();
         let mut stores = agentmesh_node::Stores::open(&config)
             .await
             .context("cannot open the shared store (store.url)")?;
@@ -151,6 +152,23 @@ impl ServeArgs {
         }
         queue.close().await;
         result.context("node failed")
+    }
+}
+
+/// Raises the open-file soft limit to the hard limit: every client connection takes a
+/// descriptor, and the default soft limit (often 1024) would cap a node far below what the
+/// system allows. The connection cap (`connections.max_connections` = 0) follows the new limit.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(error) = setrlimit(Resource::Nofile, raised) {
+            tracing::debug!(%error, "cannot raise the open-file limit");
+        }
     }
 }
 

@@ -154,7 +154,9 @@ impl Connection {
                 Err(error) => Err(Err(error)),
             }
         };
-        let handshake = tokio::time::timeout(tls.handshake_timeout(), handshake);
+        // Boxed, like the TLS connection below: the TLS states are several KiB, and inline
+        // they would size the task of every connection, plaintext ones included.
+        let handshake = Box::pin(tokio::time::timeout(tls.handshake_timeout(), handshake));
         let stream = tokio::select! {
             () = self.closing.cancelled() => return,
             result = handshake => match result {
@@ -182,7 +184,7 @@ impl Connection {
             .peer_certificates()
             .and_then(|chain| chain.first())
             .and_then(TlsPeer::from_certificate);
-        self.serve_http(stream, address, peer).await;
+        Box::pin(self.serve_http(stream, address, peer)).await;
     }
 
     async fn serve_http<I>(self, io: I, address: Option<SocketAddr>, peer: Option<TlsPeer>)
