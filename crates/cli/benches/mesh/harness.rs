@@ -89,22 +89,11 @@ pub(crate) fn progress(section: &str, message: impl std::fmt::Display) {
 #[derive(Debug)]
 pub(crate) struct Process {
     child: Child,
-    name: String,
 }
 
 impl Process {
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
-    }
-
-    /// Resident memory now, in bytes.
-    pub(crate) fn rss(&self) -> u64 {
-        rss_bytes(self.pid()).unwrap_or_else(|| panic!("{} is gone", self.name))
-    }
-
-    /// CPU seconds used so far.
-    pub(crate) fn cpu(&self) -> f64 {
-        cpu_seconds(self.pid()).unwrap_or_else(|| panic!("{} is gone", self.name))
     }
 }
 
@@ -186,10 +175,7 @@ pub(crate) fn spawn(name: &str, mut command: Command, stdout: Stdio) -> Process 
         .stdout(stdout)
         .spawn()
         .unwrap_or_else(|e| panic!("{name} starts: {e}"));
-    Process {
-        child,
-        name: name.to_owned(),
-    }
+    Process { child }
 }
 
 pub(crate) fn free_address() -> String {

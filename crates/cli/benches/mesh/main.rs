@@ -24,6 +24,7 @@
 //! run of every section writes `docs/BENCHMARKS.md` (`--no-write` keeps it as it is).
 
 mod harness;
+mod memory;
 mod queue;
 mod report;
 mod roles;
@@ -41,7 +42,7 @@ use report::Section;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const SECTIONS: [&str; 3] = ["unary", "streaming", "queue"];
+const SECTIONS: [&str; 4] = ["unary", "streaming", "queue", "memory"];
 
 #[derive(Debug)]
 struct Options {
@@ -95,6 +96,7 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("agent") => return child(roles::serve_agent(&args[1..])),
         Some("proxy") => return child(roles::serve_proxy(&args[1])),
+        Some("idle-agent") => return child(memory::serve_agent(&args[1..])),
         _ => {}
     }
     let options = Options::parse(&args);
@@ -146,6 +148,9 @@ async fn run(options: &Options, settings: Settings, pinning: Pinning) -> Vec<Sec
     pinning.release();
     if options.wants("queue") {
         sections.push(queue::run(settings).await);
+    }
+    if options.wants("memory") {
+        sections.push(memory::run(settings).await);
     }
     sections
 }

@@ -1,4 +1,4 @@
-//! Memory and idle costs of a node: what `agentmesh serve` holds while nothing happens.
+//! Memory and idle: what `agentmesh serve` holds and spends while nothing happens.
 //!
 //! - cold start: process spawn to `grpc.health.v1.Health/Check` answering SERVING (median of
 //!   several starts);
@@ -11,23 +11,14 @@
 //! - idle CPU after load: node CPU over an idle window after a burst of calls, streams,
 //!   conversations and submits, scaled to 10 s.
 //!
-//! The agent is this binary run as a child process (`memory_idle agent NODE…`), so the node
+//! The agent is this binary run as a child process (`mesh idle-agent NODE…`), so the node
 //! holds only its own side of every stream. RSS is `VmRSS` of `/proc/<pid>/status`; CPU is
 //! the sum of the node's threads' run time in `/proc/<pid>/task/*/schedstat` (nanoseconds;
-//! `/proc/<pid>/stat`'s ticks are 10 ms, as coarse as the target), with the ticks printed too.
-//!
-//! ```text
-//! cargo bench -p agentmesh --bench memory_idle
-//! ```
-//!
-//! Knobs: `AGENTMESH_BENCH_QUICK` (set, or `--quick`: 100 and 200 subscribers, short waits: a
-//! smoke pass that checks every measurement works, also on a debug build with
-//! `cargo test -p agentmesh --bench memory_idle -- --quick`).
+//! `/proc/<pid>/stat`'s ticks are 10 ms, as coarse as the target), with the ticks noted too.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::TcpStream,
-    process::{Child, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -36,6 +27,14 @@ use agentmesh_proto::v1::{
     agent_service_client::AgentServiceClient, converse_request,
 };
 use agentmesh_sdk::{Agent, AgentRuntime, Context, Conversation, StreamSink};
+
+use crate::{
+    harness::{
+        Pinning, Process, Settings, announce, progress, rss_bytes, start_child, start_node,
+        wait_for_parent,
+    },
+    report::{Check, Section, Table, number},
+};
 use futures::StreamExt;
 use tonic::{
     Request, Status, Streaming,
@@ -60,41 +59,6 @@ const LIMITS: &[&str] = &[
     "--set",
     "replay.max_streams=40000",
 ];
-
-/// What a run measures and how long it waits.
-#[derive(Debug, Clone)]
-struct Settings {
-    /// Subscriber / conversation counts, ascending; each is measured with that many open.
-    sizes: Vec<usize>,
-    /// Cold starts (the median is reported).
-    starts: usize,
-    /// How long memory is left to settle before it is read.
-    settle: Duration,
-    /// The idle window of the CPU measurement.
-    idle: Duration,
-}
-
-impl Settings {
-    fn from_env() -> Self {
-        let quick = std::env::var_os("AGENTMESH_BENCH_QUICK").is_some()
-            || std::env::args().any(|a| a == "--quick");
-        if quick {
-            Self {
-                sizes: vec![100, 200],
-                starts: 3,
-                settle: Duration::from_millis(500),
-                idle: Duration::from_secs(2),
-            }
-        } else {
-            Self {
-                sizes: vec![1000, 10_000],
-                starts: 9,
-                settle: Duration::from_secs(3),
-                idle: Duration::from_secs(10),
-            }
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------
 // The child process: an agent whose streams and conversations wait.
@@ -129,9 +93,9 @@ impl Agent for Idle {
     }
 }
 
-/// `memory_idle agent NODE…`: one agent registered with every node; the others advertise the
+/// `mesh idle-agent NODE…`: one agent registered with every node; the others advertise the
 /// first one's endpoint, so every node reaches the same server.
-async fn serve_agent(nodes: &[String]) {
+pub(crate) async fn serve_agent(nodes: &[String]) {
     let card = agentmesh_tests::card(AGENT);
     let first = AgentRuntime::new(card.clone(), Idle)
         .node(nodes[0].clone())
@@ -150,36 +114,12 @@ async fn serve_agent(nodes: &[String]) {
         other.registered(1).await;
         others.push(other);
     }
-    println!("serving {}", first.address());
-    // Until the parent closes our stdin (it is done, or it died).
-    tokio::task::spawn_blocking(|| {
-        let mut sink = Vec::new();
-        let _ = std::io::stdin().read_to_end(&mut sink);
-    })
-    .await
-    .unwrap();
+    announce(first.address());
+    wait_for_parent().await;
 }
 
 // ---------------------------------------------------------------------------
 // Processes and what /proc says about them.
-
-/// A child process, killed when dropped.
-struct Process {
-    child: Child,
-}
-
-impl Process {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Raises this process's open-file soft limit to its hard limit (children inherit it): 10k
 /// client sockets here, 10k on the node. Returns the soft limit in force.
@@ -198,61 +138,20 @@ fn raise_open_file_limit() -> u64 {
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
-fn free_address() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}")
-}
-
-/// `agentmesh serve --listen ADDR --data-dir DIR` plus `extra`; returns it with its address.
+/// `agentmesh serve --listen ADDR --data-dir DIR` plus `extra`, unpinned.
 fn spawn_node(data: &std::path::Path, extra: &[&str]) -> (Process, String) {
-    let address = free_address();
-    let child = Command::new(env!("CARGO_BIN_EXE_agentmesh"))
-        .args(["serve", "--listen", &address, "--data-dir"])
-        .arg(data)
-        .args(extra)
-        .env("AGENTMESH_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("the node starts");
-    (Process { child }, address)
+    start_node(Pinning(false), "node", data, extra)
 }
 
 /// The agent child, registered with every node of `nodes`.
 fn spawn_agent(nodes: &[&str]) -> Process {
-    let mut child = Command::new(std::env::current_exe().expect("own path"))
-        .arg("agent")
-        .args(nodes)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the agent starts");
-    let stdout: ChildStdout = child.stdout.take().expect("agent stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read the agent's address");
-    assert!(
-        line.starts_with("serving "),
-        "agent did not start: {line:?}"
-    );
-    Process { child }
+    let mut args = vec!["idle-agent"];
+    args.extend_from_slice(nodes);
+    start_child(Pinning(false), "idle agent", &args).0
 }
 
-/// Resident memory (VmRSS) of `pid`, in bytes.
 fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("VmRSS in /proc/PID/status");
-    kib * 1024
+    rss_bytes(pid).expect("the node is running")
 }
 
 /// CPU used by `pid` so far: (seconds from the threads' schedstat, in ns; seconds from
@@ -538,98 +437,128 @@ async fn idle_cpu_after_load(address: &str, pid: u32, idle: Duration) -> (f64, f
 
 // ---------------------------------------------------------------------------
 
-fn main() {
-    let mut args = std::env::args().skip(1);
-    if args.next().as_deref() == Some("agent") {
-        let nodes: Vec<String> = args.collect();
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        runtime.block_on(serve_agent(&nodes));
-        return;
-    }
-    let s = Settings::from_env();
+/// Every memory and idle figure, each on a fresh node so that baselines stay clean.
+pub(crate) async fn run(s: Settings) -> Section {
+    let (small, large) = s.subscribers;
+    let sizes = [small, large];
+    let (starts, settle) = if s.quick {
+        (3, Duration::from_millis(500))
+    } else {
+        (9, Duration::from_secs(3))
+    };
+    let idle = Duration::from_secs(s.idle_secs);
     let open_files = raise_open_file_limit();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let cold = cold_start(s.starts).await;
-        let idle = idle_rss(s.settle).await;
 
-        // Three nodes, one per measurement, so that each starts from a clean baseline; one
-        // agent process registered with all three.
-        let data = tempfile::tempdir().unwrap();
-        let (sse_node, sse_address) = spawn_node(&data.path().join("sse"), LIMITS);
-        let (converse_node, converse_address) = spawn_node(&data.path().join("converse"), LIMITS);
-        let (cpu_node, cpu_address) = spawn_node(&data.path().join("cpu"), &[]);
-        for address in [&sse_address, &converse_address, &cpu_address] {
-            wait_serving(address).await;
-        }
-        let agent = spawn_agent(&[&sse_address, &converse_address, &cpu_address]);
-        for address in [&sse_address, &converse_address, &cpu_address] {
-            wait_routed(address).await;
-        }
+    progress("memory", format!("cold start, median of {starts}"));
+    let cold = cold_start(starts).await;
+    progress("memory", "idle RSS");
+    let idle_rss = idle_rss(settle).await;
 
-        let sse = {
-            let (address, pid, sizes, settle) = (
-                sse_address.clone(),
-                sse_node.pid(),
-                s.sizes.clone(),
-                s.settle,
-            );
-            tokio::task::spawn_blocking(move || sse_cost(&address, pid, &sizes, settle))
-                .await
-                .unwrap()
-        };
-        let sse_rss = rss(sse_node.pid());
-        drop(sse_node);
-        let conversations =
-            converse_cost(&converse_address, converse_node.pid(), &s.sizes, s.settle).await;
-        let converse_rss = rss(converse_node.pid());
-        drop(converse_node);
-        let (cpu_ns, cpu_ticks) = idle_cpu_after_load(&cpu_address, cpu_node.pid(), s.idle).await;
-        drop((cpu_node, agent));
+    // One node per measurement; one agent process registered with all three.
+    let data = tempfile::tempdir().unwrap();
+    let (sse_node, sse_address) = spawn_node(&data.path().join("sse"), LIMITS);
+    let (converse_node, converse_address) = spawn_node(&data.path().join("converse"), LIMITS);
+    let (cpu_node, cpu_address) = spawn_node(&data.path().join("cpu"), &[]);
+    for address in [&sse_address, &converse_address, &cpu_address] {
+        wait_serving(address).await;
+    }
+    let agent = spawn_agent(&[&sse_address, &converse_address, &cpu_address]);
+    for address in [&sse_address, &converse_address, &cpu_address] {
+        wait_routed(address).await;
+    }
 
-        let per_10s = 10.0 / s.idle.as_secs_f64();
-        println!("memory and idle costs of a node (open files {open_files}; RSS = VmRSS)");
-        println!("{:<44} {:>14} {:>12}", "figure", "value", "target");
-        let row = |figure: String, value: String, target: &str| {
-            println!("{figure:<44} {value:>14} {target:>12}");
-        };
-        row(
-            format!("cold start to SERVING (median of {})", s.starts),
-            format!("{:.1} ms", cold.as_secs_f64() * 1e3),
-            "<= 100 ms",
-        );
-        row(
-            "idle RSS, no demo agents".into(),
-            format!("{:.1} MiB", idle as f64 / MIB),
-            "<= 20 MiB",
-        );
-        for (size, cost) in &sse {
-            row(
-                format!("RSS per idle SSE subscriber at {size}"),
-                format!("{:.1} KiB", cost / KIB),
-                "<= 10 KiB",
-            );
-        }
-        for (size, cost) in &conversations {
-            row(
-                format!("RSS per open Converse at {size}"),
-                format!("{:.1} KiB", cost / KIB),
-                "-",
-            );
-        }
-        row(
-            format!("idle CPU per 10 s after load ({} s idle)", s.idle.as_secs()),
-            format!("{:.4} s", cpu_ns * per_10s),
-            "< 0.01 s",
-        );
-        println!(
-            "(node RSS with {} subscribers open: {:.1} MiB, with {} conversations: {:.1} MiB; \
-             idle CPU from /proc/PID/stat ticks: {:.2} s per 10 s)",
-            s.sizes.last().unwrap(),
-            sse_rss as f64 / MIB,
-            s.sizes.last().unwrap(),
-            converse_rss as f64 / MIB,
-            cpu_ticks * per_10s
-        );
-    });
+    progress(
+        "memory",
+        format!("idle SSE subscribers: {small}, then {large}"),
+    );
+    let sse = {
+        let (address, pid) = (sse_address.clone(), sse_node.pid());
+        tokio::task::spawn_blocking(move || sse_cost(&address, pid, &sizes, settle))
+            .await
+            .unwrap()
+    };
+    drop(sse_node);
+    progress(
+        "memory",
+        format!("open conversations: {small}, then {large}"),
+    );
+    let conversations = converse_cost(&converse_address, converse_node.pid(), &sizes, settle).await;
+    drop(converse_node);
+    progress(
+        "memory",
+        format!("a burst of load, then {} idle seconds", idle.as_secs()),
+    );
+    let (cpu_seconds, cpu_ticks) = idle_cpu_after_load(&cpu_address, cpu_node.pid(), idle).await;
+    drop((cpu_node, agent));
+    let per_10s = 10.0 / idle.as_secs_f64();
+
+    let mut table = Table::new(&["figure", "value"]);
+    table.row(vec![
+        format!("cold start to SERVING (median of {starts})"),
+        format!("{} ms", number(cold.as_secs_f64() * 1e3)),
+    ]);
+    table.row(vec![
+        "idle RSS, no demo agents".to_owned(),
+        format!("{} MiB", number(idle_rss as f64 / MIB)),
+    ]);
+    for (size, cost) in &sse {
+        table.row(vec![
+            format!("RSS per idle SSE subscriber, {size} open"),
+            format!("{} KiB", number(cost / KIB)),
+        ]);
+    }
+    for (size, cost) in &conversations {
+        table.row(vec![
+            format!("RSS per open Converse, {size} open"),
+            format!("{} KiB", number(cost / KIB)),
+        ]);
+    }
+    table.row(vec![
+        "idle CPU after load, per 10 s (schedstat)".to_owned(),
+        format!("{} s", number(cpu_seconds * per_10s)),
+    ]);
+    table.row(vec![
+        "idle CPU after load, per 10 s (/proc stat ticks)".to_owned(),
+        format!("{} s", number(cpu_ticks * per_10s)),
+    ]);
+
+    let mut checks = vec![
+        Check::absolute(
+            "cold start to SERVING",
+            cold.as_secs_f64() * 1e3,
+            "ms",
+            100.0,
+        ),
+        Check::absolute(
+            "idle RSS, no demo agents",
+            idle_rss as f64 / MIB,
+            "MiB",
+            20.0,
+        ),
+    ];
+    if let Some((size, cost)) = sse.last() {
+        checks.push(Check::absolute(
+            format!("RSS per idle SSE subscriber, {size} open"),
+            cost / KIB,
+            "KiB",
+            10.0,
+        ));
+    }
+    checks.push(Check::absolute(
+        "idle CPU after load, per 10 s",
+        cpu_seconds * per_10s,
+        "s",
+        0.01,
+    ));
+    Section {
+        title: "Memory and idle",
+        setup: format!(
+            "Nodes without demo agents, embedded store, unpinned; open-file limit {open_files}. Cold start: spawn to `grpc.health.v1.Health/Check` answering SERVING. Idle RSS: {} s after SERVING. Subscribers: HTTP/1.1 clients holding `POST /v1/agents/{{agent}}/stream` open through the node to an agent in another process whose stream emits nothing; conversations: `AgentService.Converse` streams (100 per HTTP/2 connection) that sent their `open`; cost = (node RSS with N open − before) / N. Idle CPU: the node's CPU over {} idle seconds after a burst of calls, streams, conversations and submits, scaled to 10 s.",
+            settle.as_secs_f64(),
+            idle.as_secs()
+        ),
+        tables: vec![table],
+        checks,
+        notes: Vec::new(),
+    }
 }
