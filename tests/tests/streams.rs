@@ -326,3 +326,64 @@ async fn a_stream_that_cannot_open_is_retried_on_another_instance() {
     agent.shutdown().await;
     node.stop().await;
 }
+
+/// The node holds at most `replay.max_streams` streams: one more is refused with
+/// RESOURCE_EXHAUSTED (not counted against the agent), and once the open ones have finished
+/// and their retention is over, new streams start again.
+#[tokio::test]
+async fn streams_past_the_limit_are_refused_until_finished_ones_make_room() {
+    let config = NodeConfig {
+        replay: ReplayConfig {
+            max_streams: 2,
+            resume_grace: Duration::from_millis(50),
+            retention: Duration::from_millis(100),
+            ..Default::default()
+        },
+        ..test_config()
+    };
+    let (node, agent, _, _) = node_with_numbers(config).await;
+    let client = node.client();
+    let slow = || Envelope::json("go", json!({"n": 1000, "delay_ms": 20}));
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut events = client.stream("numbers", slow()).await.unwrap();
+        events.message().await.unwrap().expect("a first event");
+        open.push(events);
+    }
+    let refused = client
+        .stream("numbers", slow())
+        .await
+        .expect_err("a third stream is over the limit");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused}");
+    assert!(
+        refused.message().contains("too many open streams"),
+        "{refused}"
+    );
+
+    // The callers leave: past the grace the agent's streams are cancelled, past the
+    // retention the node forgets them.
+    drop(open);
+    let client = &client;
+    let room = eventually(Duration::from_secs(10), move || async move {
+        match client
+            .stream("numbers", Envelope::json("go", json!({"n": 3})))
+            .await
+        {
+            Ok(mut events) => {
+                let mut count = 0;
+                while events.message().await.unwrap().is_some() {
+                    count += 1;
+                }
+                count == 4
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
+                false
+            }
+        }
+    })
+    .await;
+    assert!(room, "finished streams made room for new ones within 10 s");
+    agent.shutdown().await;
+    node.stop().await;
+}

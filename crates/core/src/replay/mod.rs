@@ -133,10 +133,16 @@ pub trait ReplayStore: Send + Sync + std::fmt::Debug + 'static {
 /// How long after a stream's retention its sweep runs (past the retention's own boundary).
 const SWEEP_MARGIN: Duration = Duration::from_millis(100);
 
+/// The least time between two sweeps run by starting streams: a sweep visits every stream,
+/// and a node opening thousands of streams must not visit them all at each start.
+const START_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Every resumable stream of this node, in memory.
 #[derive(Debug)]
 pub struct StreamHub {
     streams: Mutex<HashMap<String, Arc<Replay>>>,
+    /// When a starting stream last swept.
+    swept_at: Mutex<Instant>,
     config: ReplayConfig,
     /// Put before every stream id: the owning node's id when several nodes share a mesh.
     id_prefix: String,
@@ -158,6 +164,7 @@ impl StreamHub {
         };
         Self {
             streams: Mutex::default(),
+            swept_at: Mutex::new(Instant::now()),
             config,
             id_prefix,
         }
@@ -173,6 +180,21 @@ impl StreamHub {
                     .ended_at
                     .is_some_and(|t| now.duration_since(t) > self.config.retention))
         });
+    }
+
+    /// Sweeps unless a starting stream swept less than [`START_SWEEP_INTERVAL`] ago. Each
+    /// finished stream also schedules a sweep of its own once its retention is over; this one
+    /// catches streams a reader still held then.
+    fn sweep_if_due(&self) {
+        let now = Instant::now();
+        {
+            let mut swept_at = self.swept_at.lock();
+            if now.duration_since(*swept_at) < START_SWEEP_INTERVAL {
+                return;
+            }
+            *swept_at = now;
+        }
+        self.sweep();
     }
 
     fn reader(
@@ -201,7 +223,7 @@ impl ReplayStore for StreamHub {
         deadline: Instant,
         hop: String,
     ) -> Result<BoxStream<'static, Result<StreamResponse, Status>>, MeshError> {
-        self.sweep();
+        self.sweep_if_due();
         let id = format!("{}{}", self.id_prefix, uuid::Uuid::now_v7());
         let replay = Arc::new(Replay {
             id: id.clone(),
@@ -219,6 +241,11 @@ impl ReplayStore for StreamHub {
             version: watch::channel(0).0,
             cancel: CancellationToken::new(),
         });
+        if self.streams.lock().len() >= self.config.max_streams {
+            // Full: finished streams past their retention make room, however recent the
+            // last sweep.
+            self.sweep();
+        }
         {
             let mut streams = self.streams.lock();
             if streams.len() >= self.config.max_streams {
