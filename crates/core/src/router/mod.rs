@@ -29,7 +29,7 @@ use agentmesh_proto::{
     v1::{Envelope, InvokeRequest, agent_service_client::AgentServiceClient},
 };
 use agentmesh_resilience::RetryBudget;
-use rand::seq::IndexedRandom;
+use rand::Rng;
 use tokio::sync::Semaphore;
 use tonic::{
     Code, Status,
@@ -289,30 +289,33 @@ impl Router {
             None => agentmesh_proto::names::check_name("target agent name", target),
         }
         .map_err(MeshError::InvalidArgument)?;
-        let candidates = self.registry.resolve(target);
+        let mut candidates = self.registry.resolve(target);
         if candidates.is_empty() {
             return Err(MeshError::AgentNotFound {
                 target: target.to_owned(),
             });
         }
-        let (compatible, incompatible): (Vec<_>, Vec<_>) = candidates
-            .into_iter()
-            .partition(|i| i.accepts(&envelope.r#type, &envelope.type_version));
-        if compatible.is_empty() {
-            let mut offered: Vec<String> = incompatible
-                .iter()
-                .flat_map(|i| i.versions_of(&envelope.r#type))
-                .collect();
-            offered.sort();
-            offered.dedup();
-            return Err(MeshError::NoCompatibleVersion {
-                target: target.to_owned(),
-                payload_type: envelope.r#type.clone(),
-                version: envelope.type_version.clone(),
-                offered,
-            });
+        let accepts = |i: &Arc<Instance>| i.accepts(&envelope.r#type, &envelope.type_version);
+        // Usually every candidate accepts the envelope: the list is then kept as it is.
+        if candidates.iter().all(accepts) {
+            return Ok(candidates);
         }
-        Ok(compatible)
+        if candidates.iter().any(accepts) {
+            candidates.retain(accepts);
+            return Ok(candidates);
+        }
+        let mut offered: Vec<String> = candidates
+            .iter()
+            .flat_map(|i| i.versions_of(&envelope.r#type))
+            .collect();
+        offered.sort();
+        offered.dedup();
+        Err(MeshError::NoCompatibleVersion {
+            target: target.to_owned(),
+            payload_type: envelope.r#type.clone(),
+            version: envelope.type_version.clone(),
+            offered,
+        })
     }
 
     /// Picks the least-loaded compatible instance whose breaker is closed (or
@@ -329,12 +332,24 @@ impl Router {
             CallKind::Unary => self.config.max_in_flight_per_instance,
             CallKind::LongLived => self.config.max_long_lived_per_instance,
         };
-        let load = |i: &Arc<Instance>| i.in_flight.load(std::sync::atomic::Ordering::Relaxed);
-        let usable: Vec<&Arc<Instance>> = compatible
-            .iter()
-            .filter(|i| i.breaker.would_allow() && i.in_flight_of(kind) < limit)
-            .collect();
-        if usable.is_empty() {
+        // One pass, no allocation: the least loaded usable instance not yet tried (else the
+        // least loaded usable one), ties broken at random. Each instance's state is read once,
+        // so calls finishing meanwhile cannot leave the choice empty.
+        let mut fresh = LeastLoaded::default();
+        let mut any = LeastLoaded::default();
+        for instance in &compatible {
+            if !(instance.breaker.would_allow() && instance.in_flight_of(kind) < limit) {
+                continue;
+            }
+            let load = instance
+                .in_flight
+                .load(std::sync::atomic::Ordering::Relaxed);
+            any.offer(instance, load);
+            if !tried.contains(&instance.card.instance_id) {
+                fresh.offer(instance, load);
+            }
+        }
+        let Some(instance) = fresh.chosen.or(any.chosen) else {
             let all_open = compatible.iter().all(|i| !i.breaker.would_allow());
             if all_open {
                 let probe_in = compatible
@@ -358,27 +373,8 @@ impl Router {
                 "every instance of '{}' has {limit} {bound}; retry later",
                 envelope.target
             )));
-        }
-        let fresh: Vec<&Arc<Instance>> = usable
-            .iter()
-            .filter(|i| !tried.contains(&i.card.instance_id))
-            .copied()
-            .collect();
-        let pool = if fresh.is_empty() { usable } else { fresh };
-        // One reading of each load: calls finishing meanwhile must not leave the least
-        // loaded set empty.
-        let loads: Vec<(u32, &Arc<Instance>)> = pool.iter().map(|i| (load(i), *i)).collect();
-        let least = loads.iter().map(|(l, _)| *l).min().unwrap_or_default();
-        let least_loaded: Vec<&Arc<Instance>> = loads
-            .into_iter()
-            .filter(|(l, _)| *l == least)
-            .map(|(_, i)| i)
-            .collect();
-        let instance = Arc::clone(
-            least_loaded
-                .choose(&mut rand::rng())
-                .expect("the least loaded of a non-empty pool"),
-        );
+        };
+        let instance = Arc::clone(instance);
         self.route_to(instance)
     }
 
@@ -434,7 +430,7 @@ impl Router {
             }
         };
         let outcome = self
-            .with_retries(&call, &envelope, CallKind::Unary, |route, sent| {
+            .with_retries(&call, envelope, CallKind::Unary, |route, sent| {
                 self.call_instance(&call, sent, route)
             })
             .await;
@@ -508,6 +504,32 @@ impl Router {
                     self.config.max_long_lived
                 ))
             })
+    }
+}
+
+/// The least loaded of the instances offered, chosen uniformly at random among equals
+/// (reservoir sampling: the k-th equal replaces the choice with probability 1/k).
+#[derive(Default)]
+struct LeastLoaded<'a> {
+    chosen: Option<&'a Arc<Instance>>,
+    load: u32,
+    ties: u32,
+}
+
+impl<'a> LeastLoaded<'a> {
+    fn offer(&mut self, instance: &'a Arc<Instance>, load: u32) {
+        if self.chosen.is_none() || load < self.load {
+            *self = Self {
+                chosen: Some(instance),
+                load,
+                ties: 1,
+            };
+        } else if load == self.load {
+            self.ties += 1;
+            if rand::rng().random_range(0..self.ties) == 0 {
+                self.chosen = Some(instance);
+            }
+        }
     }
 }
 

@@ -43,7 +43,7 @@ impl Router {
     pub(super) async fn with_retries<T, F, Fut>(
         &self,
         call: &CallContext,
-        envelope: &Envelope,
+        mut envelope: Envelope,
         kind: CallKind,
         mut attempt: F,
     ) -> Result<T, Status>
@@ -68,21 +68,31 @@ impl Router {
         let mut tried = Vec::new();
         let mut number = envelope.attempt.max(1);
         loop {
-            let route = self.route(envelope, &tried, kind)?;
-            let safe = !envelope.idempotency_key.is_empty()
-                || route.instance.idempotent_for(&envelope.target);
-            tried.push(route.instance.card.instance_id.clone());
-            let mut sent = envelope.clone();
-            sent.attempt = number;
-            let status = match attempt(route, sent).await {
+            let route = self.route(&envelope, &tried, kind)?;
+            let may_retry = number < retry.max_attempts
+                && (!envelope.idempotency_key.is_empty()
+                    || route.instance.idempotent_for(&envelope.target));
+            // The envelope is copied (payload and all) only when a retry may need it again;
+            // otherwise this attempt is the last and takes it.
+            let sent = if may_retry {
+                tried.push(route.instance.card.instance_id.clone());
+                Envelope {
+                    attempt: number,
+                    ..envelope.clone()
+                }
+            } else {
+                envelope.attempt = number;
+                std::mem::take(&mut envelope)
+            };
+            // Boxed: the attempt's state (the whole gRPC call) is large, and inline it would
+            // be copied again into every future that awaits this one.
+            let status = match Box::pin(attempt(route, sent)).await {
                 Ok(value) => return Ok(value),
                 Err(status) => status,
             };
             let pushback = pushback(&status);
-            let retriable = safe
-                && status.code() == Code::Unavailable
-                && number < retry.max_attempts
-                && pushback != Some(None);
+            let retriable =
+                may_retry && status.code() == Code::Unavailable && pushback != Some(None);
             if !retriable || !self.budget.withdraw() {
                 return Err(status);
             }
@@ -165,7 +175,9 @@ impl Router {
             _ => CallKind::LongLived,
         });
         let started = Instant::now();
-        let outcome = match tokio::time::timeout(budget, send(client, request)).await {
+        // Boxed for the same reason as the attempt itself: the call's future is the largest
+        // part of it, and moved on every await up the chain otherwise.
+        let outcome = match tokio::time::timeout(budget, Box::pin(send(client, request))).await {
             Err(_) => Err(deadline_at(&hop, budget).into()),
             Ok(Err(status)) => Err(agent_failure(
                 status,

@@ -48,7 +48,7 @@ impl Router {
             hop,
             ..
         } = self
-            .with_retries(&call, &envelope, CallKind::LongLived, |route, sent| {
+            .with_retries(&call, envelope, CallKind::LongLived, |route, sent| {
                 self.open_upstream(&call, route, sent)
             })
             .await?;
