@@ -74,7 +74,10 @@ where
         let ctx = CallContext::from_headers(request.headers(), &self.policy);
         let header = HeaderValue::from_str(&ctx.correlation_id)
             .expect("validated or generated ids are visible ASCII");
-        let span = tracing::info_span!("call", correlation_id = %ctx.correlation_id, path = %request.uri().path());
+        // A debug span: at the default level no per-call span is built (its fields would be
+        // formatted on every call); the events an operator sees at info and warn carry their
+        // correlation id themselves.
+        let span = tracing::debug_span!("call", correlation_id = %ctx.correlation_id, path = %request.uri().path());
         request.extensions_mut().insert(ctx);
         let response = self.inner.call(request);
         Box::pin(

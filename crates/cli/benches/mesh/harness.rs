@@ -190,7 +190,8 @@ pub(crate) fn free_address() -> String {
 /// The `agentmesh` binary this bench was built with.
 pub(crate) const NODE_BIN: &str = env!("CARGO_BIN_EXE_agentmesh");
 
-/// `agentmesh serve` on a free port with its store in `data`; returns it with its address.
+/// `agentmesh serve` on a free port with its store in `data`, at its default log level (as
+/// shipped); returns it with its address.
 pub(crate) fn start_node(
     pinning: Pinning,
     name: &str,
@@ -202,8 +203,7 @@ pub(crate) fn start_node(
     command
         .args(["serve", "--listen", &address, "--data-dir"])
         .arg(data)
-        .args(extra)
-        .env("AGENTMESH_LOG", "warn");
+        .args(extra);
     (spawn(name, command, Stdio::null()), address)
 }
 

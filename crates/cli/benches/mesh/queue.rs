@@ -14,7 +14,7 @@
 //! submit and consume halves on their own first).
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -30,7 +30,7 @@ use agentmesh_proto::v1::{
 use agentmesh_sdk::MeshClient;
 
 use crate::{
-    harness::{Settings, cpu_seconds, progress},
+    harness::{Pinning, Settings, cpu_seconds, progress, start_node},
     report::{Check, Section, Table, Target, number},
 };
 use futures::StreamExt;
@@ -110,15 +110,6 @@ async fn until_done(done: &AtomicU64, target: u64, started: Instant) -> Duration
 // ---------------------------------------------------------------------------
 // agentmesh
 
-struct NodeProcess(Child);
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Deletes the keys a run left under `prefix`.
 pub(crate) async fn delete_keys(url: &str, prefix: &str) {
     let Ok(client) = redis::Client::open(url) else {
@@ -155,22 +146,8 @@ async fn agentmesh(w: Workload, store: Option<&str>, idle_secs: u64) -> Measured
         shared.extend(["--store".to_owned(), url.to_owned()]);
         shared.extend(["--set".to_owned(), format!("store.key_prefix={prefix}")]);
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let address = format!("127.0.0.1:{port}");
-    let node = NodeProcess(
-        Command::new(env!("CARGO_BIN_EXE_agentmesh"))
-            .args(["serve", "--listen", &address, "--data-dir"])
-            .arg(data.path())
-            .args(&shared)
-            .env("AGENTMESH_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("agentmesh serve starts"),
-    );
+    let shared: Vec<&str> = shared.iter().map(String::as_str).collect();
+    let (node, address) = start_node(Pinning(false), "node", data.path(), &shared);
     let probe = MeshClient::connect_lazy(&address).unwrap();
     let up = Instant::now();
     while probe.list_queues().await.is_err() {
@@ -201,7 +178,7 @@ async fn agentmesh(w: Workload, store: Option<&str>, idle_secs: u64) -> Measured
     }
     // Consumers first, then the producers; the clock runs from the first submit.
     let consumers = agentmesh_consumers(&address, w, &acked).await;
-    let node_cpu = cpu_seconds(node.0.id());
+    let node_cpu = cpu_seconds(node.pid());
     let store_cpu = store
         .and_then(|_| server_pid("redis-server"))
         .map(|pid| (pid, cpu_seconds(pid)));
@@ -213,12 +190,12 @@ async fn agentmesh(w: Workload, store: Option<&str>, idle_secs: u64) -> Measured
         let used = cpu_seconds(pid)? - before?;
         Some(used * 1e3 / w.messages as f64 * 1e3)
     };
-    let server_cpu = per_1k(node_cpu, node.0.id());
+    let server_cpu = per_1k(node_cpu, node.pid());
     let store_cpu = store_cpu.and_then(|(pid, before)| per_1k(before, pid));
     for c in consumers {
         c.abort();
     }
-    let idle_cpu = idle_cpu_after_load(node.0.id(), idle_secs).await;
+    let idle_cpu = idle_cpu_after_load(node.pid(), idle_secs).await;
     if let Some(url) = store {
         drop(node);
         delete_keys(url, &prefix).await;
