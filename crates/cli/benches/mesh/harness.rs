@@ -134,15 +134,11 @@ impl Pinning {
     /// Lets this process run on every core again (for servers that are not pinned).
     pub(crate) fn release(self) {
         if self.0 {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            // Every online core (this process's own mask names only the one it is pinned to).
+            let online = std::fs::read_to_string("/sys/devices/system/cpu/online")
+                .map_or_else(|_| "0-1".to_owned(), |list| list.trim().to_owned());
             let _ = Command::new("taskset")
-                .args([
-                    "-a",
-                    "-p",
-                    "-c",
-                    &format!("0-{}", cores - 1),
-                    &std::process::id().to_string(),
-                ])
+                .args(["-a", "-p", "-c", &online, &std::process::id().to_string()])
                 .stdout(Stdio::null())
                 .status();
         }

@@ -204,7 +204,10 @@ fn results(results: &str, s: Settings, pinning: Pinning) -> String {
             || "unknown".to_owned(),
             |kib| format!("{:.0} GiB", kib as f64 / 1048576.0),
         );
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // Counted from the machine, not this process's affinity mask.
+    let cores = std::fs::read_to_string("/proc/cpuinfo").map_or(0, |info| {
+        info.lines().filter(|l| l.starts_with("processor")).count()
+    });
     let today = version("date", "-u");
     format!(
         "```text\n\
