@@ -26,14 +26,14 @@ use agentmesh_proto::v1::{
     ConverseOpen, ConverseRequest, ConverseResponse, Envelope,
     agent_service_client::AgentServiceClient, converse_request,
 };
-use agentmesh_sdk::{Agent, AgentRuntime, Context, Conversation, StreamSink};
+use agentmesh_sdk::{Agent, Context, Conversation, StreamSink};
 
 use crate::{
     harness::{
-        Pinning, Process, Settings, announce, progress, rss_bytes, start_child, start_node,
-        wait_for_parent,
+        Pinning, Process, Settings, cpu_seconds, progress, rss_bytes, start_child, start_node,
     },
     report::{Check, Section, Table, number},
+    roles::serve_registered,
 };
 use futures::StreamExt;
 use tonic::{
@@ -65,6 +65,7 @@ const LIMITS: &[&str] = &[
 
 /// Echoes calls; a stream of type [`WAIT`] emits nothing until the caller goes away, any
 /// other stream one progress event and the result; a conversation reads until the peer ends.
+#[derive(Debug, Clone)]
 struct Idle;
 
 #[tonic::async_trait]
@@ -93,29 +94,9 @@ impl Agent for Idle {
     }
 }
 
-/// `mesh idle-agent NODE…`: one agent registered with every node; the others advertise the
-/// first one's endpoint, so every node reaches the same server.
+/// `mesh idle-agent NODE…`: the waiting agent, registered with every node.
 pub(crate) async fn serve_agent(nodes: &[String]) {
-    let card = agentmesh_tests::card(AGENT);
-    let first = AgentRuntime::new(card.clone(), Idle)
-        .node(nodes[0].clone())
-        .start()
-        .await
-        .expect("agent starts");
-    first.registered(1).await;
-    let mut others = Vec::new();
-    for node in &nodes[1..] {
-        let other = AgentRuntime::new(card.clone(), Idle)
-            .node(node.clone())
-            .advertise(first.card().endpoint.clone())
-            .start()
-            .await
-            .expect("agent starts");
-        other.registered(1).await;
-        others.push(other);
-    }
-    announce(first.address());
-    wait_for_parent().await;
+    serve_registered(AGENT, Idle, nodes).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -170,12 +151,8 @@ fn cpu(pid: u32) -> (f64, f64) {
             }
         }
     }
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
-    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..]
-        .split(' ')
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    (nanos as f64 / 1e9, ticks as f64 / 100.0)
+    let ticks = cpu_seconds(pid).expect("the node is running");
+    (nanos as f64 / 1e9, ticks)
 }
 
 /// Waits until the node's health service answers SERVING; panics after 30 s.

@@ -740,19 +740,11 @@ pub(crate) async fn run(s: Settings) -> Section {
             Target::RatioAtLeast(0.8),
         ));
     }
-    for m in [embedded, on_redis].into_iter().flatten() {
-        if let Some(idle) = m.idle_cpu {
-            notes.push(format!(
-                "Node CPU over {} idle seconds after its queue run: {idle:.3} s.",
-                s.idle_secs
-            ));
-        }
-    }
     Section {
         title: "Durable queue",
         setup: format!(
-            "{} messages of {BODY_BYTES} bytes: {} producers submitting batches of {}, {} consumers with prefetch {} (agentmesh: up to {} deliveries per frame), acks batched; best of {rounds}. The embedded store acknowledges a submit once it is fsync'd; both Redis runs use AOF with `appendfsync everysec`; NATS JetStream uses file storage. Server CPU is the node's, redis-server's or nats-server's, per 1k messages.",
-            w.messages, w.producers, w.batch, w.consumers, w.prefetch, w.max_batch
+            "{} messages of {BODY_BYTES} bytes: {} producers submitting batches of {}, {} consumers with prefetch {} (agentmesh: up to {} deliveries per frame), acks batched; best of {rounds}. The embedded store acknowledges a submit once it is fsync'd; both Redis runs use AOF with `appendfsync everysec`; NATS JetStream uses file storage. Server CPU is the node's, redis-server's or nats-server's, per 1k messages; the last column is the node's CPU over {} idle seconds after its run.",
+            w.messages, w.producers, w.batch, w.consumers, w.prefetch, w.max_batch, s.idle_secs
         ),
         tables: vec![table],
         checks,

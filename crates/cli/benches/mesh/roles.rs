@@ -24,6 +24,7 @@ pub(crate) const AGENT: &str = "bench-echo";
 
 /// Echoes a call; a stream asked for `{"n": N}` sends N small partial results as fast as
 /// it can, then a result.
+#[derive(Debug, Clone)]
 struct BenchAgent;
 
 #[tonic::async_trait]
@@ -50,11 +51,17 @@ impl Agent for BenchAgent {
     }
 }
 
-/// `mesh agent NODE…`: one agent registered with every node. The later runtimes only
-/// advertise the first one's endpoint, so every path reaches the same server.
+/// `mesh agent NODE…`: the bench agent, registered with every node.
 pub(crate) async fn serve_agent(nodes: &[String]) {
-    let card = agentmesh_tests::card(AGENT);
-    let first = AgentRuntime::new(card.clone(), BenchAgent)
+    serve_registered(AGENT, BenchAgent, nodes).await;
+}
+
+/// Serves `agent` as `name`, registered with every node of `nodes`. The later runtimes only
+/// advertise the first one's endpoint, so every node reaches the same server. Returns when
+/// the parent is done.
+pub(crate) async fn serve_registered<A: Agent + Clone>(name: &str, agent: A, nodes: &[String]) {
+    let card = agentmesh_tests::card(name);
+    let first = AgentRuntime::new(card.clone(), agent.clone())
         .node(nodes[0].clone())
         .start()
         .await
@@ -62,7 +69,7 @@ pub(crate) async fn serve_agent(nodes: &[String]) {
     first.registered(1).await;
     let mut others = Vec::new();
     for node in &nodes[1..] {
-        let other = AgentRuntime::new(card.clone(), BenchAgent)
+        let other = AgentRuntime::new(card.clone(), agent.clone())
             .node(node.clone())
             .advertise(first.card().endpoint.clone())
             .start()
