@@ -18,7 +18,9 @@ use agentmesh_proto::v1::{
     consume_request::Action, consume_response::Event,
 };
 use agentmesh_sdk::{AgentRuntime, CallOptions, MeshClient, RunningAgent};
-use agentmesh_tests::{Controlled, Echo, NodeProcess, Streamer, card, free_port, outside_tool};
+use agentmesh_tests::{
+    Controlled, Echo, NodeProcess, Streamer, card, eventually, free_port, outside_tool,
+};
 use futures::StreamExt;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -697,7 +699,9 @@ async fn nodes_ride_out_a_redis_restart() {
         let client = node.client();
         async move { client.invoke("echo", Envelope::json("t", json!({}))).await }
     };
-    call(&b).await.expect("echo through B before the restart");
+    // B learns of the registration through Redis's change channel, a moment after A.
+    let b_routes = eventually(Duration::from_secs(10), || async { call(&b).await.is_ok() }).await;
+    assert!(b_routes, "echo through B before the restart");
 
     own.down();
     // Routing needs no Redis: B still reaches the agent from its cache.
